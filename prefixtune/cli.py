@@ -1,0 +1,202 @@
+"""Command line: ``prefixtune train`` and ``prefixtune generate`` (see ``--help`` of each)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .models import DEFAULT_MODEL
+
+
+def _read_task(args, split: str, need_target: bool = True):
+    from .data import data_dir, e2e, jsonl
+
+    if args.task == "jsonl":
+        path = {"train": args.train, "dev": args.dev}.get(split) if split in ("train", "dev") else args.input
+        if path is None:
+            return None
+        return jsonl.read(path, need_target=need_target)
+    if args.task == "e2e":
+        return e2e.read(data_dir(args.data), split)
+    raise ValueError(f"unknown task {args.task!r}")
+
+
+def _subset(examples, n):
+    return examples if examples is None or not n else examples[:n]
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from . import load_base_model
+    from .prefix import PrefixConfig
+    from .train import TrainConfig, Trainer
+
+    if args.task == "jsonl" and not args.train:
+        raise SystemExit("prefixtune train: --task jsonl needs --train FILE.jsonl (rows of {\"source\", \"target\"})")
+    train = _subset(_read_task(args, "train"), args.max_train_examples)
+    dev = _subset(_read_task(args, "dev"), args.max_dev_examples)
+    prefix_config = PrefixConfig(
+        length=args.length, reparameterize=not args.flat, mlp_hidden=args.mlp_hidden, embed_dim=args.embed_dim,
+        dropout=args.prefix_dropout, init=args.init, init_text=args.init_text, init_steps=args.init_steps,
+        loss=args.loss, gradient_checkpointing=args.gradient_checkpointing,
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, eval_every=args.eval_every,
+        seed=args.seed,
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_base_model(args.model, device=args.device)
+    trainer = Trainer(model, tokenizer, train, dev, prefix_config, train_config, args.out)
+    n_model = sum(p.numel() for p in model.parameters())
+    n_train = trainer.tuner.num_trainable_parameters()
+    n_export = sum(t.numel() for t in trainer.tuner.prefix_kv().values())
+    print(f"model {args.model}: {n_model:,} parameters (frozen)")
+    print(f"prefix: {n_train:,} trainable ({100 * n_train / n_model:.3f}% of the model), "
+          f"{n_export:,} exported ({100 * n_export / n_model:.3f}%)")
+    print(f"data: {len(train):,} training pairs, {len(dev or []):,} dev pairs; {trainer.total_steps:,} steps")
+    result = trainer.fit()
+    summary = {"model": args.model, "model_parameters": n_model, "trainable_parameters": n_train,
+               "exported_parameters": n_export, **result}
+    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    first, last = result["history"][0], result["history"][-1]
+    if first.get("dev_loss") is not None:
+        print(f"dev loss {first['dev_loss']:.4f} (step {first['step']}) -> best {result['best_dev_loss']:.4f}")
+    print(f"{last['seconds_per_step']:.3f} s/step; best prefix: {Path(args.out) / 'prefix.safetensors'}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import Prefix, generate, load_base_model
+    from .data import group_references
+
+    if args.task == "jsonl" and not args.input:
+        raise SystemExit("prefixtune generate: give --input FILE (.txt: one source per line; .jsonl: {\"source\": ...})")
+    if args.input and args.input.endswith(".txt"):
+        lines = Path(args.input).read_text(encoding="utf-8").splitlines()
+        sources = [s for s in lines if s.strip()]
+    else:
+        sources = [e.source for e in group_references(_read_task(args, args.split, need_target=False))]
+    sources = _subset(sources, args.max_examples)
+    prefixes = [Prefix.load(p) for p in args.prefix]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_base_model(args.model, device=args.device)
+    kwargs = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    if args.do_sample:
+        torch.manual_seed(args.seed)
+        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
+    # every (source, prefix) pair in one mixed-prefix stream of batches
+    rows = [(s, p) for s in sources for p in (prefixes or [None])]
+    outputs = generate(model, tokenizer, [s for s, _ in rows], prefixes=[p for _, p in rows],
+                       batch_size=args.batch_size, progress=True, **kwargs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        if len(prefixes) <= 1 and not args.out.endswith(".jsonl"):
+            for text in outputs:
+                f.write(text.replace("\n", " ") + "\n")
+        else:
+            names = args.prefix or ["none"]
+            for i, source in enumerate(sources):
+                group = outputs[i * len(names) : (i + 1) * len(names)]
+                outs = [{"prefix": n, "output": o} for n, o in zip(names, group)]
+                f.write(json.dumps({"source": source, "outputs": outs}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(sources)} outputs x {max(1, len(prefixes))} prefix(es) to {out}")
+    for source, text in list(zip(sources, outputs[:: max(1, len(prefixes))]))[:3]:
+        print(f"  {source[:70]}\n    -> {text}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
+    p.add_argument("--task", default="jsonl", choices=["jsonl", "e2e"],
+                   help="jsonl: your own {\"source\", \"target\"} files; e2e: the E2E NLG data under --data")
+    p.add_argument("--data", default=None,
+                   help="data directory for named tasks (default: $PREFIXTUNE_DATA, else ../shared/data)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefixtune", description="Prefix-Tuning (Li & Liang, 2021) for frozen Hugging Face LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a prefix", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train a prefix on (source, target) pairs with the base model frozen. The run "
+                       "directory gets the best prefix by dev loss (prefix.safetensors), the last checkpoint, and a "
+                       "log; running the same command again resumes an interrupted run exactly.")
+    _common(t)
+    t.add_argument("--train", help="training JSONL (with --task jsonl)")
+    t.add_argument("--dev", help="dev JSONL for dev loss and best-prefix selection (with --task jsonl)")
+    t.add_argument("--out", required=True, help="run directory (created; resumed if it holds a checkpoint)")
+    t.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training pairs")
+    t.add_argument("--max-dev-examples", type=int, default=None, help="use only the first N dev pairs")
+    g = t.add_argument_group("prefix")
+    g.add_argument("--length", type=int, default=10, help="prefix length (positions per layer)")
+    g.add_argument("--mlp-hidden", type=int, default=512, help="hidden width of the reparameterisation MLP")
+    g.add_argument("--embed-dim", type=int, default=None, help="width d' of P' (default: the model's hidden size)")
+    g.add_argument("--flat", action="store_true", help="optimise P directly, without the MLP")
+    g.add_argument("--prefix-dropout", type=float, default=0.0, help="dropout on the prefix during training")
+    g.add_argument("--init", choices=["random", "words"], default="random", help="initialisation")
+    g.add_argument("--init-text", default=None, help="text whose activations start the prefix (--init words)")
+    g.add_argument("--init-steps", type=int, default=500, help="Adam steps fitting the MLP to those activations")
+    g.add_argument("--loss", choices=["token_mean", "sequence_sum"], default="token_mean",
+                   help="mean over target tokens, or the paper's sum per sequence")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=float, default=5.0, help="passes over the data (unless --max-steps)")
+    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps in total")
+    o.add_argument("--batch-size", type=int, default=5, help="rows per micro-batch")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (then linear decay to 0)")
+    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    o.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations/checkpoints (0: each epoch)")
+    o.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("generate", help="decode with one or more prefixes", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Generate an output for each source. With several --prefix, every source is "
+                       "decoded with every prefix, all in the same mixed-prefix batches, and the output is JSONL.")
+    _common(d)
+    d.add_argument("--prefix", action="append", default=[], help="exported prefix (.safetensors); repeat for several; none = base model")
+    d.add_argument("--input", help="sources: .txt (one per line) or .jsonl ({\"source\": ...}) (with --task jsonl)")
+    d.add_argument("--split", default="test", help="split of a named task (unique sources in file order)")
+    d.add_argument("--out", required=True, help="output file: one line per source (.txt) or JSONL")
+    d.add_argument("--max-examples", type=int, default=None, help="only the first N sources")
+    d.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
+    d.add_argument("--num-beams", type=int, default=5, help="beam size (1 = greedy)")
+    d.add_argument("--max-new-tokens", type=int, default=60, help="maximum generated tokens")
+    d.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size (0: off)")
+    d.add_argument("--do-sample", action="store_true", help="sample instead of beam/greedy search")
+    d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    d.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    d.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        print(f"prefixtune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

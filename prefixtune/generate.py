@@ -1,0 +1,125 @@
+"""Decoding and scoring with any mix of prefixes: each row of a batch may use its own prefix, or none.
+
+Rows are grouped by length (less padding) and run through the standard transformers
+``generate``; every generate keyword (num_beams, do_sample, temperature, top_p,
+max_new_tokens, ...) passes through. Results come back in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import attach
+from .prefix import Prefix, make_batch, token_logprobs
+from .template import collate_prompts, collate_train, encode, special_ids
+
+
+def _per_row(prefixes, n: int) -> list[Prefix | None]:
+    if prefixes is None or isinstance(prefixes, Prefix):
+        return [prefixes] * n
+    prefixes = list(prefixes)
+    if len(prefixes) != n:
+        raise ValueError(f"got {len(prefixes)} prefixes for {n} inputs; give one per input, or a single prefix")
+    return prefixes
+
+
+def _prepare(model, prefixes: list[Prefix | None]) -> None:
+    attach.enable(model)
+    seen = set()
+    for p in prefixes:
+        if p is not None and id(p) not in seen:
+            seen.add(id(p))
+            p.check_compatible(model)
+
+
+def _chunks(order: list[int], size: int):
+    for i in range(0, len(order), size):
+        yield order[i : i + size]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    prefixes: Prefix | Sequence[Prefix | None] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+    **generate_kwargs,
+) -> list[str] | list[list[str]]:
+    """Generate a continuation for each source with its own prefix (``prefixes[i]``, or one for all).
+
+    Returns one string per source, or a list of ``num_return_sequences`` strings per source.
+    Defaults: greedy (``do_sample=False``) and ``max_new_tokens=100`` unless given.
+    """
+    sources = list(sources)
+    prefixes = _per_row(prefixes, len(sources))
+    _prepare(model, prefixes)
+    _, eos, pad = special_ids(tokenizer)
+    generate_kwargs.setdefault("do_sample", False)
+    if "max_length" not in generate_kwargs:
+        generate_kwargs.setdefault("max_new_tokens", 100)
+    generate_kwargs.setdefault("eos_token_id", eos)
+    generate_kwargs.setdefault("pad_token_id", pad)
+    n_return = generate_kwargs.get("num_return_sequences", 1)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    prompts = [encode(model, tokenizer, s).prompt for s in sources]
+    order = sorted(range(len(sources)), key=lambda i: len(prompts[i]))
+    results: list = [None] * len(sources)
+    try:
+        for rows in tqdm(list(_chunks(order, batch_size)), desc="generate", disable=not progress):
+            batch = {k: v.to(device) for k, v in collate_prompts(model, [prompts[i] for i in rows], pad).items()}
+            out = model.generate(**batch, prefix_batch=make_batch([prefixes[i] for i in rows], device), **generate_kwargs)
+            if not attach.is_seq2seq(model):
+                out = out[:, batch["input_ids"].shape[1] :]
+            texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+            for j, i in enumerate(rows):
+                group = texts[j * n_return : (j + 1) * n_return]
+                results[i] = group[0] if n_return == 1 else group
+    finally:
+        model.train(was_training)
+    return results
+
+
+@torch.no_grad()
+def score(
+    model,
+    tokenizer,
+    sources: Sequence[str],
+    targets: Sequence[str],
+    prefixes: Prefix | Sequence[Prefix | None] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[float]:
+    """log p(target | source, prefix) per row: the sum of the target tokens' log-probabilities (EOS included)."""
+    sources, targets = list(sources), list(targets)
+    if len(sources) != len(targets):
+        raise ValueError(f"got {len(sources)} sources but {len(targets)} targets")
+    prefixes = _per_row(prefixes, len(sources))
+    _prepare(model, prefixes)
+    _, _, pad = special_ids(tokenizer)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    encoded = [encode(model, tokenizer, s, t) for s, t in zip(sources, targets)]
+    order = sorted(range(len(sources)), key=lambda i: len(encoded[i].prompt) + len(encoded[i].target))
+    results = [0.0] * len(sources)
+    seq2seq = attach.is_seq2seq(model)
+    try:
+        for rows in tqdm(list(_chunks(order, batch_size)), desc="score", disable=not progress):
+            batch = {k: v.to(device) for k, v in collate_train(model, [encoded[i] for i in rows], pad).items()}
+            labels = batch.pop("labels")
+            if seq2seq:
+                batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            logits = model(**batch, prefix_batch=make_batch([prefixes[i] for i in rows], device), use_cache=False).logits
+            logp, _ = token_logprobs(logits, labels, shift=not seq2seq)
+            for j, i in enumerate(rows):
+                results[i] = float(logp[j].sum())
+    finally:
+        model.train(was_training)
+    return results

@@ -1,0 +1,379 @@
+"""The method: prefix parameters, their MLP reparameterisation, training forward, and export.
+
+A prefix gives every attention layer ``length`` extra key/value positions. During training the
+keys/values P_theta come from a small matrix P'_theta through an MLP (the paper's
+reparameterisation, which makes optimisation stable); :meth:`PrefixTuner.export` then runs the
+MLP once and keeps only P_theta as a :class:`Prefix`, which is all that is stored and served.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+
+from . import __version__, attach
+from .attach import PrefixBatch, PrefixShapes
+
+FORMAT = "prefixtune.prefix/1"
+POSITIONS = "unshifted"  # real tokens keep positions 0..n-1; a prefix has none (see attach.py)
+
+
+@dataclass
+class PrefixConfig:
+    """How a prefix is built and trained.
+
+    length: number of prefix positions per attention layer (paper: 10 for table-to-text, 200 for
+        summarisation).
+    reparameterize: True = P' (length x embed_dim) -> MLP -> P (the paper's default); False =
+        optimise P directly ("flat").
+    mlp_hidden: hidden width of the MLP (paper: 512 for table-to-text, 800 for summarisation).
+    embed_dim: d', width of P'; None = the model's hidden size.
+    dropout: dropout applied to P during training (the original code's prefix dropout).
+    init: "random", or "words": start from the base model's own keys/values for ``init_text``.
+        The text is tokenised without special tokens and its tokens are repeated cyclically, then
+        cut, to exactly ``length`` tokens (so "table-to-text:" fills a length-10 prefix by
+        repeating itself, and a long text keeps its first ``length`` tokens); the model is run on
+        that token sequence and its per-layer keys/values become P. With the MLP, the MLP (and
+        P') are first fitted to those activations by ``init_steps`` Adam steps of MSE, as the
+        original code does; without it, they are copied.
+    loss: "token_mean" (mean log-likelihood over all target tokens of the batch) or
+        "sequence_sum" (the paper's objective: sum over each target's tokens, mean over rows).
+    gradient_checkpointing: recompute the frozen model's activations in backward (less memory).
+    placements: which attention placements get a prefix; None = all the model has ("self" for
+        decoder-only models; "encoder", "decoder", "cross" for encoder-decoder models).
+    """
+
+    length: int = 10
+    reparameterize: bool = True
+    mlp_hidden: int = 512
+    embed_dim: int | None = None
+    dropout: float = 0.0
+    init: Literal["random", "words"] = "random"
+    init_text: str | None = None
+    init_steps: int = 500
+    init_lr: float = 1e-3
+    loss: Literal["token_mean", "sequence_sum"] = "token_mean"
+    gradient_checkpointing: bool = False
+    placements: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.length < 1:
+            raise ValueError(f"PrefixConfig.length must be >= 1, got {self.length}")
+        if self.init not in ("random", "words"):
+            raise ValueError(f"PrefixConfig.init must be 'random' or 'words', got {self.init!r}")
+        if self.init == "words" and not self.init_text:
+            raise ValueError("PrefixConfig.init='words' needs init_text, e.g. 'table-to-text:'")
+        if self.loss not in ("token_mean", "sequence_sum"):
+            raise ValueError(f"PrefixConfig.loss must be 'token_mean' or 'sequence_sum', got {self.loss!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"PrefixConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.placements is not None:
+            self.placements = tuple(self.placements)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exported prefix
+
+
+@dataclass
+class Prefix:
+    """An exported prefix: P_theta only, per placement a ``[layers, 2, kv_heads, length, head_dim]``
+    float32 tensor (index 0 = keys, 1 = values), plus metadata (base model identity, shapes...)."""
+
+    kv: dict[str, torch.Tensor]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.kv.values())).shape[3]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.kv.values())
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``.safetensors`` with the metadata as JSON in its header (atomic: temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tensors = {f"{p}": t.detach().float().contiguous().cpu() for p, t in self.kv.items()}
+        save_file(tensors, str(tmp), metadata={"prefixtune": json.dumps(self.meta, sort_keys=True)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Prefix":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"prefix file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                kv = {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"{path}: not a valid .safetensors prefix file ({e})") from e
+        if "prefixtune" not in header:
+            raise ValueError(f"{path}: safetensors file has no 'prefixtune' metadata; was it written by Prefix.save?")
+        meta = json.loads(header["prefixtune"])
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: unsupported prefix format {meta.get('format')!r}, expected {FORMAT!r}")
+        prefix = cls(kv=kv, meta=meta)
+        for p, t in kv.items():
+            shape = meta["shapes"].get(p)
+            if shape is None or t.ndim != 5 or [t.shape[0], t.shape[2], t.shape[4]] != shape or t.shape[1] != 2:
+                raise ValueError(f"{path}: tensor {p!r} has shape {tuple(t.shape)}, metadata says {shape}")
+        return prefix
+
+    def check_compatible(self, model) -> None:
+        """Raise a clear error if this prefix was not made for ``model`` (shapes or identity differ)."""
+        want = attach.prefix_shapes(model)
+        have = {p: tuple(s) for p, s in self.meta.get("shapes", {}).items()}
+        for p in self.kv:
+            if p not in want.placements:
+                raise ValueError(
+                    f"prefix has placement {p!r} but model {type(model).__name__} has only {list(want.placements)}"
+                )
+            if have.get(p) != want.placements[p]:
+                raise ValueError(
+                    f"prefix shapes do not match the model: prefix {p!r} (layers, kv_heads, head_dim) = "
+                    f"{have.get(p)} for base model {self.meta.get('base_model')}, but this model has "
+                    f"{want.placements[p]} ({attach.model_identity(model)})"
+                )
+        mine, theirs = self.meta.get("base_model", {}), attach.model_identity(model)
+        if mine.get("fingerprint") != theirs["fingerprint"] or mine.get("architecture") != theirs["architecture"]:
+            raise ValueError(
+                f"prefix was trained on base model {mine} but is being used with {theirs}; "
+                "a prefix only works with the exact model it was trained on"
+            )
+
+
+def make_meta(model, kv: dict[str, torch.Tensor], config: PrefixConfig | None = None) -> dict:
+    return {
+        "format": FORMAT,
+        "library_version": __version__,
+        "base_model": attach.model_identity(model),
+        "shapes": {p: [t.shape[0], t.shape[2], t.shape[4]] for p, t in kv.items()},
+        "placements": list(kv),
+        "length": next(iter(kv.values())).shape[3],
+        "positions": POSITIONS,
+        "config": config.to_json() if config is not None else None,
+    }
+
+
+def _split_layers(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[rows, layers, 2, heads, length, dim] -> per layer (keys, values), each [rows, heads, length, dim]."""
+    return [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
+
+
+def make_batch(prefixes, device=None) -> PrefixBatch | None:
+    """One :class:`PrefixBatch` for a batch whose rows use ``prefixes`` (a list of Prefix or None).
+
+    Rows with shorter prefixes or none get masked slots. When every row uses the same prefix it is
+    broadcast (1 row, no mask), which costs nothing extra.
+    """
+    prefixes = list(prefixes)
+    if all(p is None for p in prefixes):
+        return None
+    if all(p is prefixes[0] for p in prefixes):
+        kv = {pl: _split_layers(t[None].to(device)) for pl, t in prefixes[0].kv.items()}
+        return PrefixBatch(kv=kv, mask={pl: None for pl in kv})
+    placements = {pl for p in prefixes if p is not None for pl in p.kv}
+    kv, mask = {}, {}
+    for pl in sorted(placements):
+        shape = next(p.kv[pl] for p in prefixes if p is not None and pl in p.kv).shape
+        longest = max(p.kv[pl].shape[3] for p in prefixes if p is not None and pl in p.kv)
+        rows = torch.zeros(len(prefixes), shape[0], 2, shape[2], longest, shape[4])
+        m = torch.zeros(len(prefixes), longest, dtype=torch.bool)
+        for i, p in enumerate(prefixes):
+            if p is not None and pl in p.kv:
+                n = p.kv[pl].shape[3]
+                rows[i, :, :, :, :n] = p.kv[pl]
+                m[i, :n] = True
+        kv[pl] = _split_layers(rows.to(device))
+        mask[pl] = m.to(device)
+    return PrefixBatch(kv=kv, mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainable prefix
+
+
+class PrefixEncoder(nn.Module):
+    """P'_theta and the MLP for one placement (or P_theta directly when flat).
+
+    forward() returns P_theta as ``[layers, 2, kv_heads, length, head_dim]``; it runs once per
+    step, for the whole batch.
+    """
+
+    def __init__(self, config: PrefixConfig, shape: tuple[int, int, int], embed_dim: int):
+        super().__init__()
+        self.shape = shape
+        layers, heads, dim = shape
+        width = layers * 2 * heads * dim
+        if config.reparameterize:
+            self.embedding = nn.Parameter(torch.randn(config.length, embed_dim))  # P' (nn.Embedding's init)
+            self.mlp = nn.Sequential(nn.Linear(embed_dim, config.mlp_hidden), nn.Tanh(), nn.Linear(config.mlp_hidden, width))
+        else:
+            self.embedding = nn.Parameter(torch.randn(config.length, width))  # P itself
+            self.mlp = None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self) -> torch.Tensor:
+        flat = self.embedding if self.mlp is None else self.mlp(self.embedding)
+        flat = self.dropout(flat)
+        layers, heads, dim = self.shape
+        # [length, layers*2*heads*dim] -> [layers, 2, heads, length, dim] (layer-major, keys then values)
+        return flat.view(-1, layers, 2, heads, dim).permute(1, 2, 3, 0, 4)
+
+    def fit(self, target: torch.Tensor, steps: int, lr: float) -> float:
+        """Fit the output to ``target`` [layers, 2, heads, length, dim] (words init). Returns final MSE."""
+        if self.mlp is None:
+            with torch.no_grad():
+                self.embedding.copy_(target.permute(3, 0, 1, 2, 4).reshape(self.embedding.shape))
+            return 0.0
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        loss = torch.tensor(float("nan"))
+        for _ in range(steps):
+            loss = nn.functional.mse_loss(self(), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return float(loss.detach())
+
+
+@dataclass
+class PrefixTunerOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class PrefixTuner(nn.Module):
+    """A frozen base model plus one trainable prefix.
+
+    The base model is held but not registered as a submodule, so ``tuner.parameters()`` and
+    ``tuner.state_dict()`` are the prefix's alone; its weights are frozen and never change.
+    ``tuner.train()``/``eval()`` also switch the base model (dropout, gradient checkpointing).
+    """
+
+    def __init__(self, model, config: PrefixConfig | None = None, tokenizer=None):
+        super().__init__()
+        config = config or PrefixConfig()
+        self.config = config
+        self.__dict__["model"] = model  # not a submodule: see class docstring
+        model.requires_grad_(False)
+        attach.enable(model)
+        shapes: PrefixShapes = attach.prefix_shapes(model)
+        placements = config.placements or tuple(shapes.placements)
+        unknown = set(placements) - set(shapes.placements)
+        if unknown:
+            raise ValueError(f"placements {sorted(unknown)} not in this model's {list(shapes.placements)}")
+        embed_dim = config.embed_dim or _hidden_size(model)
+        self.encoders = nn.ModuleDict(
+            {p: PrefixEncoder(config, shapes.placements[p], embed_dim) for p in placements}
+        )
+        if config.gradient_checkpointing:
+            # non-reentrant: prefix tensors reach attention as keyword arguments, which the
+            # reentrant variant would not differentiate
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if config.init == "words":
+            self.init_from_words(config.init_text, tokenizer)
+        device = next(model.parameters()).device
+        self.to(device)
+        self.train(model.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.train(mode)
+        return self
+
+    def prefix_kv(self) -> dict[str, torch.Tensor]:
+        """P_theta per placement, ``[layers, 2, kv_heads, length, head_dim]`` (MLP run once)."""
+        return {p: enc() for p, enc in self.encoders.items()}
+
+    def prefix_batch(self) -> PrefixBatch:
+        kv = self.prefix_kv()
+        return PrefixBatch(kv={p: _split_layers(t[None]) for p, t in kv.items()}, mask={p: None for p in kv})
+
+    @torch.no_grad()
+    def init_from_words(self, text: str, tokenizer) -> dict[str, float]:
+        """Initialise from the base model's activations for ``text`` (rule: see PrefixConfig.init)."""
+        if tokenizer is None:
+            raise ValueError("init='words' needs the tokenizer: PrefixTuner(model, config, tokenizer=tokenizer)")
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"init_text {text!r} tokenises to nothing")
+        n = self.config.length
+        ids = (ids * math.ceil(n / len(ids)))[:n]
+        device = next(self.model.parameters()).device
+        recorded = attach.record_kv(self.model, torch.tensor([ids], device=device))
+        errors = {}
+        for p, enc in self.encoders.items():
+            # per layer [1, heads, length, dim] (keys, values) -> [layers, 2, heads, length, dim]
+            target = torch.stack([torch.stack([k[0], v[0]]) for k, v in recorded[p]]).float()
+            with torch.enable_grad():
+                errors[p] = enc.fit(target, self.config.init_steps, self.config.init_lr)
+        return errors
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> PrefixTunerOutput:
+        """HF-style forward. ``labels`` are -100 outside the target tokens; for decoder-only models
+        they align with ``input_ids`` (shifted here), for seq2seq with the decoder inputs."""
+        seq2seq = attach.is_seq2seq(self.model)
+        if seq2seq and labels is not None and "decoder_input_ids" not in kwargs:
+            kwargs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, prefix_batch=self.prefix_batch(), use_cache=False, **kwargs
+        )
+        loss = None if labels is None else target_loss(out.logits, labels, shift=not seq2seq, reduction=self.config.loss)
+        return PrefixTunerOutput(loss=loss, logits=out.logits)
+
+    def export(self) -> Prefix:
+        """Run the MLP once and keep only P_theta (the MLP is dropped)."""
+        with torch.no_grad():
+            was_training = self.training
+            self.eval()  # no prefix dropout in the exported prefix
+            kv = {p: t.detach().float().cpu().clone() for p, t in self.prefix_kv().items()}
+            self.train(was_training)
+        return Prefix(kv=kv, meta=make_meta(self.model, kv, self.config))
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def _hidden_size(model) -> int:
+    c = model.config
+    for name in ("hidden_size", "d_model", "n_embd"):
+        if getattr(c, name, None):
+            return getattr(c, name)
+    return model.get_input_embeddings().weight.shape[1]
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(label) (0 where masked) and the mask of real target tokens (labels != -100)."""
+    if shift:  # decoder-only: the logit at t predicts token t+1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    nll = nn.functional.cross_entropy(
+        (logits if logits.dtype == torch.float64 else logits.float()).flatten(0, 1), labels.flatten(),
+        ignore_index=-100, reduction="none",
+    ).view_as(labels)
+    return -nll, mask
+
+
+def target_loss(logits, labels, shift: bool, reduction: str = "token_mean") -> torch.Tensor:
+    """Negative log-likelihood of the target tokens only (source and padding are masked)."""
+    logp, mask = token_logprobs(logits, labels, shift)
+    if reduction == "token_mean":
+        return -logp.sum() / mask.sum().clamp(min=1)
+    return -logp.sum() / logits.shape[0]  # sequence_sum: sum per sequence, mean over rows

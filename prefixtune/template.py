@@ -1,0 +1,80 @@
+"""Turning (source, target) text into model inputs: one rule shared by training, scoring and generation.
+
+Decoder-only models see ``[PREFIX; x; SEP; y; EOS]`` as in the paper (GPT-2: ``x <bos> y <eos>``):
+x is the source without special tokens, SEP is the tokenizer's BOS token (its EOS if it has none),
+y is ``" " + target`` and EOS ends it; only y and EOS are scored. Encoder-decoder models get x
+(with the tokenizer's special tokens) on the encoder and y as labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .attach import is_seq2seq
+
+
+@dataclass
+class Encoded:
+    prompt: list[int]  # encoder input (seq2seq) or x + SEP (decoder-only)
+    target: list[int]  # y + EOS (empty when only generating)
+
+
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """(separator, eos, pad) token ids."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; prefixtune needs one to end targets")
+    sep = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return sep, eos, pad
+
+
+def encode(model, tokenizer, source: str, target: str | None = None) -> Encoded:
+    if is_seq2seq(model):
+        prompt = tokenizer(source).input_ids
+        tgt = tokenizer(text_target=target).input_ids if target is not None else []
+        if tgt and tgt[-1] != tokenizer.eos_token_id:  # the model must learn to stop
+            tgt.append(tokenizer.eos_token_id)
+    else:
+        sep, eos, _ = special_ids(tokenizer)
+        prompt = tokenizer(source, add_special_tokens=False).input_ids + [sep]
+        tgt = tokenizer(" " + target, add_special_tokens=False).input_ids + [eos] if target is not None else []
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and not is_seq2seq(model) and len(prompt) + len(tgt) > limit:
+        raise ValueError(
+            f"source + target is {len(prompt) + len(tgt)} tokens, more than the model's {limit} positions: "
+            f"{source[:60]!r}..."
+        )
+    return Encoded(prompt, tgt)
+
+
+def collate_train(model, examples: list[Encoded], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels (-100 on source and padding), for training and scoring."""
+    if is_seq2seq(model):
+        ids = _pad([e.prompt for e in examples], pad, left=False)
+        labels = _pad([e.target for e in examples], -100, left=False)
+        return {"input_ids": ids, "attention_mask": _mask([e.prompt for e in examples], ids.shape[1], left=False), "labels": labels}
+    seqs = [e.prompt + e.target for e in examples]
+    ids = _pad(seqs, pad, left=False)
+    labels = _pad([[-100] * len(e.prompt) + e.target for e in examples], -100, left=False)
+    return {"input_ids": ids, "attention_mask": _mask(seqs, ids.shape[1], left=False), "labels": labels}
+
+
+def collate_prompts(model, prompts: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Batch of prompts for generate(): left-padded for decoder-only models, right-padded for seq2seq."""
+    left = not is_seq2seq(model)
+    ids = _pad(prompts, pad, left=left)
+    return {"input_ids": ids, "attention_mask": _mask(prompts, ids.shape[1], left=left)}
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _mask(seqs: list[list[int]], width: int, left: bool) -> torch.Tensor:
+    rows = [([0] * (width - len(s)) + [1] * len(s)) if left else ([1] * len(s) + [0] * (width - len(s))) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)

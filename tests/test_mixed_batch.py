@@ -1,0 +1,56 @@
+"""Mixed-prefix batches equal running each row alone with its own prefix (the paper's multi-user case)."""
+
+import pytest
+import torch
+
+import prefixtune as pt
+from conftest import CAUSAL_ARCHS, TINY_ARCHS, random_prefix, tiny_model
+
+SOURCES = ["name : The Eagle | Type : coffee shop", "hello", "a much longer source sentence with many more words in it",
+           "name : Aromi | food : Chinese | area : riverside"]
+TARGETS = ["The Eagle is a coffee shop .", "world", "short", "Aromi serves Chinese food by the river ."]
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mixed_scores_equal_single(arch, dtype, tokenizer):
+    model = tiny_model(arch).to(dtype)
+    p1, p2 = random_prefix(model, 3, seed=1, scale=3.0), random_prefix(model, 7, seed=2, scale=3.0)
+    prefixes = [p1, p2, None, p1]
+    mixed = pt.score(model, tokenizer, SOURCES, TARGETS, prefixes=prefixes)
+    alone = [pt.score(model, tokenizer, [s], [t], prefixes=[p])[0] for s, t, p in zip(SOURCES, TARGETS, prefixes)]
+    # float32: padding changes matmul shapes, hence rounding (sums of ~15 log-probs of ~-8 each);
+    # float64 shows the computation itself is the same
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=0)
+    assert torch.allclose(torch.tensor(mixed, dtype=torch.float64), torch.tensor(alone, dtype=torch.float64), **tol)
+    # and the prefixes matter: scores differ from the base model's
+    base = pt.score(model, tokenizer, SOURCES, TARGETS)
+    assert abs(mixed[0] - base[0]) > 1e-3 and abs(mixed[1] - base[1]) > 1e-3
+    assert abs(mixed[2] - base[2]) < 1e-5  # the row without a prefix is the base model
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_mixed_generate_equals_single(arch, num_beams, tokenizer):
+    model = tiny_model(arch)
+    p1, p2 = random_prefix(model, 2, seed=1, scale=3.0), random_prefix(model, 5, seed=2, scale=3.0)
+    prefixes = [p1, p2, None, p2]
+    kw = dict(num_beams=num_beams, max_new_tokens=8)
+    mixed = pt.generate(model, tokenizer, SOURCES, prefixes=prefixes, **kw)
+    alone = [pt.generate(model, tokenizer, [s], prefixes=[p], **kw)[0] for s, p in zip(SOURCES, prefixes)]
+    assert mixed == alone
+    base = pt.generate(model, tokenizer, SOURCES, **kw)
+    assert mixed[2] == base[2]
+    assert mixed != base  # prefixes change what is generated
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS + ["bart"])
+def test_long_prefix_generation_and_sampling(arch, tokenizer):
+    model = tiny_model(arch)
+    p = random_prefix(model, 200, seed=3)
+    out = pt.generate(model, tokenizer, SOURCES, prefixes=p, num_beams=2, max_new_tokens=5)
+    assert len(out) == len(SOURCES) and all(isinstance(o, str) for o in out)
+    torch.manual_seed(0)
+    sampled = pt.generate(model, tokenizer, SOURCES[:2], prefixes=p, do_sample=True, temperature=1.0, top_k=0,
+                          max_new_tokens=6, num_return_sequences=3)
+    assert len(sampled) == 2 and all(len(group) == 3 for group in sampled)

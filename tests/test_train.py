@@ -1,0 +1,100 @@
+"""Training loop, checkpoints and CLI on tiny models (a local model directory, as a user's HF path)."""
+
+import json
+
+import pytest
+import torch
+
+import prefixtune as pt
+from prefixtune.cli import main
+from prefixtune.data import Example
+from prefixtune.train import TrainConfig, Trainer
+from conftest import tiny_model
+
+PAIRS = [Example(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food .")
+         for i, f in enumerate(["Chinese", "Italian", "French", "Indian", "English", "Japanese"] * 3)]
+
+
+def make_trainer(tmp_path, tokenizer, max_steps, seed=0, name="run"):
+    model = tiny_model("llama-gqa", init_range=0.2)
+    return Trainer(model, tokenizer, PAIRS, PAIRS[:4], pt.PrefixConfig(length=3, mlp_hidden=16, dropout=0.1),
+                   TrainConfig(max_steps=max_steps, batch_size=4, grad_accum=2, lr=5e-2, warmup_steps=2,
+                               eval_every=3, seed=seed), tmp_path / name, progress=False)
+
+
+def test_training_lowers_dev_loss_and_keeps_best(tmp_path, tokenizer):
+    trainer = make_trainer(tmp_path, tokenizer, max_steps=12)
+    weights = {n: p.clone() for n, p in trainer.model.state_dict().items()}
+    result = trainer.fit()
+    history = result["history"]
+    assert history[0]["step"] == 0 and history[-1]["step"] == 12
+    assert result["best_dev_loss"] < history[0]["dev_loss"] - 0.5
+    best = pt.Prefix.load(tmp_path / "run" / "prefix.safetensors")
+    best.check_compatible(trainer.model)
+    assert all(torch.equal(weights[n], p) for n, p in trainer.model.state_dict().items())
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [3, 6, 9, 12]
+
+
+def test_resume_is_exact(tmp_path, tokenizer):
+    straight = make_trainer(tmp_path, tokenizer, max_steps=8, name="straight")
+    straight.fit()
+    # the same run, stopped after 3 steps (as if interrupted) and resumed by a fresh process
+    first = make_trainer(tmp_path, tokenizer, max_steps=8, name="resumed")
+    first.total_steps = 3
+    first.fit()
+    second = make_trainer(tmp_path, tokenizer, max_steps=8, name="resumed")
+    second.fit()
+    assert second.step == 8
+    for (n, a), b in zip(straight.tuner.named_parameters(), second.tuner.parameters()):
+        assert torch.equal(a, b), n
+    # a different configuration in the same directory is refused, naming the difference
+    other = make_trainer(tmp_path, tokenizer, max_steps=9, name="resumed")
+    with pytest.raises(ValueError, match="different configuration.*max_steps"):
+        other.fit()
+    ckpt = tmp_path / "resumed" / "checkpoint"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "state.safetensors"]
+
+
+def test_cli_train_and_generate_on_a_local_model(tmp_path, tokenizer, capsys):
+    model_dir = tmp_path / "tiny-gpt2"
+    tiny_model("gpt2").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"source": e.source, "target": e.target}) + "\n" for e in PAIRS))
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(model_dir), "--train", str(data), "--dev", str(data), "--out", str(run),
+                 "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--length", "4", "--mlp-hidden", "16"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["exported_parameters"] == 4 * 2 * 2 * 4 * 8
+    sources = tmp_path / "sources.txt"
+    sources.write_text("name : Place1 | food : Italian\nname : Place2 | food : French\n")
+    out = tmp_path / "out.txt"
+    p = str(run / "prefix.safetensors")
+    assert main(["generate", "--model", str(model_dir), "--prefix", p, "--input", str(sources), "--out", str(out),
+                 "--num-beams", "2", "--max-new-tokens", "5"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+    out2 = tmp_path / "two.jsonl"
+    assert main(["generate", "--model", str(model_dir), "--prefix", p, "--prefix", p, "--input", str(sources),
+                 "--out", str(out2), "--max-new-tokens", "5"]) == 0
+    rows = [json.loads(line) for line in out2.read_text().splitlines()]
+    assert len(rows) == 2 and [o["prefix"] for o in rows[0]["outputs"]] == [p, p]
+    assert rows[0]["outputs"][0]["output"] == rows[0]["outputs"][1]["output"]
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"source": "a", "target": "b"}\n{"source": "a"\n')
+    assert main(["train", "--train", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert f"{bad}:2: not valid JSON" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"source": "a", "target": ""}\n')
+    assert main(["train", "--train", str(empty), "--out", str(tmp_path / "r")]) == 2
+    assert f"{empty}:1: expected a non-empty string \"target\"" in capsys.readouterr().err
+
+
+def test_help_explains():
+    for cmd in ("train", "generate"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
