@@ -261,7 +261,8 @@ def model_identity(model) -> dict:
     if cached is not None:
         return cached
     emb = model.get_input_embeddings().weight.detach()
-    sample = emb[: min(64, emb.shape[0])].float().cpu().contiguous()
+    # rounded to bfloat16 so that the same weights loaded in float32, float16 or bfloat16 match
+    sample = emb[: min(64, emb.shape[0])].to(torch.bfloat16).float().cpu().contiguous()
     digest = hashlib.sha256(sample.numpy().tobytes() + str(tuple(emb.shape)).encode()).hexdigest()[:16]
     identity = {
         "name": getattr(model, "_prefixtune_name", None) or model.config.name_or_path,

@@ -92,8 +92,7 @@ class Trainer:
     def fit(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         self._check_run_config()
-        if (self.out / "checkpoint" / "state.json").is_file():
-            self.load_checkpoint()
+        self.load_checkpoint()
         device = next(self.model.parameters()).device
         if self.step == 0 and self.dev_set and not self.history:  # dev loss before training, for comparison
             self.history.append({"step": 0, "train_loss": None, "dev_loss": self.dev_loss(), "seconds_per_step": None})
@@ -186,7 +185,10 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self) -> None:
-        ckpt = self.out / "checkpoint"
+        """Resume from checkpoint/ if there is one (or checkpoint.old, if a save was cut short)."""
+        ckpt = next((self.out / n for n in ("checkpoint", "checkpoint.old") if (self.out / n / "state.json").is_file()), None)
+        if ckpt is None:
+            return
         tensors = load_file(str(ckpt / "state.safetensors"))
         info = json.loads((ckpt / "state.json").read_text())
         with torch.no_grad():

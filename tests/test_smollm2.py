@@ -30,7 +30,7 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch):
 
 def test_mixed_batch_on_the_real_model(smollm2):
     model, tokenizer = smollm2
-    p1, p2 = random_prefix(model, 4, seed=1, scale=0.5), random_prefix(model, 12, seed=2, scale=0.5)
+    p1, p2 = random_prefix(model, 4, seed=1, scale=0.5), random_prefix(model, 200, seed=2, scale=0.5)
     sources = ["name : The Eagle | Type : coffee shop", "Translate to French: cheese", "name : Aromi | food : Chinese"]
     targets = ["The Eagle is a coffee shop .", "fromage", "Aromi serves Chinese food ."]
     prefixes = [p1, None, p2]

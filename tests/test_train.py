@@ -43,6 +43,8 @@ def test_resume_is_exact(tmp_path, tokenizer):
     first = make_trainer(tmp_path, tokenizer, max_steps=8, name="resumed")
     first.total_steps = 3
     first.fit()
+    # as if killed in the middle of saving a checkpoint: only the previous one is left
+    (tmp_path / "resumed" / "checkpoint").rename(tmp_path / "resumed" / "checkpoint.old")
     second = make_trainer(tmp_path, tokenizer, max_steps=8, name="resumed")
     second.fit()
     assert second.step == 8

@@ -12,6 +12,8 @@ class Example:
     source: str
     target: str
     references: list[str] = field(default_factory=list)  # all references of this source (multi-reference scoring)
+    key: str | None = None  # what references are grouped by; None = the source text (DART test: the entry id)
+    category: str | None = None  # WebNLG/DART category, DialogSum topic, ...
 
 
 class DataError(ValueError):
@@ -38,7 +40,29 @@ def group_references(examples: list[Example]) -> list[Example]:
     """One example per unique source, in first-appearance order, with all its targets as references."""
     grouped: dict[str, Example] = {}
     for ex in examples:
-        if ex.source not in grouped:
-            grouped[ex.source] = Example(ex.source, ex.target, [])
-        grouped[ex.source].references.extend(ex.references or [ex.target])
+        key = ex.key if ex.key is not None else ex.source
+        if key not in grouped:
+            grouped[key] = Example(ex.source, ex.target, [], ex.key, ex.category)
+        grouped[key].references.extend(ex.references or [ex.target])
     return list(grouped.values())
+
+
+# --- named tasks ---------------------------------------------------------------------------------
+
+TASKS = ("e2e", "webnlg", "dart", "xsum", "dialogsum", "jsonl")
+TABLE_TO_TEXT = {"num_beams": 5, "max_new_tokens": 80}
+# the paper's summarisation decoding (BART on XSUM): beam 6, with length limits
+SUMMARIZATION = {"num_beams": 6, "max_new_tokens": 60, "min_new_tokens": 10, "no_repeat_ngram_size": 3}
+DECODING = {"e2e": TABLE_TO_TEXT, "webnlg": TABLE_TO_TEXT, "dart": TABLE_TO_TEXT, "jsonl": TABLE_TO_TEXT,
+            "xsum": SUMMARIZATION, "dialogsum": SUMMARIZATION}
+
+
+def read_task(task: str, split: str, data: str | os.PathLike | None = None) -> list[Example]:
+    """Examples of a named task's split, read from the data directory."""
+    from . import dart, e2e, summarization, webnlg
+
+    readers = {"e2e": e2e.read, "webnlg": webnlg.read, "dart": dart.read,
+               "xsum": summarization.read_xsum, "dialogsum": summarization.read_dialogsum}
+    if task not in readers:
+        raise ValueError(f"unknown task {task!r}; named tasks are {sorted(readers)} (or jsonl with a file)")
+    return readers[task](data_dir(data), split)
