@@ -1,4 +1,4 @@
-"""Command line: ``prefixtune train`` and ``prefixtune generate`` (see ``--help`` of each)."""
+"""Command line: ``prefixtune train``, ``generate`` and ``evaluate`` (see ``--help`` of each)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,18 @@ import json
 import sys
 from pathlib import Path
 
+from .data import DECODING, TASKS
 from .models import DEFAULT_MODEL
 
 
 def _read_task(args, split: str, need_target: bool = True):
-    from .data import data_dir, e2e, jsonl
+    """Examples of --task for a split: a named task from --data, or (jsonl) the file given for it."""
+    from .data import jsonl, read_task
 
-    if args.task == "jsonl":
-        path = {"train": args.train, "dev": args.dev}.get(split) if split in ("train", "dev") else args.input
-        if path is None:
-            return None
-        return jsonl.read(path, need_target=need_target)
-    if args.task == "e2e":
-        return e2e.read(data_dir(args.data), split)
-    raise ValueError(f"unknown task {args.task!r}")
+    if args.task != "jsonl":
+        return read_task(args.task, split, args.data)
+    path = {"train": getattr(args, "train", None), "dev": getattr(args, "dev", None)}.get(split, getattr(args, "input", None))
+    return None if path is None else jsonl.read(path, need_target=need_target)
 
 
 def _subset(examples, n):
@@ -88,12 +86,13 @@ def cmd_generate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_base_model(args.model, device=args.device)
-    kwargs = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
+    kwargs = dict(DECODING[args.task], do_sample=args.do_sample)  # the paper's decoding for the task
+    for name in ("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     if args.do_sample:
         torch.manual_seed(args.seed)
         kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    if args.no_repeat_ngram_size:
-        kwargs["no_repeat_ngram_size"] = args.no_repeat_ngram_size
     # every (source, prefix) pair in one mixed-prefix stream of batches
     rows = [(s, p) for s in sources for p in (prefixes or [None])]
     outputs = generate(model, tokenizer, [s for s, _ in rows], prefixes=[p for _, p in rows],
@@ -116,11 +115,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import MODEL_BASED, evaluate, format_table
+
+    scores = evaluate(args.task, args.predictions, split=args.split, references=args.references,
+                      variant=args.variant, data=args.data, ter=not args.skip_ter)
+    if args.json:
+        print(json.dumps(scores, indent=2))
+    else:
+        print(format_table(scores))
+        if args.task == "dart":
+            print(f"(not computed: {', '.join(MODEL_BASED)} need model weights that are not available here)")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
-    p.add_argument("--task", default="jsonl", choices=["jsonl", "e2e"],
-                   help="jsonl: your own {\"source\", \"target\"} files; e2e: the E2E NLG data under --data")
+    p.add_argument("--task", default="jsonl", choices=TASKS,
+                   help="jsonl: your own {\"source\", \"target\"} files; others: the named dataset under --data "
+                   "(dart has no train split)")
     p.add_argument("--data", default=None,
                    help="data directory for named tasks (default: $PREFIXTUNE_DATA, else ../shared/data)")
     p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
@@ -175,15 +189,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output file: one line per source (.txt) or JSONL")
     d.add_argument("--max-examples", type=int, default=None, help="only the first N sources")
     d.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
-    d.add_argument("--num-beams", type=int, default=5, help="beam size (1 = greedy)")
-    d.add_argument("--max-new-tokens", type=int, default=60, help="maximum generated tokens")
-    d.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size (0: off)")
+    d.add_argument("--num-beams", type=int, default=None,
+                   help="beam size, 1 = greedy (default per task: 5 for table-to-text, 6 for summarization)")
+    d.add_argument("--max-new-tokens", type=int, default=None, help="maximum generated tokens (default per task: 80 / 60)")
+    d.add_argument("--min-new-tokens", type=int, default=None, help="minimum generated tokens (default per task: 0 / 10)")
+    d.add_argument("--no-repeat-ngram-size", type=int, default=None, help="forbid repeated n-grams (default: 0 / 3)")
     d.add_argument("--do-sample", action="store_true", help="sample instead of beam/greedy search")
     d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     d.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
     d.add_argument("--seed", type=int, default=0, help="sampling seed")
     d.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="score predictions with the task's official metrics",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr as the official E2E scorer; WebNLG (S/U/A) "
+                       "and DART: BLEU, METEOR, TER (+chrF++) as their official scripts; summarization: ROUGE-1/2/L/Lsum.")
+    e.add_argument("--task", required=True, choices=TASKS, help="which task's references and metrics")
+    e.add_argument("--predictions", required=True,
+                   help="one line per unique source in reader order (as `generate` writes); E2E also: TSV MR<TAB>output")
+    e.add_argument("--references", default=None,
+                   help="reference file (E2E: official CSV, default <data>/e2e/original/testset_w_refs.csv; jsonl: required)")
+    e.add_argument("--split", default="test", help="split whose references are used")
+    e.add_argument("--variant", choices=["official", "prefix-tuning"], default="official",
+                   help="E2E only: the challenge scorer, or the Prefix-Tuning paper's (tokenised refs, Python NIST)")
+    e.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
+    e.add_argument("--skip-ter", action="store_true", help="skip TER (slow: about 5 CPU minutes on DART test)")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=cmd_evaluate)
     return parser
 
 

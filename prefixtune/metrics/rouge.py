@@ -1,0 +1,38 @@
+"""ROUGE for summarisation (XSUM, DialogSum), with Google's ``rouge-score`` package.
+
+ROUGE-1, ROUGE-2 and ROUGE-L use the Porter stemmer and rouge-score's default tokeniser (lower-case, runs
+of ``[a-z0-9]``). This is the setup of the BART/PEGASUS/Prefix-Tuning XSUM numbers. ROUGE-Lsum is the
+summary-level LCS over sentences, and rouge-score takes sentences from newlines. So put one sentence per
+line in predictions and references (e.g. with ``nltk.sent_tokenize``). Without newlines ROUGE-Lsum equals
+ROUGE-L.
+
+Scores are F-measures, averaged over examples and given as 0-100. With several references per example
+(DialogSum has 3), each metric takes the best reference of the example (rouge-score's ``score_multi``:
+highest F-measure, chosen per metric) before averaging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rouge_score import rouge_scorer
+
+METRICS = {"ROUGE-1": "rouge1", "ROUGE-2": "rouge2", "ROUGE-L": "rougeL", "ROUGE-Lsum": "rougeLsum"}
+
+
+def score(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
+    """Mean F-measure (0-100) of ROUGE-1/2/L/Lsum; ``references[i]`` is one string or a list of strings."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("no predictions")
+    scorer = rouge_scorer.RougeScorer(list(METRICS.values()), use_stemmer=True)
+    totals = dict.fromkeys(METRICS, 0.0)
+    for i, (prediction, refs) in enumerate(zip(predictions, references)):
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        if not refs:
+            raise ValueError(f"references[{i}] is empty")
+        scores = scorer.score_multi(refs, prediction)
+        for name, key in METRICS.items():
+            totals[name] += scores[key].fmeasure
+    return {name: 100 * total / len(predictions) for name, total in totals.items()}
