@@ -287,10 +287,9 @@ class PrefixTuner(nn.Module):
             # non-reentrant: prefix tensors reach attention as keyword arguments, which the
             # reentrant variant would not differentiate
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.to(next(model.parameters()).device)
         if config.init == "words":
             self.init_from_words(config.init_text, tokenizer)
-        device = next(model.parameters()).device
-        self.to(device)
         self.train(model.training)
 
     def train(self, mode: bool = True):
