@@ -500,3 +500,10 @@ def test_rouge_by_hand():
     # ROUGE-Lsum works on sentences given as lines: swapping two sentences keeps it at 100, unlike ROUGE-L.
     swapped = rouge.score(["b c d.\na e f."], ["a e f.\nb c d."])
     assert swapped["ROUGE-Lsum"] == pytest.approx(100) and swapped["ROUGE-L"] < 100
+
+
+def test_rouge_lsum_splits_sentences_itself():
+    # two sentences in swapped order on one line: ROUGE-L pays for the order, ROUGE-Lsum (per sentence) does not
+    scores = rouge.score(["The cat sat on the mat. The dog ran away."], [["The dog ran away. The cat sat on the mat."]])
+    assert scores["ROUGE-1"] == 100.0 and scores["ROUGE-Lsum"] == 100.0
+    assert scores["ROUGE-L"] == pytest.approx(60.0)

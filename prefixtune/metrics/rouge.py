@@ -2,9 +2,9 @@
 
 ROUGE-1, ROUGE-2 and ROUGE-L use the Porter stemmer and rouge-score's default tokeniser (lower-case, runs
 of ``[a-z0-9]``). This is the setup of the BART/PEGASUS/Prefix-Tuning XSUM numbers. ROUGE-Lsum is the
-summary-level LCS over sentences, and rouge-score takes sentences from newlines. So put one sentence per
-line in predictions and references (e.g. with ``nltk.sent_tokenize``). Without newlines ROUGE-Lsum equals
-ROUGE-L.
+summary-level LCS over sentences, and rouge-score takes sentences from newlines: we put each sentence on
+its own line first (split after ``.``, ``!`` or ``?`` followed by whitespace; nltk's punkt model, which
+others use, is a download we cannot make here). Newlines do not change the other three metrics.
 
 Scores are F-measures, averaged over examples and given as 0-100. With several references per example
 (DialogSum has 3), each metric takes the best reference of the example (rouge-score's ``score_multi``:
@@ -13,9 +13,12 @@ highest F-measure, chosen per metric) before averaging.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from rouge_score import rouge_scorer
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 METRICS = {"ROUGE-1": "rouge1", "ROUGE-2": "rouge2", "ROUGE-L": "rougeL", "ROUGE-Lsum": "rougeLsum"}
 
@@ -32,7 +35,12 @@ def score(predictions: Sequence[str], references: Sequence[str | Sequence[str]])
         refs = [refs] if isinstance(refs, str) else list(refs)
         if not refs:
             raise ValueError(f"references[{i}] is empty")
-        scores = scorer.score_multi(refs, prediction)
+        scores = scorer.score_multi([sentence_lines(r) for r in refs], sentence_lines(prediction))
         for name, key in METRICS.items():
             totals[name] += scores[key].fmeasure
     return {name: 100 * total / len(predictions) for name, total in totals.items()}
+
+
+def sentence_lines(text: str) -> str:
+    """One sentence per line, for ROUGE-Lsum."""
+    return "\n".join(part for line in text.splitlines() for part in SENTENCE_END.split(line.strip()) if part)
