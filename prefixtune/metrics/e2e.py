@@ -263,6 +263,18 @@ def mteval_tokenize(text: str) -> list[str]:
     return text.split(" ") if text else []
 
 
+def _clipping_counts(refs: Sequence[Sequence[str]], corpus_counts: Counter) -> dict:
+    """Max count of each 1-5-gram over one segment's references (BLEU clipping); adds all counts to corpus_counts (NIST)."""
+    ref_max: dict = {}
+    for r in refs:
+        counts = _ngram_counts(r, 5)
+        corpus_counts.update(counts)
+        for ngram, count in counts.items():
+            if count > ref_max.get(ngram, 0):
+                ref_max[ngram] = count
+    return ref_max
+
+
 def _ngram_counts(words: Sequence[str], max_n: int) -> Counter:
     return Counter(tuple(words[i : i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1))
 
@@ -330,13 +342,7 @@ def _mteval_references(references: tuple[tuple[str, ...], ...]) -> _MtevalRefere
     corpus_counts: Counter = Counter()
     segments = []
     for rs in refs:
-        ref_max: dict = {}
-        for r in rs:
-            counts = _ngram_counts(r, 5)
-            corpus_counts.update(counts)
-            for ngram, count in counts.items():
-                if count > ref_max.get(ngram, 0):
-                    ref_max[ngram] = count
+        ref_max = _clipping_counts(rs, corpus_counts)
         padded = rs + [[]] * (n_sets - len(rs))
         segments.append(([len(padded[j]) for j in visit_order], ref_max))
     words = sum(len(r) for rs in refs for r in rs)
@@ -450,13 +456,7 @@ def _pymteval_references(references: tuple[tuple[str, ...], ...]) -> _PymtevalRe
     mean_length_sum = 0.0
     for rs in references:
         tokenized = [[w.lower() for w in pymteval_tokenize(r)] for r in rs]
-        ref_max: dict = {}
-        for r in tokenized:
-            counts = _ngram_counts(r, 5)
-            corpus_counts.update(counts)
-            for ngram, count in counts.items():
-                if count > ref_max.get(ngram, 0):
-                    ref_max[ngram] = count
+        ref_max = _clipping_counts(tokenized, corpus_counts)
         words = sum(len(r) for r in tokenized)
         corpus_counts[()] += words  # the 0-gram count: total reference words
         mean_length_sum += words / len(tokenized)
