@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -52,6 +52,15 @@ class PrefixBatch:
 
     kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
     mask: dict[str, torch.Tensor | None]
+    _expanded: dict = field(default_factory=dict, repr=False)
+
+    def expanded(self, key, t: torch.Tensor, rows: int) -> torch.Tensor:
+        """``t`` matched to ``rows`` attention rows, kept for the next decoding steps: generate()
+        calls every layer once per step with the same batch, so beams are expanded only once."""
+        hit = self._expanded.get(key)
+        if hit is None or hit.shape[0] != rows or hit.dtype != t.dtype:
+            hit = self._expanded[key] = _expand_rows(t, rows)
+        return hit
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,44 @@ def _full_mask(module, kwargs, query, key, attention_mask):
     return torch.ones(b, 1, q_len, k_len, dtype=torch.bool, device=query.device)
 
 
+def _decode_step_attention(module, query, key, value, mask, pk, pv, pmask, kwargs):
+    """One decoding step (a single query per row) without concatenating the prefix to the cache.
+
+    ``torch.cat([prefix, cache])`` at every step and layer copies the whole cache, which costs
+    more than the attention itself once the prefix is long (200 positions). Here the scores of the
+    prefix and of the cache are computed separately and share one softmax; the result equals
+    the concatenated attention (tested). ``pk``/``pv`` are ``[1 or rows, kv_heads, L, dim]``: a
+    shared prefix is never copied per row. Returns what sdpa_attention_forward returns.
+    """
+    rows, heads, _, dim = query.shape
+    kv_heads, dtype = key.shape[1], key.dtype
+    g = heads // kv_heads
+    scale = kwargs.get("scaling") or dim**-0.5
+    # matmuls in the model's dtype (no copy of the cache), softmax in float32
+    q = query.view(rows, kv_heads, g, dim)
+    pk, pv = pk.to(dtype), pv.to(dtype)
+    scores = (q @ key.transpose(-1, -2)).float() * scale  # [rows, kv_heads, g, T]
+    if pk.shape[0] == 1:  # one prefix for all rows: fold rows into the matmul's M dimension
+        qf = q.transpose(0, 1).reshape(kv_heads, rows * g, dim)
+        pscores = (qf @ pk[0].transpose(-1, -2)).view(kv_heads, rows, g, -1).transpose(0, 1)
+    else:
+        pscores = q @ pk.transpose(-1, -2)  # [rows, kv_heads, g, L]
+    pscores = pscores.float() * scale
+    neg = torch.finfo(torch.float32).min
+    scores = scores.masked_fill(~mask, neg)  # mask [rows, 1, 1, T]
+    pscores = pscores.masked_fill(~pmask[:, None, None, :], neg)  # pmask [rows, L]
+    top = torch.maximum(scores.amax(-1, keepdim=True), pscores.amax(-1, keepdim=True))
+    scores, pscores = (scores - top).exp(), (pscores - top).exp()
+    total = scores.sum(-1, keepdim=True) + pscores.sum(-1, keepdim=True)
+    scores, pscores = scores.to(dtype), pscores.to(dtype)
+    if pv.shape[0] == 1:
+        pout = (pscores.transpose(0, 1).reshape(kv_heads, rows * g, -1) @ pv[0]).view(kv_heads, rows, g, dim).transpose(0, 1)
+    else:
+        pout = pscores @ pv
+    out = ((scores @ value).float() + pout.float()) / total  # [rows, kv_heads, g, dim]
+    return out.reshape(rows, 1, heads, dim).to(query.dtype), None
+
+
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     base = module._prefixtune_base
     batch: PrefixBatch | None = kwargs.pop("prefix_batch", None)
@@ -113,14 +160,20 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     placement, layer = slot
     pk, pv = batch.kv[placement][layer]
     rows, length = query.shape[0], pk.shape[2]
-    pk = _expand_rows(pk, rows).to(key.dtype)
-    pv = _expand_rows(pv, rows).to(value.dtype)
-
     mask = _full_mask(module, kwargs, query, key, attention_mask)
     pmask = batch.mask[placement]
     if pmask is None:
         pmask = torch.ones(rows, length, dtype=torch.bool, device=query.device)
-    pmask = _expand_rows(pmask, rows)[:, None, None, :].expand(rows, 1, query.shape[2], length)
+    pmask = batch.expanded(("mask", placement), pmask, rows)
+    if (query.shape[2] == 1 and FAST_DECODE and base is _SDPA and kwargs.get("position_bias") is None
+            and kwargs.get("softcap") is None and not (module.training and kwargs.get("dropout"))):
+        if pk.shape[0] != 1:  # per-row prefixes: match the rows (beams) once per generate call
+            pk = batch.expanded(("k", placement, layer), pk, rows)
+            pv = batch.expanded(("v", placement, layer), pv, rows)
+        return _decode_step_attention(module, query, key, value, mask, pk, pv, pmask, kwargs)
+    pk = _expand_rows(pk, rows).to(key.dtype)
+    pv = _expand_rows(pv, rows).to(value.dtype)
+    pmask = pmask[:, None, None, :].expand(rows, 1, query.shape[2], length)
     mask = torch.cat([pmask, mask], dim=-1)
     if module._prefixtune_additive_mask:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
@@ -131,9 +184,22 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         pad = bias.new_zeros(*bias.shape[:-1], length)
         kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)
     kwargs["is_causal"] = False  # the explicit mask carries causality
-    return base(module, query, torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2), mask, **kwargs)
+    key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+    if (CPU_GQA and base is _SDPA and query.device.type == "cpu" and key.shape[1] != query.shape[1] and bias is None
+            and kwargs.get("softcap") is None):
+        # grouped-query attention with a mask: transformers repeats the key/value heads first (its
+        # GPU kernels need that); torch's CPU kernels take the groups directly, same result, ~3x faster
+        out = nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"),
+            enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    return base(module, query, key, value, mask, **kwargs)
 
 
+_SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
+# Decoding steps use _decode_step_attention (no prefix re-concatenation); False = always concatenate.
+FAST_DECODE = True
+CPU_GQA = True
 AttentionInterface.register(IMPLEMENTATION, prefix_attention)
 # generate() rejects keyword arguments that are neither in forward's signature nor declared
 # transformers kwargs (those travel down to attention); declare ours as one.
@@ -206,7 +272,7 @@ def enable(model) -> None:
                 # each modeling file has its own eager function (T5's adds a position bias)
                 base = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
             else:
-                base = ALL_ATTENTION_FUNCTIONS["sdpa"]
+                base = _SDPA
             module._prefixtune_base = base
             module._prefixtune_additive_mask = original == "eager"
             module._prefixtune_slot = (placement, layer)

@@ -255,8 +255,13 @@ class PrefixEncoder(nn.Module):
 
 @dataclass
 class PrefixTunerOutput(ModelOutput):
+    """``loss`` as configured; ``nll_sum`` (summed NLL of the target tokens) and ``n_targets`` (their
+    count) when labels are given; ``logits`` unless ``return_logits=False``."""
+
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    nll_sum: torch.Tensor | None = None
+    n_targets: torch.Tensor | None = None
 
 
 class PrefixTuner(nn.Module):
@@ -325,17 +330,36 @@ class PrefixTuner(nn.Module):
                 errors[p] = enc.fit(target, self.config.init_steps, self.config.init_lr)
         return errors
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs) -> PrefixTunerOutput:
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True,
+                **kwargs) -> PrefixTunerOutput:
         """HF-style forward. ``labels`` are -100 outside the target tokens; for decoder-only models
-        they align with ``input_ids`` (shifted here), for seq2seq with the decoder inputs."""
+        they align with ``input_ids`` (shifted here), for seq2seq with the decoder inputs.
+
+        ``return_logits=False`` (what training uses) lets decoder-only models apply the LM head to
+        the target positions only: the loss never looks at source positions, and the head is a
+        large share of a small model's compute and memory. The loss is the same (see
+        :func:`lm_head_split`); ``logits`` is then None.
+        """
         seq2seq = attach.is_seq2seq(self.model)
         if seq2seq and labels is not None and "decoder_input_ids" not in kwargs:
             kwargs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-        out = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, prefix_batch=self.prefix_batch(), use_cache=False, **kwargs
-        )
-        loss = None if labels is None else target_loss(out.logits, labels, shift=not seq2seq, reduction=self.config.loss)
-        return PrefixTunerOutput(loss=loss, logits=out.logits)
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, prefix_batch=self.prefix_batch(), use_cache=False)
+        split = None if return_logits or labels is None or seq2seq else lm_head_split(self.model)
+        if split is None:
+            logits = self.model(**kwargs).logits
+            if labels is None:
+                return PrefixTunerOutput(logits=logits)
+            logp, mask = token_logprobs(logits, labels, shift=not seq2seq)
+        else:
+            body, head = split
+            hidden = body(**kwargs).last_hidden_state[:, :-1]  # the state at t predicts token t+1
+            mask = labels[:, 1:] != -100
+            logp = -nn.functional.cross_entropy(head(hidden[mask]).float(), labels[:, 1:][mask], reduction="none")
+            logits = None
+        nll_sum, n_targets = -logp.sum(), mask.sum()
+        rows = labels.shape[0]
+        loss = nll_sum / n_targets.clamp(min=1) if self.config.loss == "token_mean" else nll_sum / rows
+        return PrefixTunerOutput(loss=loss, logits=logits, nll_sum=nll_sum, n_targets=n_targets)
 
     def export(self) -> Prefix:
         """Run the MLP once and keep only P_theta (the MLP is dropped)."""
@@ -368,6 +392,32 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> t
         ignore_index=-100, reduction="none",
     ).view_as(labels)
     return -nll, mask
+
+
+@torch.no_grad()
+def lm_head_split(model):
+    """(body, head) of a decoder-only LM such that ``head(body(...).last_hidden_state)`` are its
+    logits, or None when the model does not split that way (e.g. logits scaled or soft-capped
+    after the head). Checked once per model on a short input, so any architecture is safe."""
+    cached = getattr(model, "_prefixtune_lm_head_split", None)
+    if cached is not None:
+        return cached or None
+    body, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    split = False
+    if body is not None and body is not model and head is not None:
+        was_training = model.training
+        model.eval()
+        try:
+            ids = torch.tensor([[1, 2, 3, 4]], device=next(model.parameters()).device)
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            mine = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+            split = (body, head) if torch.allclose(full, mine, rtol=1e-4, atol=1e-4) else False
+        except Exception:  # any other signature or output type: use the full forward
+            split = False
+        finally:
+            model.train(was_training)
+    model._prefixtune_lm_head_split = split
+    return split or None
 
 
 def target_loss(logits, labels, shift: bool, reduction: str = "token_mean") -> torch.Tensor:

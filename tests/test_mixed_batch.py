@@ -54,3 +54,33 @@ def test_long_prefix_generation_and_sampling(arch, tokenizer):
     sampled = pt.generate(model, tokenizer, SOURCES[:2], prefixes=p, do_sample=True, temperature=1.0, top_k=0,
                           max_new_tokens=6, num_return_sequences=3)
     assert len(sampled) == 2 and all(len(group) == 3 for group in sampled)
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS + ["bart"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_decode_steps_without_concatenation_equal_concatenation(arch, num_beams, tokenizer, monkeypatch):
+    """Decoding steps attend to the prefix without re-concatenating it (attach._decode_step_attention):
+    the step logits equal those of the plain concatenated attention."""
+    from prefixtune import attach
+    from prefixtune.prefix import make_batch
+    from prefixtune.template import collate_prompts, encode, special_ids
+
+    model = tiny_model(arch)
+    p1, p2 = random_prefix(model, 3, seed=1, scale=3.0), random_prefix(model, 200, seed=2, scale=3.0)
+    batch = collate_prompts(model, [encode(model, tokenizer, s).prompt for s in SOURCES[:3]], special_ids(tokenizer)[2])
+    calls = []
+    fast = attach._decode_step_attention
+    monkeypatch.setattr(attach, "_decode_step_attention", lambda *a: calls.append(1) or fast(*a))
+    results = {}
+    for mode, prefixes in [("shared", [p2] * 3), ("mixed", [p1, p2, None])]:
+        for on in (True, False):
+            monkeypatch.setattr(attach, "FAST_DECODE", on)
+            out = model.generate(**batch, prefix_batch=make_batch(prefixes), num_beams=num_beams, max_new_tokens=6,
+                                 min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+            results[mode, on] = out
+        assert calls, "the decode-step path was not taken"
+        a, b = results[mode, True], results[mode, False]
+        assert torch.equal(a.sequences, b.sequences)
+        for x, y in zip(a.logits, b.logits):
+            assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
+        calls.clear()

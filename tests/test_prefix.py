@@ -130,6 +130,47 @@ def test_loss_counts_only_target_tokens(arch):
     assert torch.allclose(tuner(**b2).loss, out.loss, atol=1e-6)
 
 
+def _loss_and_grads(tuner, batch, return_logits):
+    tuner.zero_grad()
+    out = tuner(**batch, return_logits=return_logits)
+    out.loss.backward()
+    return out, [p.grad.clone() for p in tuner.parameters()]
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+@pytest.mark.parametrize("loss", ["token_mean", "sequence_sum"])
+def test_target_only_lm_head_equals_the_plain_path(arch, loss):
+    """The training path (LM head on target positions only) gives the plain path's loss and gradients."""
+    model = tiny_model(arch, init_range=0.2)
+    tuner = pt.PrefixTuner(model, pt.PrefixConfig(length=3, mlp_hidden=16, loss=loss)).eval()
+    assert pt.prefix.lm_head_split(model) is not None  # these architectures do split
+    b = batch_for(model)
+    plain, plain_grads = _loss_and_grads(tuner, b, return_logits=True)
+    fast, fast_grads = _loss_and_grads(tuner, b, return_logits=False)
+    assert fast.logits is None and plain.logits is not None
+    assert abs(fast.loss.item() - plain.loss.item()) < 1e-5
+    assert int(fast.n_targets) == int((b["labels"][:, 1:] != -100).sum()) == int(plain.n_targets)
+    for a, g in zip(plain_grads, fast_grads):
+        assert torch.allclose(a, g, atol=1e-6, rtol=1e-4)
+
+
+def test_models_whose_logits_are_not_head_of_hidden_use_the_plain_path():
+    model = tiny_model("llama-gqa")
+    original = model.forward
+
+    def scaled(*a, **k):  # a logit scale applied after the head, as some architectures (Cohere, Granite) do
+        out = original(*a, **k)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = scaled
+    assert pt.prefix.lm_head_split(model) is None
+    tuner = pt.PrefixTuner(model, pt.PrefixConfig(length=3, mlp_hidden=8)).eval()
+    b = batch_for(model)
+    with torch.no_grad():
+        assert torch.equal(tuner(**b, return_logits=False).loss, tuner(**b).loss)
+
+
 def test_mlp_runs_once_per_step_not_per_row():
     model = tiny_model("llama-gqa")
     tuner = pt.PrefixTuner(model, pt.PrefixConfig(length=3, mlp_hidden=8))

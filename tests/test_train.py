@@ -118,3 +118,40 @@ def test_cli_named_tasks(tmp_path, tokenizer):
     assert len(out.read_text().splitlines()) == 3
     # DART has no training split: a clear error, not a crash
     assert main(["train", "--model", str(model_dir), "--task", "dart", "--out", str(tmp_path / "d")]) == 2
+
+
+def test_length_bucketing_keeps_every_row_once_and_cuts_padding(tmp_path, tokenizer):
+    # 61 rows of varied lengths: 16 batches of 4 per epoch, the last one of 1 row
+    rows = [Example(" | ".join(f"field{j} : value {j}" for j in range(1 + i % 7)), "word " * (1 + i * 5 % 11))
+            for i in range(61)]
+
+    def trainer(bucket, name="run"):
+        return Trainer(tiny_model("llama-gqa"), tokenizer, rows, None, pt.PrefixConfig(length=2, mlp_hidden=8),
+                       TrainConfig(batch_size=4, bucket=bucket, seed=3), tmp_path / name, progress=False)
+
+    def padding(t):  # padded fraction of the token slots of one epoch's micro-batches
+        masks = [t.micro_batch(i)["attention_mask"] for i in range(t.batches_per_epoch)]
+        return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+    plain, bucketed = trainer(0), trainer(5)
+    for epoch in range(3):
+        batches = bucketed.epoch_batches(epoch)
+        assert sorted(i for b in batches for i in b) == list(range(61))
+        assert sorted(len(b) for b in batches) == [1] + [4] * 15
+    assert bucketed.epoch_batches(0) != bucketed.epoch_batches(1)
+    # deterministic in (seed, epoch): a fresh trainer (as after a resume) forms the same batches
+    assert trainer(5).epoch_batches(1) == bucketed.epoch_batches(1)
+    # bucket=0: the plain shuffled batches, as before bucketing existed
+    order = torch.randperm(61, generator=torch.Generator().manual_seed(3 * 1000003 + 2)).tolist()
+    assert plain.epoch_batches(2) == [order[i : i + 4] for i in range(0, 61, 4)]
+    assert padding(bucketed) < padding(plain) / 2, (padding(bucketed), padding(plain))  # 0.09 vs 0.31
+    # a run directory from before the option existed ran without bucketing: it resumes with bucket=0 only
+    plain._check_run_config()
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    del info["train"]["bucket"]
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    plain._check_run_config()
+    with pytest.raises(ValueError, match="different configuration.*bucket"):
+        bucketed._check_run_config()
+    with pytest.raises(ValueError, match="bucket must be >= 0"):
+        trainer(-1)
