@@ -199,6 +199,8 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
 _SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
 # Decoding steps use _decode_step_attention (no prefix re-concatenation); False = always concatenate.
 FAST_DECODE = True
+# Grouped-query attention with a prefix mask on CPU calls torch's kernel with enable_gqa; False =
+# transformers' sdpa function (which repeats the key/value heads). Both switches exist for tests.
 CPU_GQA = True
 AttentionInterface.register(IMPLEMENTATION, prefix_attention)
 # generate() rejects keyword arguments that are neither in forward's signature nor declared

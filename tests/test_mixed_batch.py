@@ -84,3 +84,29 @@ def test_decode_steps_without_concatenation_equal_concatenation(arch, num_beams,
         for x, y in zip(a.logits, b.logits):
             assert torch.allclose(x, y, atol=1e-5, rtol=1e-5)
         calls.clear()
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+def test_cpu_grouped_query_kernel_equals_repeated_heads(arch, tokenizer, monkeypatch):
+    """Forward and prefix gradients with torch's GQA kernel equal transformers' repeated-heads path."""
+    from prefixtune import attach
+    from prefixtune.template import collate_train, encode, special_ids
+
+    model = tiny_model(arch, init_range=0.2)
+    tuner = pt.PrefixTuner(model, pt.PrefixConfig(length=4, mlp_hidden=8))
+    batch = collate_train(model, [encode(model, tokenizer, s, t) for s, t in zip(SOURCES, TARGETS)], special_ids(tokenizer)[2])
+    gqa_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: gqa_calls.append(k.get("enable_gqa")) or sdpa(*a, **k))
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(attach, "CPU_GQA", on)
+        tuner.zero_grad()
+        out = tuner(**batch)
+        out.loss.backward()
+        results.append((out.logits.detach(), [p.grad.clone() for p in tuner.parameters()]))
+    assert True in gqa_calls  # the grouped-query kernel was used
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, atol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-6, rtol=1e-4) for x, y in zip(ga, gb))

@@ -1,0 +1,59 @@
+"""The benchmark scripts' helpers (benchmarks/_common.py, token counting) and their --help.
+
+The benchmarks themselves are not run here (minutes each); these checks take a few seconds.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common as C  # noqa: E402
+import decode  # noqa: E402
+
+
+def test_interleaved_rotates_order_and_times_every_case():
+    calls = []
+    cases = {n: (lambda n=n: calls.append(n)) for n in "abc"}
+    times = C.interleaved(cases, repeats=3, warmup=1, log=None)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_summary_and_ratios():
+    s = C.summary([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert C.ratio(1.0, 2.0) == 0.5 and C.ratio(None, 1.0) is None and C.ratio(1.0, 0) is None
+    assert C.paired_ratio([1.0, 4.0, 9.0], [1.0, 2.0, 3.0]) == 2.0
+
+
+def test_measure_peak_sees_a_large_allocation_that_is_freed():
+    def allocate():
+        t = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
+        del t
+
+    m = C.measure_peak(allocate)
+    assert m["peak_growth_mb"] >= 50, m
+
+
+def test_strip_memory_flag():
+    argv = ["--quick", C.MEMORY_FLAG, "ours/b8/L10", "--threads", "1", f"{C.MEMORY_FLAG}=x"]
+    assert C.strip_memory_flag(argv) == ["--quick", "--threads", "1"]
+
+
+def test_count_new_tokens_stops_at_first_eos():
+    eos = 2
+    out = torch.tensor([[9, 9, 5, 6, 2, 2, 2], [9, 9, 5, 6, 7, 8, 3], [9, 9, 2, 2, 2, 2, 2]])
+    assert decode.count_new_tokens(out, prompt_width=2, eos=eos) == [3, 5, 1]
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "decode.py", "mixed.py"])
+def test_help(script):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "--repeats" in proc.stdout
