@@ -208,6 +208,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .serve import ServeConfig, load_keys, serve
+
+    keys = load_keys(args.keys, os.environ.get("PREFIXTUNE_API_KEYS"))
+    config = ServeConfig(model=args.model, registry=args.registry, host=args.host, port=args.port,
+                         batching=args.batching, max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms,
+                         max_queue=args.max_queue, max_input_tokens=args.max_input_tokens,
+                         max_new_tokens_limit=args.max_new_tokens_limit,
+                         max_prefixes_in_memory=args.max_prefixes_in_memory, max_upload_mb=args.max_upload_mb,
+                         request_timeout_s=args.request_timeout_s, threads=args.threads, dtype=args.dtype,
+                         device=args.device, keys=keys)
+    return serve(config)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
@@ -304,6 +320,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-ter", action="store_true", help="skip TER (slow: about 5 CPU minutes on DART test)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("serve", help="serve many tenants' prefixes over HTTP with mixed-prefix batching",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="One process, one frozen base model, an HTTP API (FastAPI; docs at /docs): tenants "
+                       "upload exported prefixes and generate with them; concurrent requests for different prefixes "
+                       "are batched into the same generate calls. See README, 'Serving'.")
+    s.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
+    s.add_argument("--registry", default="./prefix-registry", help="directory of the tenants' prefix files")
+    s.add_argument("--keys", default=None,
+                   help="JSON file {\"api-key\": \"tenant\", ...}; or set PREFIXTUNE_API_KEYS='key1:tenantA,key2:tenantB'")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--batching", choices=["mixed", "single-prefix"], default="mixed",
+                   help="mixed: rows of different prefixes share batches; single-prefix: one prefix per batch "
+                   "(the oldest waiting request's), as single-active-adapter serving does")
+    s.add_argument("--max-batch-rows", type=int, default=32, help="rows (inputs) per generate batch")
+    s.add_argument("--batch-wait-ms", type=float, default=50.0,
+                   help="how long a batch waits for more rows once one is queued (50: fuller batches under load; see results/serve.md)")
+    s.add_argument("--max-queue", type=int, default=256, help="queued rows before requests get 429")
+    s.add_argument("--max-input-tokens", type=int, default=1024, help="longest input, in prompt tokens")
+    s.add_argument("--max-new-tokens-limit", type=int, default=256, help="largest max_new_tokens a request may ask")
+    s.add_argument("--max-prefixes-in-memory", type=int, default=64, help="LRU bound; evicted prefixes reload from disk")
+    s.add_argument("--max-upload-mb", type=float, default=64.0, help="largest prefix upload")
+    s.add_argument("--request-timeout-s", type=float, default=120.0, help="a request not done by then gets 504")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the frozen base model")
+    s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,371 @@
+"""FastAPI app: auth, prefix registry routes, generation routes, /healthz, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
+
+from .. import __version__
+from ..template import encode
+from .metrics import Metrics
+from .registry import InvalidPrefix, NotFound, Registry, valid_name
+from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+
+log = logging.getLogger("prefixtune.serve")
+
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+MAX_JSON_BYTES = 4 * 1024 * 1024  # bodies of /v1/generate and /v1/completions
+
+
+@dataclass
+class ServeConfig:
+    model: str = "smollm2-135m"
+    registry: str = "./prefix-registry"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    batching: Literal["mixed", "single-prefix"] = "mixed"
+    max_batch_rows: int = 32
+    batch_wait_ms: float = 50.0
+    max_queue: int = 256
+    max_input_tokens: int = 1024
+    max_new_tokens_limit: int = 256
+    max_prefixes_in_memory: int = 64
+    max_upload_mb: float = 64.0
+    request_timeout_s: float = 120.0
+    threads: int | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+def load_keys(path: str | None = None, env: str | None = None) -> dict[str, str]:
+    """API key -> tenant, from a JSON file {"key": "tenant"} and/or "key1:tenantA,key2:tenantB"."""
+    keys: dict[str, str] = {}
+    if path:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
+                                                 for k, v in data.items()):
+            raise ValueError(f"{path}: keys file must be a JSON object {{\"api-key\": \"tenant\", ...}}")
+        keys.update(data)
+    if env:
+        for item in env.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, sep, tenant = item.rpartition(":")
+            if not sep or not key or not tenant:
+                raise ValueError("PREFIXTUNE_API_KEYS must look like 'key1:tenantA,key2:tenantB'")
+            keys[key] = tenant
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# Request/response bodies
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prefix: StrictStr | None = Field(None, description="prefix name (your tenant's), or null for the base model")
+    inputs: list[StrictStr] = Field(..., min_length=1, max_length=64)
+    max_new_tokens: StrictInt = Field(64, ge=1)
+    num_beams: StrictInt = Field(1, ge=1, le=16)
+    do_sample: StrictBool = False
+    temperature: StrictFloat | StrictInt | None = Field(None, gt=0)
+    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
+    seed: StrictInt | None = None
+
+
+class GenerateResponse(BaseModel):
+    outputs: list[str]
+    prefix: str | None
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: StrictStr = Field(..., description='prefix name, or "base" for the base model')
+    prompt: StrictStr | list[StrictStr] = Field(...)
+    max_tokens: StrictInt = Field(16, ge=1)
+    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, description="None or 0: greedy")
+    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
+    n: StrictInt = 1
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stop: StrictStr | list[StrictStr] | None = None
+
+
+class PrefixInfo(BaseModel):
+    name: str
+    length: int
+    bytes: int
+    created: float
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Server:
+    """Everything the routes share: model, tokenizer(s), registry, scheduler, metrics, limits."""
+
+    def __init__(self, model, tokenizer, config: ServeConfig):
+        self.model, self.config = model, config
+        self.keys = dict(config.keys)
+        self.metrics = Metrics()
+        self.registry = Registry(config.registry, model, set(self.keys.values()), config.max_prefixes_in_memory)
+        self.scheduler = Scheduler(model, tokenizer, self.metrics, config.batching, config.max_batch_rows,
+                                   config.batch_wait_ms, config.max_queue)
+        # the worker thread owns `tokenizer`; request threads use their own copy (fast tokenizers are
+        # not safe to use from several threads at once)
+        self.req_tokenizer = copy.deepcopy(tokenizer)
+        self.tok_lock = threading.Lock()
+        self.draining = False
+
+    def tenant(self, request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        token = token.strip()
+        tenant = None
+        if scheme.lower() == "bearer" and token:
+            for key, t in self.keys.items():  # constant-time compare against every key
+                if hmac.compare_digest(key.encode(), token.encode()):
+                    tenant = t
+        if tenant is None:
+            raise HTTPException(401, "missing or unknown API key (send 'Authorization: Bearer KEY')",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return tenant
+
+    def prompt_tokens(self, sources: list[str]) -> list[int]:
+        with self.tok_lock:
+            try:
+                lengths = [len(encode(self.model, self.req_tokenizer, s).prompt) for s in sources]
+            except ValueError as e:
+                raise HTTPException(422, str(e)) from e
+        limit = self.config.max_input_tokens
+        for i, n in enumerate(lengths):
+            if n > limit:
+                raise HTTPException(413, f"input {i} is {n} tokens, more than the limit of {limit} (--max-input-tokens)")
+        return lengths
+
+    def lookup(self, tenant: str, name: str | None):
+        if name is None:
+            return None
+        try:
+            return self.registry.get(tenant, name)
+        except NotFound:
+            raise HTTPException(404, f"prefix {name!r} not found") from None
+        except InvalidPrefix as e:  # the file on disk went bad since it was registered
+            raise HTTPException(500, f"prefix {name!r} could not be loaded: {e}") from None
+
+    async def run_job(self, tenant: str, name: str | None, sources: list[str], settings: dict,
+                      seed: int | None) -> list[tuple[str, int]]:
+        if settings["max_new_tokens"] > self.config.max_new_tokens_limit:
+            raise HTTPException(422, f"max_new_tokens {settings['max_new_tokens']} is over the limit of "
+                                f"{self.config.max_new_tokens_limit} (--max-new-tokens-limit)")
+        # the prefix object is resolved now and held by the job: deleting it later cannot break the request
+        prefix = await run_in_threadpool(self.lookup, tenant, name)
+        await run_in_threadpool(self.prompt_tokens, sources)
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def done(job):
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(job))
+
+        job = Job(tenant=tenant, prefix_name=name, prefix=prefix, sources=sources, settings=settings,
+                  seed=seed if settings.get("do_sample") else None, callbacks=[done])
+        try:
+            self.scheduler.submit(job)
+        except QueueFull:
+            self.metrics.record_rejected("queue_full")
+            raise HTTPException(429, "server busy: the queue is full, retry later",
+                                headers={"Retry-After": "1"}) from None
+        except ShuttingDown:
+            raise HTTPException(503, "server is shutting down") from None
+        self.metrics.record_request(tenant, name)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.config.request_timeout_s)
+        except TimeoutError:
+            job.cancelled = True
+            self.metrics.record_rejected("timeout")
+            raise HTTPException(504, f"generation did not finish within {self.config.request_timeout_s} s") from None
+        if job.error is not None:
+            raise HTTPException(500, f"generation failed: {type(job.error).__name__}: {job.error}")
+        return job.results
+
+
+def _tenant(request: Request) -> str:
+    return request.app.state.server.tenant(request)
+
+
+Tenant = Annotated[str, Depends(_tenant)]
+Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="[A-Za-z0-9._-]{1,64}")]
+
+
+def _settings(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
+    s = {"max_new_tokens": int(max_new_tokens), "num_beams": int(num_beams), "do_sample": bool(do_sample)}
+    if do_sample:
+        s["temperature"] = float(temperature if temperature is not None else 1.0)
+        s["top_p"] = float(top_p if top_p is not None else 1.0)
+    return s
+
+
+def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
+    srv = Server(model, tokenizer, config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        srv.scheduler.start()
+        log.info("serving %s: %d tenant(s), %d prefix(es) registered, %s batching", config.model,
+                 len(set(srv.keys.values())), srv.registry.stats()["registered"], config.batching)
+        yield
+        # uvicorn has stopped accepting and finished in-flight requests; drain whatever is queued
+        srv.draining = True
+        await run_in_threadpool(srv.scheduler.stop)
+        log.info("scheduler drained; bye")
+
+    app = FastAPI(title="prefixtune serve", version=__version__, lifespan=lifespan,
+                  description="Many tenants' prefixes, one frozen base model, mixed-prefix batching.")
+    app.state.server = srv
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if srv.draining and request.url.path != "/metrics":
+            return JSONResponse({"detail": "server is shutting down"}, status_code=503)
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES:
+                return JSONResponse({"detail": f"request body over {MAX_JSON_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "model": config.model, "batching": config.batching,
+                "queue_depth": srv.scheduler.depth(), "version": __version__}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics():
+        srv.metrics.queue_depth = srv.scheduler.depth()
+        return PlainTextResponse(srv.metrics.render(srv.registry.stats()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.put("/v1/prefixes/{name}", status_code=201, response_model=PrefixInfo)
+    async def put_prefix(name: Name, request: Request, tenant: Tenant):
+        if not valid_name(name):
+            raise HTTPException(422, f"invalid prefix name {name!r}: use 1-64 of [A-Za-z0-9._-]")
+        limit = int(config.max_upload_mb * 1024 * 1024)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise HTTPException(413, f"upload is {int(length)} bytes, over the limit of {limit} (--max-upload-mb)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"upload over the limit of {limit} bytes (--max-upload-mb)")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if not data:
+            raise HTTPException(422, "empty body: send the bytes of an exported prefix .safetensors file")
+        try:
+            entry, created = await run_in_threadpool(srv.registry.put, tenant, name, data)
+        except InvalidPrefix as e:
+            raise HTTPException(422, f"not a usable prefix for this model: {e}") from None
+        info = PrefixInfo(name=entry.name, length=entry.length, bytes=entry.bytes, created=entry.created)
+        return JSONResponse(info.model_dump(), status_code=201 if created else 200)
+
+    @app.get("/v1/prefixes")
+    def list_prefixes(tenant: Tenant):
+        return {"prefixes": [PrefixInfo(name=e.name, length=e.length, bytes=e.bytes, created=e.created).model_dump()
+                             for e in srv.registry.list(tenant)]}
+
+    @app.delete("/v1/prefixes/{name}")
+    def delete_prefix(name: Name, tenant: Tenant):
+        try:
+            srv.registry.delete(tenant, name)
+        except NotFound:
+            raise HTTPException(404, f"prefix {name!r} not found") from None
+        return {"deleted": name}
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate_route(body: GenerateRequest, tenant: Tenant):
+        settings = _settings(body.max_new_tokens, body.num_beams, body.do_sample, body.temperature, body.top_p)
+        results = await srv.run_job(tenant, body.prefix, list(body.inputs), settings, body.seed)
+        return {"outputs": [t for t, _ in results], "prefix": body.prefix}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, tenant: Tenant):
+        if body.n != 1:
+            raise HTTPException(422, "only n=1 is supported")
+        if body.stream:
+            raise HTTPException(422, "stream=true is not supported")
+        if body.stop:
+            raise HTTPException(422, "stop sequences are not supported")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not 1 <= len(prompts) <= 64:
+            raise HTTPException(422, "prompt must be a string or a list of 1 to 64 strings")
+        name = None if body.model == "base" else body.model
+        sample = bool(body.temperature)
+        settings = _settings(body.max_tokens, 1, sample, body.temperature, body.top_p)
+        prompt_tokens = await run_in_threadpool(srv.prompt_tokens, prompts)
+        results = await srv.run_job(tenant, name, prompts, settings, body.seed)
+        completion_tokens = sum(n for _, n in results)
+        return {
+            "id": "cmpl-" + uuid.uuid4().hex,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.model,
+            "choices": [{"text": t, "index": i, "logprobs": None,
+                         "finish_reason": "length" if n >= body.max_tokens else "stop"}
+                        for i, (t, n) in enumerate(results)],
+            "usage": {"prompt_tokens": sum(prompt_tokens), "completion_tokens": completion_tokens,
+                      "total_tokens": sum(prompt_tokens) + completion_tokens},
+        }
+
+    return app
+
+
+def serve(config: ServeConfig) -> int:
+    """Load the model, build the app and run uvicorn until SIGTERM/SIGINT (then drain and exit)."""
+    import torch
+    import uvicorn
+
+    from ..models import load_base_model
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not config.keys:
+        raise ValueError("no API keys: give --keys FILE or set PREFIXTUNE_API_KEYS='key1:tenantA,...'")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model, tokenizer = load_base_model(config.model, dtype=getattr(torch, config.dtype), device=config.device)
+    app = create_app(model, tokenizer, config)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # new requests get 503 from now on; in-flight ones finish
+            app.state.server.draining = True
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
+                                           timeout_graceful_shutdown=None))
+    server.run()
+    return 0

@@ -1,0 +1,342 @@
+"""`prefixtune serve`: a real server on 127.0.0.1 (subprocess), a tiny random Llama (GQA) saved with the
+SmolLM2 tokenizer, prefixes exported for it. Equality with single-request decoding, tenant isolation,
+bad input, hot add/remove under load, restart and graceful shutdown."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from conftest import random_prefix, tiny_model
+
+import prefixtune as pt
+
+KEY_A, KEY_B = "key-alice-123", "key-bob-456"
+A = {"Authorization": f"Bearer {KEY_A}"}
+B = {"Authorization": f"Bearer {KEY_B}"}
+SOURCES = ["name : The Eagle | Type : coffee shop", "hello", "a much longer source sentence with many more words in it"]
+LENGTHS = {"p1": 2, "p2": 3, "p3": 5, "p4": 7}
+NEW = 6  # max_new_tokens everywhere: keeps the test fast
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Env:
+    def __init__(self, root: Path, tokenizer):
+        self.root = root
+        self.model_dir = root / "tiny-llama"
+        model = tiny_model("llama-gqa")
+        model.save_pretrained(self.model_dir)
+        tokenizer.save_pretrained(self.model_dir)
+        self.files = {}
+        for i, (name, length) in enumerate(LENGTHS.items()):
+            path = root / f"{name}.safetensors"
+            random_prefix(model, length, seed=10 + i, scale=3.0).save(path)
+            self.files[name] = path.read_bytes()
+        # wrong shapes (another architecture) and same shapes but other weights
+        random_prefix(tiny_model("qwen2"), 3, seed=1).save(root / "qwen2.safetensors")
+        random_prefix(tiny_model("llama-gqa", seed=1), 3, seed=1).save(root / "other.safetensors")
+        self.registry = root / "registry"
+        self.keys = root / "keys.json"
+        self.keys.write_text(json.dumps({KEY_A: "alice", KEY_B: "bob"}))
+        # references: the same saved model, each request decoded alone in-process
+        self.model, self.tokenizer = pt.load_base_model(str(self.model_dir))
+        self.prefixes = {name: pt.Prefix.load(root / f"{name}.safetensors") for name in LENGTHS}
+        self._ref = {}
+        self.proc = None
+        self.url = None
+
+    def ref(self, name, source, beams=1):
+        key = (name, source, beams)
+        if key not in self._ref:
+            p = None if name is None else self.prefixes[name]
+            self._ref[key] = pt.generate(self.model, self.tokenizer, [source], prefixes=[p], num_beams=beams,
+                                         max_new_tokens=NEW)[0]
+        return self._ref[key]
+
+    def start(self):
+        port = _free_port()
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        env.pop("PREFIXTUNE_API_KEYS", None)
+        cmd = [sys.executable, "-m", "prefixtune.cli", "serve", "--model", str(self.model_dir),
+               "--registry", str(self.registry), "--keys", str(self.keys), "--port", str(port),
+               "--threads", "1", "--batch-wait-ms", "30", "--max-batch-rows", "32", "--max-queue", "256",
+               "--max-input-tokens", "64", "--max-new-tokens-limit", "32", "--max-prefixes-in-memory", "2",
+               "--max-upload-mb", "0.1", "--request-timeout-s", "60"]
+        self.log = open(self.root / f"server-{port}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + (self.root / f"server-{port}.log").read_text())
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def stop(self, timeout=60):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout)
+        self.log.close()
+
+    def client(self, headers=None):
+        return httpx.Client(base_url=self.url, headers=headers or {}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tokenizer):
+    e = Env(tmp_path_factory.mktemp("serve"), tokenizer)
+    e.start()
+    with e.client(A) as c:
+        for name, data in e.files.items():
+            r = c.put(f"/v1/prefixes/{name}", content=data, headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 201, r.text
+    yield e
+    e.stop()
+
+
+def metric(env, name) -> float:
+    text = httpx.get(env.url + "/metrics").text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+
+
+def test_equality_concurrent_mixed(env):
+    jobs = [(name, src, beams) for name in [None, *LENGTHS] for src in SOURCES[:2] for beams in (1, 2)]
+    jobs += [(name, SOURCES[2], 1) for name in LENGTHS]
+    expected = {job: env.ref(*job) for job in jobs}
+    results, errors = {}, []
+    barrier = threading.Barrier(8)
+
+    def worker(i):
+        with env.client(A) as c:
+            barrier.wait()
+            for job in jobs[i::8]:
+                name, src, beams = job
+                r = c.post("/v1/generate", json={"prefix": name, "inputs": [src], "num_beams": beams,
+                                                 "max_new_tokens": NEW})
+                if r.status_code != 200:
+                    errors.append(r.text)
+                else:
+                    results[job] = r.json()["outputs"][0]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == expected
+    # a multi-input request with a prefix and the OpenAI-shaped endpoint agree with the references too
+    with env.client(A) as c:
+        r = c.post("/v1/generate", json={"prefix": "p3", "inputs": SOURCES, "max_new_tokens": NEW})
+        assert r.json() == {"outputs": [env.ref("p3", s) for s in SOURCES], "prefix": "p3"}
+        r = c.post("/v1/completions", json={"model": "p2", "prompt": SOURCES[:2], "max_tokens": NEW})
+        body = r.json()
+        assert r.status_code == 200 and body["object"] == "text_completion" and body["model"] == "p2"
+        assert [ch["text"] for ch in body["choices"]] == [env.ref("p2", s) for s in SOURCES[:2]]
+        assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+        r = c.post("/v1/completions", json={"model": "base", "prompt": SOURCES[0], "max_tokens": NEW})
+        assert r.json()["choices"][0]["text"] == env.ref(None, SOURCES[0])
+        # sampling with a seed runs in a batch of its own: the same request gives the same outputs
+        body = {"prefix": "p1", "inputs": SOURCES[:2], "max_new_tokens": NEW, "do_sample": True, "seed": 7,
+                "temperature": 1.5}
+        assert c.post("/v1/generate", json=body).json() == c.post("/v1/generate", json=body).json()
+    assert metric(env, "prefixtune_mixed_batches_total") >= 1  # rows of different prefixes shared a batch
+    assert metric(env, "prefixtune_batch_prefixes_max") > 1
+    assert metric(env, "prefixtune_prefix_loads_total") >= 1  # LRU of 2 with 4 prefixes: reloaded from disk
+
+
+def test_tenant_isolation(env):
+    with env.client(A) as a, env.client(B) as b:
+        assert b.put("/v1/prefixes/bonly", content=env.files["p2"]).status_code == 201
+        assert b.put("/v1/prefixes/p1", content=env.files["p4"]).status_code == 201  # B's own "p1"
+        # list: own only
+        assert {p["name"] for p in a.get("/v1/prefixes").json()["prefixes"]} == set(LENGTHS)
+        assert {p["name"] for p in b.get("/v1/prefixes").json()["prefixes"]} == {"bonly", "p1"}
+        # use: another tenant's name is "not found", with the same message as a name nobody has
+        r1 = a.post("/v1/generate", json={"prefix": "bonly", "inputs": ["x"], "max_new_tokens": 2})
+        r2 = a.post("/v1/generate", json={"prefix": "nobody-has-this", "inputs": ["x"], "max_new_tokens": 2})
+        assert r1.status_code == r2.status_code == 404
+        assert r1.json()["detail"].replace("bonly", "N") == r2.json()["detail"].replace("nobody-has-this", "N")
+        # same name, different tenants, different prefixes
+        ra = a.post("/v1/generate", json={"prefix": "p1", "inputs": [SOURCES[0]], "max_new_tokens": NEW}).json()
+        rb = b.post("/v1/generate", json={"prefix": "p1", "inputs": [SOURCES[0]], "max_new_tokens": NEW}).json()
+        assert ra["outputs"] == [env.ref("p1", SOURCES[0])] and rb["outputs"] == [env.ref("p4", SOURCES[0])]
+        # delete: another tenant's name is 404 and stays
+        assert a.delete("/v1/prefixes/bonly").status_code == 404
+        # overwrite: A's PUT of "bonly" creates A's own entry; B's is untouched
+        assert a.put("/v1/prefixes/bonly", content=env.files["p3"]).status_code == 201
+        rb = b.post("/v1/generate", json={"prefix": "bonly", "inputs": [SOURCES[0]], "max_new_tokens": NEW}).json()
+        assert rb["outputs"] == [env.ref("p2", SOURCES[0])]
+        assert a.put("/v1/prefixes/bonly", content=env.files["p3"]).status_code == 200  # replace own
+        assert a.delete("/v1/prefixes/bonly").status_code == 200
+        assert {p["name"] for p in b.get("/v1/prefixes").json()["prefixes"]} == {"bonly", "p1"}
+        for name in ("bonly", "p1"):
+            assert b.delete(f"/v1/prefixes/{name}").status_code == 200
+        # auth
+        with env.client() as anon, env.client({"Authorization": "Bearer wrong"}) as bad:
+            assert anon.get("/v1/prefixes").status_code == 401
+            assert bad.post("/v1/generate", json={"inputs": ["x"]}).status_code == 401
+            assert bad.put("/v1/prefixes/zz", content=env.files["p1"]).status_code == 401
+    assert KEY_A not in httpx.get(env.url + "/metrics").text
+
+
+def test_bad_input(env):
+    big_src = "word " * 200
+    valid = env.files["p1"]
+    with env.client(A) as c:
+        post = lambda body: c.post("/v1/generate", json=body).status_code
+        assert c.post("/v1/generate", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 422
+        assert post({"inputs": "not a list"}) == 422
+        assert post({"inputs": [1, 2]}) == 422
+        assert post({"inputs": []}) == 422
+        assert post({"inputs": ["x"] * 65}) == 422
+        assert post({"inputs": ["x"], "max_new_tokens": "ten"}) == 422
+        assert post({"inputs": ["x"], "max_new_tokens": 0}) == 422
+        assert post({"inputs": ["x"], "max_new_tokens": 1000}) == 422  # over --max-new-tokens-limit
+        assert post({"inputs": ["x"], "num_beams": -1}) == 422
+        assert post({"inputs": ["x"], "unknown_field": 1}) == 422
+        assert post({"inputs": [big_src]}) in (413, 422)  # over --max-input-tokens
+        assert c.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 2}).status_code == 422
+        put = lambda name, data: c.put(f"/v1/prefixes/{name}", content=data).status_code
+        assert put("junk", b"this is not a safetensors file at all") == 422
+        assert put("truncated", valid[: len(valid) // 2]) == 422
+        assert put("corrupt", valid[:8] + b"\xff" * 40 + valid[48:]) == 422
+        assert put("empty", b"") == 422
+        assert put("wrongshape", (env.root / "qwen2.safetensors").read_bytes()) == 422
+        r = c.put("/v1/prefixes/othermodel", content=(env.root / "other.safetensors").read_bytes())
+        assert r.status_code == 422 and "base model" in r.json()["detail"]
+        assert put("toolarge", os.urandom(200_000)) == 413  # --max-upload-mb 0.1
+        assert put("bad name!", valid) in (404, 422)
+        assert put("x" * 65, valid) == 422
+        assert {p["name"] for p in c.get("/v1/prefixes").json()["prefixes"]} == set(LENGTHS)
+    assert httpx.get(env.url + "/healthz").json()["status"] == "ok"
+    assert not list(env.registry.rglob("*.tmp"))
+
+
+def test_hot_add_remove_under_load(env):
+    expected = [env.ref("p1", s) for s in SOURCES[:2]]
+    stop, failures, count = threading.Event(), [], [0]
+
+    def worker():
+        with env.client(A) as c:
+            while not stop.is_set():
+                r = c.post("/v1/generate", json={"prefix": "p1", "inputs": SOURCES[:2], "max_new_tokens": NEW})
+                if r.status_code != 200 or r.json()["outputs"] != expected:
+                    failures.append((r.status_code, r.text))
+                count[0] += 1
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        with env.client(A) as c:
+            for i in range(5):
+                assert c.put("/v1/prefixes/hot", content=env.files["p3" if i % 2 else "p4"]).status_code == 201
+                r = c.post("/v1/generate", json={"prefix": "hot", "inputs": [SOURCES[0]], "max_new_tokens": NEW})
+                assert r.json()["outputs"] == [env.ref("p3" if i % 2 else "p4", SOURCES[0])]
+                assert c.delete("/v1/prefixes/hot").status_code == 200
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not failures and count[0] >= 3
+
+
+def test_graceful_shutdown_and_restart(env):
+    with env.client(A) as c:
+        before = c.get("/v1/prefixes").json()["prefixes"]
+    accepted = metric(env, "prefixtune_requests_total")
+    results = []
+
+    def worker(i):
+        with env.client(A) as c:
+            r = c.post("/v1/generate", json={"prefix": f"p{i + 1}", "inputs": SOURCES, "max_new_tokens": 24,
+                                             "num_beams": 2})
+            results.append(r.status_code)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while metric(env, "prefixtune_requests_total") < accepted + 4 and time.time() < deadline:
+        time.sleep(0.01)
+    env.proc.send_signal(signal.SIGTERM)  # all 4 accepted: every one must still be answered
+    for t in threads:
+        t.join()
+    env.proc.wait(60)
+    assert results == [200] * 4
+    # a kill -9 during an upload leaves a *.tmp file behind: it must be ignored (and removed)
+    tenant_dir = next(d for d in env.registry.iterdir() if d.is_dir())
+    (tenant_dir / ".deadbeef.tmp").write_bytes(env.files["p1"][:100])
+    (tenant_dir / "half.safetensors.tmp").write_bytes(b"garbage")
+    env.log.close()
+    env.start()
+    with env.client(A) as c:
+        assert c.get("/v1/prefixes").json()["prefixes"] == before
+        r = c.post("/v1/generate", json={"prefix": "p4", "inputs": [SOURCES[1]], "max_new_tokens": NEW})
+        assert r.json()["outputs"] == [env.ref("p4", SOURCES[1])]
+    assert not list(env.registry.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("batching", ["mixed", "single-prefix"])
+def test_scheduler_batching_modes(env, batching):
+    """In-process: single-prefix batching never mixes prefixes; both modes give the single-request results."""
+    from prefixtune.serve.metrics import Metrics
+    from prefixtune.serve.scheduler import Job, Scheduler
+
+    metrics = Metrics()
+    sched = Scheduler(env.model, env.tokenizer, metrics, batching=batching, max_batch_rows=8, batch_wait_ms=0)
+    names = [None, "p1", "p2", "p1", "p3", None]
+    settings = {"max_new_tokens": NEW, "num_beams": 1, "do_sample": False}
+    jobs = [sched.submit(Job("alice", n, None if n is None else env.prefixes[n], [SOURCES[i % 2]], dict(settings)))
+            for i, n in enumerate(names)]
+    sched.start()  # everything is queued before the worker starts: batches are formed from all six
+    sched.stop(timeout=60)
+    assert all(j.done.is_set() and j.error is None for j in jobs)
+    assert [j.results[0][0] for j in jobs] == [env.ref(n, SOURCES[i % 2]) for i, n in enumerate(names)]
+    if batching == "single-prefix":
+        assert metrics.max_prefixes_in_batch == 1 and metrics.batches == 4
+    else:
+        assert metrics.max_prefixes_in_batch == 4 and metrics.batches == 1
+
+
+def test_queue_full_timeout_and_draining(env, tmp_path):
+    """In-process app whose scheduler is never started: 429 when the queue is full, 504 on timeout, 503 when draining."""
+    from fastapi.testclient import TestClient
+
+    from prefixtune.serve import ServeConfig, create_app
+
+    config = ServeConfig(model="tiny", registry=str(tmp_path / "reg"), keys={KEY_A: "alice"}, max_queue=1,
+                         request_timeout_s=0.3)
+    app = create_app(env.model, env.tokenizer, config)
+    c = TestClient(app, headers=A)  # not entered: no lifespan, so nothing is ever generated
+    assert c.post("/v1/generate", json={"inputs": ["a", "b"]}).status_code == 429  # 2 rows > --max-queue 1
+    r = c.post("/v1/generate", json={"inputs": ["a"]})
+    assert r.status_code == 504
+    assert c.post("/v1/generate", json={"inputs": ["a"]}).status_code == 429  # the timed-out row still queued
+    text = c.get("/metrics").text
+    assert 'prefixtune_rejected_total{reason="queue_full"} 2' in text and 'reason="timeout"} 1' in text
+    app.state.server.draining = True
+    assert c.get("/healthz").status_code == 503 and c.post("/v1/generate", json={"inputs": ["a"]}).status_code == 503
