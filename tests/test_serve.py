@@ -235,6 +235,35 @@ def test_bad_input(env):
     assert not list(env.registry.rglob("*.tmp"))
 
 
+def test_kill_9_during_upload_leaves_no_corrupt_entry(env):
+    """A real SIGKILL while an upload (a replacement of p1 and a new name) is half sent: after a
+    restart p1 is the old prefix, the new name does not exist, and nothing partial is left."""
+    with env.client(A) as c:
+        before = c.get("/v1/prefixes").json()["prefixes"]
+    port = int(env.url.rsplit(":", 1)[1])
+    new_data = env.files["p2"]  # a valid prefix for this model, uploaded as p1 and as "fresh"
+    socks = []
+    for name in ("p1", "fresh"):
+        sock = socket.create_connection(("127.0.0.1", port))
+        head = (f"PUT /v1/prefixes/{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_A}\r\n"
+                f"Content-Type: application/octet-stream\r\nContent-Length: {len(new_data)}\r\n\r\n")
+        sock.sendall(head.encode() + new_data[: len(new_data) // 2])
+        socks.append(sock)
+    time.sleep(0.5)  # the server is now reading both bodies
+    env.proc.kill()
+    env.proc.wait(30)
+    for sock in socks:
+        sock.close()
+    env.log.close()
+    env.start()
+    with env.client(A) as c:
+        assert c.get("/v1/prefixes").json()["prefixes"] == before
+        r = c.post("/v1/generate", json={"prefix": "p1", "inputs": [SOURCES[0]], "max_new_tokens": NEW})
+        assert r.json()["outputs"] == [env.ref("p1", SOURCES[0])]
+        assert c.post("/v1/generate", json={"prefix": "fresh", "inputs": ["x"], "max_new_tokens": NEW}).status_code == 404
+    assert not list(env.registry.rglob("*.tmp"))
+
+
 def test_hot_add_remove_under_load(env):
     expected = [env.ref("p1", s) for s in SOURCES[:2]]
     stop, failures, count = threading.Event(), [], [0]
