@@ -1,0 +1,1 @@
+"""Baselines of the paper's comparisons (issue 4, in progress): adapter-tuning so far."""
