@@ -1,0 +1,40 @@
+"""LoRA (Hu et al., 2021), through PEFT: the method users pick today, at a rank chosen to about a
+given fraction of the model's parameters. PEFT injects the low-rank layers into the model in place;
+its default target modules per architecture are used (q and v projections for Llama)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def _lora_size(model, rank: int) -> int:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    probe = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank))
+    return sum(p.numel() for n, p in probe.named_parameters() if "lora_" in n)
+
+
+def rank_for(model, fraction: float) -> int:
+    """The LoRA rank whose parameters come closest to ``fraction`` of the model's (size is linear in the rank)."""
+    n_model = sum(p.numel() for p in model.parameters())
+    return max(1, round(fraction * n_model / _lora_size(model, 1)))
+
+
+class LoraModel(nn.Module):
+    """The base model with LoRA layers injected (PEFT); ``parameters()`` are the LoRA weights only."""
+
+    def __init__(self, model, rank: int, alpha: float | None = None, dropout: float = 0.0):
+        from peft import LoraConfig, get_peft_model
+
+        super().__init__()
+        model.requires_grad_(False)
+        self.__dict__["peft_model"] = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
+                                                                       lora_dropout=dropout))
+        self.__dict__["model"] = model  # the same object, now with LoRA layers inside
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
+            if p.requires_grad:
+                yield name, p
