@@ -62,6 +62,15 @@ class PrefixBatch:
             hit = self._expanded[key] = _expand_rows(t, rows)
         return hit
 
+    def slot_mask(self, placement: str, rows: int, length: int, device) -> torch.Tensor:
+        """``[rows, length]``: which prefix slots each attention row may see (built once per batch)."""
+        hit = self._expanded.get(("mask", placement))
+        if hit is None or hit.shape[0] != rows:
+            m = self.mask[placement]
+            m = torch.ones(1, length, dtype=torch.bool, device=device) if m is None else m
+            hit = self._expanded[("mask", placement)] = _expand_rows(m, rows)
+        return hit
+
 
 @dataclass(frozen=True)
 class PrefixShapes:
@@ -161,10 +170,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     pk, pv = batch.kv[placement][layer]
     rows, length = query.shape[0], pk.shape[2]
     mask = _full_mask(module, kwargs, query, key, attention_mask)
-    pmask = batch.mask[placement]
-    if pmask is None:
-        pmask = torch.ones(rows, length, dtype=torch.bool, device=query.device)
-    pmask = batch.expanded(("mask", placement), pmask, rows)
+    pmask = batch.slot_mask(placement, rows, length, query.device)
     if (query.shape[2] == 1 and FAST_DECODE and base is _SDPA and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None and not (module.training and kwargs.get("dropout"))):
         if pk.shape[0] != 1:  # per-row prefixes: match the rows (beams) once per generate call

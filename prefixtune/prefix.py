@@ -357,8 +357,7 @@ class PrefixTuner(nn.Module):
             logp = -nn.functional.cross_entropy(head(hidden[mask]).float(), labels[:, 1:][mask], reduction="none")
             logits = None
         nll_sum, n_targets = -logp.sum(), mask.sum()
-        rows = labels.shape[0]
-        loss = nll_sum / n_targets.clamp(min=1) if self.config.loss == "token_mean" else nll_sum / rows
+        loss = _reduce(nll_sum, n_targets, labels.shape[0], self.config.loss)
         return PrefixTunerOutput(loss=loss, logits=logits, nll_sum=nll_sum, n_targets=n_targets)
 
     def export(self) -> Prefix:
@@ -423,6 +422,9 @@ def lm_head_split(model):
 def target_loss(logits, labels, shift: bool, reduction: str = "token_mean") -> torch.Tensor:
     """Negative log-likelihood of the target tokens only (source and padding are masked)."""
     logp, mask = token_logprobs(logits, labels, shift)
-    if reduction == "token_mean":
-        return -logp.sum() / mask.sum().clamp(min=1)
-    return -logp.sum() / logits.shape[0]  # sequence_sum: sum per sequence, mean over rows
+    return _reduce(-logp.sum(), mask.sum(), logits.shape[0], reduction)
+
+
+def _reduce(nll_sum, n_targets, rows: int, reduction: str):
+    """token_mean: per target token; sequence_sum: summed per sequence, mean over rows."""
+    return nll_sum / n_targets.clamp(min=1) if reduction == "token_mean" else nll_sum / rows
