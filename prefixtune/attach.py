@@ -48,10 +48,17 @@ class PrefixBatch:
     size. ``mask`` is ``[rows, length]`` (True where a row really has a prefix slot) or None when
     every row uses all ``length`` slots; rows with shorter prefixes or none are padded with
     masked slots, which is exact: a masked key gets zero attention weight.
+
+    ``visible_from`` (infix-tuning, decoder-only): ``[rows]``, the first token position of each row
+    whose query may see the row's slots (0 = all, a prefix). Infix-tuning's [x; INFIX; y] places
+    the trainable positions after the source: x's tokens cannot attend to them, the separator and y
+    can. Since these positions have no position encoding of their own, hiding them from x's queries
+    is all that differs from a prefix.
     """
 
     kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
     mask: dict[str, torch.Tensor | None]
+    visible_from: torch.Tensor | None = None
     _expanded: dict = field(default_factory=dict, repr=False)
 
     def expanded(self, key, t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -171,15 +178,23 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     rows, length = query.shape[0], pk.shape[2]
     mask = _full_mask(module, kwargs, query, key, attention_mask)
     pmask = batch.slot_mask(placement, rows, length, query.device)
-    if (query.shape[2] == 1 and FAST_DECODE and base is _SDPA and kwargs.get("position_bias") is None
+    q_len, k_len = query.shape[2], key.shape[2]
+    if batch.visible_from is not None:  # infix: queries before the infix do not see it
+        seen = (torch.arange(k_len - q_len, k_len, device=query.device)[None, :]
+                >= _expand_rows(batch.visible_from.to(query.device), rows)[:, None])  # [rows, q_len]
+    if (q_len == 1 and FAST_DECODE and base is _SDPA and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None and not (module.training and kwargs.get("dropout"))):
         if pk.shape[0] != 1:  # per-row prefixes: match the rows (beams) once per generate call
             pk = batch.expanded(("k", placement, layer), pk, rows)
             pv = batch.expanded(("v", placement, layer), pv, rows)
+        if batch.visible_from is not None:
+            pmask = pmask & seen
         return _decode_step_attention(module, query, key, value, mask, pk, pv, pmask, kwargs)
     pk = _expand_rows(pk, rows).to(key.dtype)
     pv = _expand_rows(pv, rows).to(value.dtype)
-    pmask = pmask[:, None, None, :].expand(rows, 1, query.shape[2], length)
+    pmask = pmask[:, None, None, :].expand(rows, 1, q_len, length)
+    if batch.visible_from is not None:
+        pmask = pmask & seen[:, None, :, None]
     mask = torch.cat([pmask, mask], dim=-1)
     if module._prefixtune_additive_mask:
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .data import DECODING, TASKS
+from .methods import METHODS
 from .models import DEFAULT_MODEL
 
 
@@ -75,9 +76,19 @@ def train_configs(args):
     return prefix_config, train_config
 
 
+def method_config(args):
+    from .methods import MethodConfig
+
+    return MethodConfig(method=args.method, size=args.size, top_layers=args.top_layers)
+
+
 def cmd_train(args) -> int:
+    import resource
+    import time
+
     import torch
 
+    from .methods import describe
     from .train import Trainer
 
     if args.task == "jsonl" and not args.train:
@@ -85,8 +96,10 @@ def cmd_train(args) -> int:
     train = _subset(_read_task(args, "train"), args.max_train_examples)
     dev = _subset(_read_task(args, "dev"), args.max_dev_examples)
     prefix_config, train_config = train_configs(args)
+    method = method_config(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    start = time.perf_counter()
     state, device = _processes(args)
     say = print if state.is_main_process else (lambda *a, **k: None)
     fsdp = _fsdp(state)
@@ -96,25 +109,30 @@ def cmd_train(args) -> int:
         from .train import shard_base
 
         model = shard_base(model, device)
-    trainer = Trainer(model, tokenizer, train, dev, prefix_config, train_config, args.out)
+    trainer = Trainer(model, tokenizer, train, dev, prefix_config, train_config, args.out, method=method)
     n_train = trainer.tuner.num_trainable_parameters()
-    n_export = sum(t.numel() for t in trainer.tuner.prefix_kv().values())
-    say(f"model {args.model}: {n_model:,} parameters (frozen)")
-    say(f"prefix: {n_train:,} trainable ({100 * n_train / n_model:.3f}% of the model), "
-        f"{n_export:,} exported ({100 * n_export / n_model:.3f}%)")
+    n_export = trainer.tuner.num_stored_parameters()
+    say(f"model {args.model}: {n_model:,} parameters")
+    say(f"{describe(method)}: {n_train:,} trainable ({100 * n_train / n_model:.3f}% of the model), "
+        f"{n_export:,} stored after training ({100 * n_export / n_model:.3f}%)")
     say(f"data: {len(train):,} training pairs, {len(dev or []):,} dev pairs; {trainer.total_steps:,} steps"
         + (f"; {state.num_processes} processes{' (FSDP-sharded base)' if fsdp else ''}, "
            f"{train_config.batch_size} rows per micro-batch in all" if state.num_processes > 1 else ""))
     result = trainer.fit()
     if not state.is_main_process:
         return 0
-    summary = {"model": args.model, "model_parameters": n_model, "trainable_parameters": n_train,
-               "exported_parameters": n_export, **result}
+    # peak resident memory of this process so far (model loading included); Linux reports KiB
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {"model": args.model, "method": method.to_json(), "model_parameters": n_model,
+               "trainable_parameters": n_train, "trainable_percent": 100 * n_train / n_model,
+               "exported_parameters": n_export, "stored_percent": 100 * n_export / n_model,
+               "wall_seconds": time.perf_counter() - start, "peak_memory_mb": peak_mb, **result}
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     first, last = result["history"][0], result["history"][-1]
     if first.get("dev_loss") is not None:
         print(f"dev loss {first['dev_loss']:.4f} (step {first['step']}) -> best {result['best_dev_loss']:.4f}")
-    print(f"{last['seconds_per_step']:.3f} s/step; best prefix: {Path(args.out) / 'prefix.safetensors'}")
+    print(f"{last['seconds_per_step']:.3f} s/step; {summary['wall_seconds']:.0f} s in all; peak memory {peak_mb:,.0f} MB; "
+          f"result in {args.out} (summary.json)")
     return 0
 
 
@@ -151,6 +169,16 @@ def cmd_generate(args) -> int:
         torch.set_num_threads(args.threads)
     state, device = _processes(args)
     model, tokenizer = _load_model(args, state, device)
+    soft_prompt = None
+    if args.run:  # any method's training run: its result goes on the model, or becomes a prefix / soft prompt
+        from .methods import load_trained, read_run
+
+        method, prefix_config = read_run(args.run)
+        if args.prefix and method.method not in ("prefix", "infix", "peft-prefix"):
+            raise SystemExit(f"prefixtune generate: --run of method {method.method} cannot be combined with --prefix")
+        loaded = load_trained(method, model, args.run, prefix_config)
+        prefixes += [loaded["prefixes"]] if "prefixes" in loaded else []
+        soft_prompt = loaded.get("soft_prompt")
     kwargs = dict(DECODING[args.task], do_sample=args.do_sample)  # the paper's decoding for the task
     for name in ("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size"):
         if getattr(args, name) is not None:
@@ -165,7 +193,7 @@ def cmd_generate(args) -> int:
         mine = decode_share(model, tokenizer, [s for s, _ in rows], args.batch_size, state.process_index,
                             state.num_processes)
     texts = generate(model, tokenizer, [rows[i][0] for i in mine], prefixes=[rows[i][1] for i in mine],
-                     batch_size=args.batch_size, progress=state.is_main_process, **kwargs)
+                     batch_size=args.batch_size, progress=state.is_main_process, soft_prompt=soft_prompt, **kwargs)
     outputs = texts
     if state.num_processes > 1:
         outputs = [None] * len(rows)
@@ -181,7 +209,7 @@ def cmd_generate(args) -> int:
             for text in outputs:
                 f.write(text.replace("\n", " ") + "\n")
         else:
-            names = args.prefix or ["none"]
+            names = (args.prefix + ([args.run] if args.run and len(prefixes) > len(args.prefix) else [])) or ["none"]
             for i, source in enumerate(sources):
                 group = outputs[i * len(names) : (i + 1) * len(names)]
                 outs = [{"prefix": n, "output": o} for n, o in zip(names, group)]
@@ -205,6 +233,31 @@ def cmd_evaluate(args) -> int:
         print(format_table(scores))
         if args.task == "dart":
             print(f"(not computed: {', '.join(MODEL_BASED)} need model weights that are not available here)")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    import shlex
+
+    import torch
+
+    from .experiments import LEARNING_RATES, NAMES, Scale, run_experiment
+
+    lrs = {}
+    for item in args.lr:
+        method, _, value = item.partition("=")
+        if method not in LEARNING_RATES or not value:
+            raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LEARNING_RATES)}, got {item!r}")
+        lrs[method] = float(value)
+    fields = {f: getattr(args, f) for f in Scale.__dataclass_fields__ if f != "lr" and getattr(args, f, None) is not None}
+    scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, lr=lrs)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "prefixtune " + " ".join(shlex.quote(a) for a in args.argv)
+    for name in (NAMES if args.name == "all" else [args.name]):
+        path = run_experiment(name, scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data=args.data,
+                              threads=args.threads, command=command)
+        print(f"{name}: report written to {path}")
     return 0
 
 
@@ -245,11 +298,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefixtune", description="Prefix-Tuning (Li & Liang, 2021) for frozen Hugging Face LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a prefix", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    t = sub.add_parser("train", help="train a prefix (or a baseline: --method)", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Train a prefix on (source, target) pairs with the base model frozen. The run "
-                       "directory gets the best prefix by dev loss (prefix.safetensors), the last checkpoint, and a "
-                       "log; running the same command again resumes an interrupted run exactly.")
+                       "directory gets the best prefix by dev loss (prefix.safetensors), the last checkpoint, a "
+                       "log and summary.json (parameter counts, wall time, peak memory); running the same command "
+                       "again resumes an interrupted run exactly. --method trains one of the paper's baselines "
+                       "instead, with the same data, loop and loss (see prefixtune/methods.py).")
     _common(t)
+    t.add_argument("--method", default="prefix", choices=METHODS,
+                   help="prefix: the paper's method; finetune / ft-top2: all weights / the top blocks; adapter, lora: "
+                   "~--size of the model's parameters; prompt: embedding-only ablation; infix: [x; INFIX; y] ablation; "
+                   "peft-prefix: PEFT's prefix tuning (converted to our format for decoding)")
+    t.add_argument("--size", type=float, default=0.001,
+                   help="adapter / lora: target fraction of the model's parameters (0.001 = 0.1%%; 0.03 = 3%%)")
+    t.add_argument("--top-layers", type=int, default=2, help="ft-top2: how many top transformer blocks train")
     t.add_argument("--train", help="training JSONL (with --task jsonl)")
     t.add_argument("--dev", help="dev JSONL for dev loss and best-prefix selection (with --task jsonl)")
     t.add_argument("--out", required=True, help="run directory (created; resumed if it holds a checkpoint)")
@@ -287,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "decoded with every prefix, all in the same mixed-prefix batches, and the output is JSONL.")
     _common(d)
     d.add_argument("--prefix", action="append", default=[], help="exported prefix (.safetensors); repeat for several; none = base model")
+    d.add_argument("--run", default=None,
+                   help="a `prefixtune train` run directory of any --method: decode with what it trained")
     d.add_argument("--input", help="sources: .txt (one per line) or .jsonl ({\"source\": ...}) (with --task jsonl)")
     d.add_argument("--split", default="test", help="split of a named task (unique sources in file order)")
     d.add_argument("--out", required=True, help="output file: one line per source (.txt) or JSONL")
@@ -320,6 +384,49 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-ter", action="store_true", help="skip TER (slow: about 5 CPU minutes on DART test)")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_evaluate)
+
+    from .experiments import NAMES, Scale
+
+    x = sub.add_parser("experiment", help="run one of the paper's experiments and write its report",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train and score every run of one of the paper's experiments (or all), then write "
+                       "results/NAME.md (tables, the paper's numbers beside ours, which findings hold), results/NAME.json "
+                       "(every run) and PNG plots. Runs are cached under --runs-dir and shared between experiments: "
+                       "rerunning only does what is missing (an interrupted run resumes), and a failed run is reported "
+                       "without losing the others. The defaults are the reduced scale that fits 2 CPU cores; the flags "
+                       "scale every experiment up to the paper's (e.g. --steps 20000 --test-examples 0 --num-beams 5 "
+                       "--samplings 5 --seeds 2 on a GPU).")
+    x.add_argument("name", choices=list(NAMES) + ["all"], help="which experiment")
+    default = Scale()
+    x.add_argument("--model", default=default.model, help="base model (embedded default, or a Hugging Face id / directory)")
+    x.add_argument("--dtype", default=default.dtype, choices=["float32", "bfloat16", "float16"], help="base model dtype")
+    x.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
+    x.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    x.add_argument("--runs-dir", default="runs/experiments", help="where runs are trained and cached")
+    x.add_argument("--results-dir", default="results", help="where reports, JSON and plots go")
+    x.add_argument("--steps", type=int, default=default.steps, help="optimizer steps per table-to-text run")
+    x.add_argument("--batch-size", type=int, default=default.batch_size, help="table-to-text batch size")
+    x.add_argument("--summary-steps", type=int, default=default.summary_steps, help="optimizer steps per summarization run")
+    x.add_argument("--summary-batch-size", type=int, default=default.summary_batch_size, help="summarization batch size")
+    x.add_argument("--max-source-tokens", type=int, default=default.max_source_tokens, help="summarization sources are cut to this")
+    x.add_argument("--test-examples", type=int, default=default.test_examples, help="table-to-text test sample size (0 = all)")
+    x.add_argument("--summary-test-examples", type=int, default=default.summary_test_examples, help="summarization test sample (0 = all)")
+    x.add_argument("--num-beams", type=int, default=default.num_beams, help="beam size (1 = greedy; paper: 5)")
+    x.add_argument("--train-sizes", type=int, nargs="+", default=list(default.train_sizes), help="low-data E2E sizes")
+    x.add_argument("--summary-train-sizes", type=int, nargs="+", default=list(default.summary_train_sizes), help="low-data XSUM sizes")
+    x.add_argument("--init-sizes", type=int, nargs="+", default=list(default.init_sizes), help="initialisation experiment sizes")
+    x.add_argument("--init-texts", nargs="+", default=list(default.init_texts),
+                   help="word initialisations to compare with random (task words: table-to-text:, summarize)")
+    x.add_argument("--samplings", type=int, default=default.samplings, help="random training subsets per low-data size")
+    x.add_argument("--seeds", type=int, default=default.seeds, help="seeds per subset (and for prefix / fine-tuning in table-to-text)")
+    x.add_argument("--lengths", type=int, nargs="+", default=list(default.lengths), help="E2E prefix lengths")
+    x.add_argument("--summary-lengths", type=int, nargs="+", default=list(default.summary_lengths), help="XSUM prefix lengths")
+    x.add_argument("--summary-prefix-lengths", type=int, nargs="+", default=list(default.summary_prefix_lengths),
+                   help="the two prefix sizes of the summarization experiment")
+    x.add_argument("--methods", nargs="+", default=list(default.methods),
+                   help="table-to-text methods (adapter-3 = adapters of 3%% of the model)")
+    x.add_argument("--lr", action="append", default=[], help="METHOD=VALUE: a method's peak learning rate (repeatable)")
+    x.set_defaults(func=cmd_experiment)
 
     s = sub.add_parser("serve", help="serve many tenants' prefixes over HTTP with mixed-prefix batching",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -355,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import attach
 from .prefix import Prefix, make_batch, token_logprobs
-from .template import collate_prompts, collate_train, encode, special_ids
+from .template import collate_prompts, collate_train, encode, prepend_soft_prompt, special_ids
 
 
 def _per_row(prefixes, n: int) -> list[Prefix | None]:
@@ -48,12 +48,15 @@ def generate(
     prefixes: Prefix | Sequence[Prefix | None] | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    soft_prompt: torch.Tensor | None = None,
     **generate_kwargs,
 ) -> list[str] | list[list[str]]:
     """Generate a continuation for each source with its own prefix (``prefixes[i]``, or one for all).
 
     Returns one string per source, or a list of ``num_return_sequences`` strings per source.
     Defaults: greedy (``do_sample=False``) and ``max_new_tokens=100`` unless given.
+    ``soft_prompt``: ``[length, hidden]`` input embeddings put before every source (prompt tuning,
+    the paper's embedding-only ablation; see prefixtune/baselines/prompt.py).
     """
     sources = list(sources)
     prefixes = _per_row(prefixes, len(sources))
@@ -74,8 +77,13 @@ def generate(
     try:
         for rows in tqdm(list(_chunks(order, batch_size)), desc="generate", disable=not progress):
             batch = {k: v.to(device) for k, v in collate_prompts(model, [prompts[i] for i in rows], pad).items()}
-            out = model.generate(**batch, prefix_batch=make_batch([prefixes[i] for i in rows], device), **generate_kwargs)
-            if not attach.is_seq2seq(model):
+            # decoder-only prompts are left-padded: every row's separator is the last prompt token
+            width = batch["input_ids"].shape[1] + (0 if soft_prompt is None else soft_prompt.shape[0])
+            prefix_batch = make_batch([prefixes[i] for i in rows], device, separators=[width - 1] * len(rows))
+            if soft_prompt is not None:  # generate() then returns the new tokens only
+                batch = prepend_soft_prompt(model, soft_prompt, **batch)
+            out = model.generate(**batch, prefix_batch=prefix_batch, **generate_kwargs)
+            if not attach.is_seq2seq(model) and "input_ids" in batch:
                 out = out[:, batch["input_ids"].shape[1] :]
             texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
             for j, i in enumerate(rows):
@@ -95,8 +103,10 @@ def score(
     prefixes: Prefix | Sequence[Prefix | None] | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    soft_prompt: torch.Tensor | None = None,
 ) -> list[float]:
-    """log p(target | source, prefix) per row: the sum of the target tokens' log-probabilities (EOS included)."""
+    """log p(target | source, prefix) per row: the sum of the target tokens' log-probabilities (EOS
+    included). ``soft_prompt``: as in :func:`generate`."""
     sources, targets = list(sources), list(targets)
     if len(sources) != len(targets):
         raise ValueError(f"got {len(sources)} sources but {len(targets)} targets")
@@ -116,7 +126,13 @@ def score(
             labels = batch.pop("labels")
             if seq2seq:
                 batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
-            logits = model(**batch, prefix_batch=make_batch([prefixes[i] for i in rows], device), use_cache=False).logits
+            shift = 0 if soft_prompt is None else soft_prompt.shape[0]
+            prefix_batch = make_batch([prefixes[i] for i in rows], device,
+                                      separators=[shift + len(encoded[i].prompt) - 1 for i in rows])
+            if soft_prompt is not None:
+                batch = prepend_soft_prompt(model, soft_prompt, labels=labels, **batch)
+                labels = batch.pop("labels")
+            logits = model(**batch, prefix_batch=prefix_batch, use_cache=False).logits
             logp, _ = token_logprobs(logits, labels, shift=not seq2seq)
             for j, i in enumerate(rows):
                 results[i] = float(logp[j].sum())

@@ -100,6 +100,11 @@ class Prefix:
         return next(iter(self.kv.values())).shape[3]
 
     @property
+    def site(self) -> str:
+        """"prefix" ([P; x; y], the method) or "infix" ([x; P; y], the paper's ablation)."""
+        return self.meta.get("site", "prefix")
+
+    @property
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.kv.values())
 
@@ -159,8 +164,9 @@ class Prefix:
             )
 
 
-def make_meta(model, kv: dict[str, torch.Tensor], config: PrefixConfig | None = None) -> dict:
+def make_meta(model, kv: dict[str, torch.Tensor], config: PrefixConfig | None = None, site: str = "prefix") -> dict:
     return {
+        "site": site,
         "format": FORMAT,
         "library_version": __version__,
         "base_model": attach.model_identity(model),
@@ -177,18 +183,25 @@ def _split_layers(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
 
 
-def make_batch(prefixes, device=None) -> PrefixBatch | None:
+def make_batch(prefixes, device=None, separators=None) -> PrefixBatch | None:
     """One :class:`PrefixBatch` for a batch whose rows use ``prefixes`` (a list of Prefix or None).
 
     Rows with shorter prefixes or none get masked slots. When every row uses the same prefix it is
-    broadcast (1 row, no mask), which costs nothing extra.
+    broadcast (1 row, no mask), which costs nothing extra. ``separators``: each row's position of
+    the separator token (where y starts to be predicted); needed when a row uses an infix.
     """
     prefixes = list(prefixes)
     if all(p is None for p in prefixes):
         return None
+    infix = [p is not None and p.site == "infix" for p in prefixes]
+    visible_from = None
+    if any(infix):
+        if separators is None:
+            raise ValueError("an infix needs the separator position of each row (make_batch(..., separators=...))")
+        visible_from = torch.tensor([int(s) if i else 0 for s, i in zip(separators, infix)], device=device)
     if all(p is prefixes[0] for p in prefixes):
         kv = {pl: _split_layers(t[None].to(device)) for pl, t in prefixes[0].kv.items()}
-        return PrefixBatch(kv=kv, mask={pl: None for pl in kv})
+        return PrefixBatch(kv=kv, mask={pl: None for pl in kv}, visible_from=visible_from)
     placements = {pl for p in prefixes if p is not None for pl in p.kv}
     kv, mask = {}, {}
     for pl in sorted(placements):
@@ -203,7 +216,7 @@ def make_batch(prefixes, device=None) -> PrefixBatch | None:
                 m[i, :n] = True
         kv[pl] = _split_layers(rows.to(device))
         mask[pl] = m.to(device)
-    return PrefixBatch(kv=kv, mask=mask)
+    return PrefixBatch(kv=kv, mask=mask, visible_from=visible_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +285,8 @@ class PrefixTuner(nn.Module):
     ``tuner.train()``/``eval()`` also switch the base model (dropout, gradient checkpointing).
     """
 
+    method = "prefix"
+
     def __init__(self, model, config: PrefixConfig | None = None, tokenizer=None):
         super().__init__()
         config = config or PrefixConfig()
@@ -332,33 +347,16 @@ class PrefixTuner(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True,
                 **kwargs) -> PrefixTunerOutput:
-        """HF-style forward. ``labels`` are -100 outside the target tokens; for decoder-only models
-        they align with ``input_ids`` (shifted here), for seq2seq with the decoder inputs.
+        """HF-style forward with the loss on target tokens (see :func:`lm_forward`)."""
+        return lm_forward(self.model, self.config.loss, input_ids, attention_mask, labels, return_logits,
+                          prefix_batch=self.prefix_batch(), **kwargs)
 
-        ``return_logits=False`` (what training uses) lets decoder-only models apply the LM head to
-        the target positions only: the loss never looks at source positions, and the head is a
-        large share of a small model's compute and memory. The loss is the same (see
-        :func:`lm_head_split`); ``logits`` is then None.
-        """
-        seq2seq = attach.is_seq2seq(self.model)
-        if seq2seq and labels is not None and "decoder_input_ids" not in kwargs:
-            kwargs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
-        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, prefix_batch=self.prefix_batch(), use_cache=False)
-        split = None if return_logits or labels is None or seq2seq else lm_head_split(self.model)
-        if split is None:
-            logits = self.model(**kwargs).logits
-            if labels is None:
-                return PrefixTunerOutput(logits=logits)
-            logp, mask = token_logprobs(logits, labels, shift=not seq2seq)
-        else:
-            body, head = split
-            hidden = body(**kwargs).last_hidden_state[:, :-1]  # the state at t predicts token t+1
-            mask = labels[:, 1:] != -100
-            logp = -nn.functional.cross_entropy(head(hidden[mask]).float(), labels[:, 1:][mask], reduction="none")
-            logits = None
-        nll_sum, n_targets = -logp.sum(), mask.sum()
-        loss = _reduce(nll_sum, n_targets, labels.shape[0], self.config.loss)
-        return PrefixTunerOutput(loss=loss, logits=logits, nll_sum=nll_sum, n_targets=n_targets)
+    def save_trained(self, out_dir: str | Path) -> Path:
+        """Write what training keeps (the exported prefix) into a run directory."""
+        return self.export().save(Path(out_dir) / "prefix.safetensors")
+
+    def num_stored_parameters(self) -> int:
+        return sum(t.numel() for t in self.prefix_kv().values())
 
     def export(self) -> Prefix:
         """Run the MLP once and keep only P_theta (the MLP is dropped)."""
@@ -379,6 +377,39 @@ def _hidden_size(model) -> int:
         if getattr(c, name, None):
             return getattr(c, name)
     return model.get_input_embeddings().weight.shape[1]
+
+
+def lm_forward(model, reduction: str, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True,
+               **kwargs) -> PrefixTunerOutput:
+    """One forward of ``model`` with the training loss on the target tokens only (``labels`` != -100),
+    for every way of tuning (prefix, infix, prompt, adapters, LoRA, fine-tuning): extra inputs of the
+    method (``prefix_batch``, ``inputs_embeds``...) pass through ``kwargs``. ``labels`` align with
+    the inputs for decoder-only models (shifted here) and with the decoder inputs for seq2seq.
+
+    ``return_logits=False`` (what training uses) lets decoder-only models apply the LM head to the
+    target positions only: the loss never looks at source positions, and the head is a large share
+    of a small model's compute and memory. The loss is the same (see :func:`lm_head_split`);
+    ``logits`` is then None.
+    """
+    seq2seq = attach.is_seq2seq(model)
+    if seq2seq and labels is not None and "decoder_input_ids" not in kwargs:
+        kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    kwargs.update(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    split = None if return_logits or labels is None or seq2seq else lm_head_split(model)
+    if split is None:
+        logits = model(**kwargs).logits
+        if labels is None:
+            return PrefixTunerOutput(logits=logits)
+        logp, mask = token_logprobs(logits, labels, shift=not seq2seq)
+    else:
+        body, head = split
+        hidden = body(**kwargs).last_hidden_state[:, :-1]  # the state at t predicts token t+1
+        mask = labels[:, 1:] != -100
+        logp = -nn.functional.cross_entropy(head(hidden[mask]).float(), labels[:, 1:][mask], reduction="none")
+        logits = None
+    nll_sum, n_targets = -logp.sum(), mask.sum()
+    loss = _reduce(nll_sum, n_targets, labels.shape[0], reduction)
+    return PrefixTunerOutput(loss=loss, logits=logits, nll_sum=nll_sum, n_targets=n_targets)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:

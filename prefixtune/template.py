@@ -78,3 +78,19 @@ def _pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
 def _mask(seqs: list[list[int]], width: int, left: bool) -> torch.Tensor:
     rows = [([0] * (width - len(s)) + [1] * len(s)) if left else ([1] * len(s) + [0] * (width - len(s))) for s in seqs]
     return torch.tensor(rows, dtype=torch.long)
+
+
+def prepend_soft_prompt(model, soft_prompt: torch.Tensor, input_ids, attention_mask, labels=None, **rest) -> dict:
+    """Model inputs with ``soft_prompt`` ([length, hidden] input embeddings) before every row's tokens
+    (the encoder's, for seq2seq): ``inputs_embeds`` replaces ``input_ids``, the mask grows by
+    ``length`` ones, and decoder-only labels by ``length`` ignored positions. With left padding the
+    soft tokens come before the padding; positions follow the mask, so they are 0..length-1 and
+    the source's continue after them, as in training."""
+    embeds = model.get_input_embeddings()(input_ids)
+    rows, length = input_ids.shape[0], soft_prompt.shape[0]
+    soft = soft_prompt.to(embeds.dtype)[None].expand(rows, -1, -1)
+    out = dict(rest, inputs_embeds=torch.cat([soft, embeds], dim=1),
+               attention_mask=torch.cat([attention_mask.new_ones(rows, length), attention_mask], dim=1))
+    if labels is not None:
+        out["labels"] = labels if is_seq2seq(model) else torch.cat([labels.new_full((rows, length), -100), labels], dim=1)
+    return out

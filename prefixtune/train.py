@@ -4,7 +4,8 @@ A run directory holds:
   run.json              the run's configuration (a resumed run must match it)
   checkpoint/           the last training state: state.safetensors (P', MLP, AdamW moments,
                         RNG state) + state.json (step, scheduler, best dev loss); no pickle
-  prefix.safetensors    the exported prefix with the best dev loss so far
+  prefix.safetensors    the exported prefix with the best dev loss so far (other methods: what
+                        they keep, see prefixtune/methods.py)
   log.jsonl             one line per evaluation (step, train loss, dev loss, seconds per step)
 
 Scale-out: the same code runs as N processes under ``accelerate launch`` (or ``torchrun``), one per
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from . import attach
 from .data import Example
 from .attach import is_seq2seq
+from .methods import MethodConfig, build
 from .prefix import PrefixConfig, PrefixTuner
 from .template import Encoded, collate_train, encode, special_ids
 
@@ -144,7 +146,11 @@ def share(n: int, rank: int, world: int) -> slice:
 
 class Trainer:
     def __init__(self, model, tokenizer, train: list[Example], dev: list[Example] | None,
-                 prefix_config: PrefixConfig, config: TrainConfig, out_dir: str | Path, progress: bool = True):
+                 prefix_config: PrefixConfig, config: TrainConfig, out_dir: str | Path, progress: bool = True,
+                 method: MethodConfig | None = None):
+        """``method``: what to train (default: a prefix, the paper's method); the baselines of
+        prefixtune/methods.py train through the same loop, data and loss. ``prefix_config`` gives the
+        loss reduction for all of them, and the length/MLP of the prefix-like ones."""
         if not train:
             raise ValueError("no training examples")
         if config.bucket < 0:
@@ -167,11 +173,14 @@ class Trainer:
         self.batches_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.batches_per_epoch / config.grad_accum)
         self.eval_every = config.eval_every or max(1, self.batches_per_epoch // config.grad_accum)
+        self.method = method or MethodConfig()
+        self.reduction = prefix_config.loss
+        torch.manual_seed(config.seed)
+        self.tuner = build(self.method, model, prefix_config, tokenizer)
         self.run_info = {"prefix": prefix_config.to_json(), "train": asdict(config), "n_train": len(train),
                          "n_dev": len(self.dev_set)}
-
-        torch.manual_seed(config.seed)
-        self.tuner = PrefixTuner(model, prefix_config, tokenizer=tokenizer)
+        if self.method.method != "prefix":  # (run.json of prefix runs stays as it was)
+            self.run_info["method"] = self.method.to_json()
         if self.world > 1:  # identical start everywhere, whatever the device's initialisation did
             with torch.no_grad():
                 for p in self.tuner.parameters():
@@ -218,7 +227,7 @@ class Trainer:
 
     def _weight(self, rows: list[int]) -> int:
         """What the loss of ``rows`` is normalised by: target tokens (token_mean) or rows (sequence_sum)."""
-        return len(rows) if self.tuner.config.loss == "sequence_sum" else sum(self.targets[i] for i in rows)
+        return len(rows) if self.reduction == "sequence_sum" else sum(self.targets[i] for i in rows)
 
     # --- loop ------------------------------------------------------------------------------------
 
@@ -326,8 +335,8 @@ class Trainer:
             f.write(json.dumps(entry) + "\n")
 
     def _save_prefix(self) -> None:
-        self._main_only("prefix.safetensors")
-        self.tuner.export().save(self.out / "prefix.safetensors")
+        self._main_only("the trained result")
+        self.tuner.save_trained(self.out)
 
     def _write_run_config(self) -> None:
         self._main_only("run.json")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import attach
+from . import Tuned
 
 # the module that computes a layer's feed-forward output (before dropout and the residual add)
 FEED_FORWARD_NAMES = ("mlp", "DenseReluDense", "fc2")
@@ -54,12 +55,14 @@ def bottleneck_for(model, fraction: float) -> int:
     return max(1, r)
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(Tuned):
     """The frozen base model with adapters; ``parameters()`` are the adapters' only."""
 
-    def __init__(self, model, bottleneck: int):
-        super().__init__()
-        self.__dict__["model"] = model  # not a submodule: parameters() are the adapters only
+    method = "adapter"
+
+    def __init__(self, model, bottleneck: int, reduction: str = "token_mean"):
+        super().__init__(model, reduction)  # the model is held, not a submodule
+        self.bottleneck = bottleneck
         model.requires_grad_(False)
         d = _width(model)
         sites = adapter_sites(model)

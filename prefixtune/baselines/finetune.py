@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import Tuned
+
 
 def transformer_layers(model) -> list[nn.Module]:
     """The model's transformer blocks, bottom to top (decoder blocks for encoder-decoder models): the
@@ -20,13 +22,15 @@ def transformer_layers(model) -> list[nn.Module]:
     return best
 
 
-class FineTuneModel(nn.Module):
+class FineTuneModel(Tuned):
     """The base model with all of its weights trainable (``top_layers=None``) or only those of its top
     ``top_layers`` transformer blocks. ``parameters()`` yields exactly the trainable ones."""
 
-    def __init__(self, model, top_layers: int | None = None):
-        super().__init__()
-        self.__dict__["model"] = model  # parameters() below are the trainable ones only
+    method = "finetune"
+
+    def __init__(self, model, top_layers: int | None = None, reduction: str = "token_mean"):
+        super().__init__(model, reduction)  # parameters() below are the trainable ones only
+        self.top_layers = top_layers
         if top_layers is None:
             model.requires_grad_(True)
         else:

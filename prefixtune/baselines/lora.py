@@ -4,7 +4,7 @@ its default target modules per architecture are used (q and v projections for Ll
 
 from __future__ import annotations
 
-from torch import nn
+from . import Tuned
 
 
 def _lora_size(model, rank: int) -> int:
@@ -22,17 +22,21 @@ def rank_for(model, fraction: float) -> int:
     return max(1, round(fraction * n_model / _lora_size(model, 1)))
 
 
-class LoraModel(nn.Module):
-    """The base model with LoRA layers injected (PEFT); ``parameters()`` are the LoRA weights only."""
+class LoraModel(Tuned):
+    """The base model with LoRA layers injected (PEFT); ``parameters()`` are the LoRA weights only.
+    The forward is the model's own (the LoRA layers sit inside it)."""
 
-    def __init__(self, model, rank: int, alpha: float | None = None, dropout: float = 0.0):
+    method = "lora"
+
+    def __init__(self, model, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 reduction: str = "token_mean"):
         from peft import LoraConfig, get_peft_model
 
-        super().__init__()
+        super().__init__(model, reduction)  # the same object gets LoRA layers inside
+        self.rank = rank
         model.requires_grad_(False)
         self.__dict__["peft_model"] = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
                                                                        lora_dropout=dropout))
-        self.__dict__["model"] = model  # the same object, now with LoRA layers inside
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):

@@ -1,0 +1,112 @@
+"""Small helpers the experiment reports share: finding scores in results, tables, spreads, plots."""
+
+from __future__ import annotations
+
+import statistics
+
+from .runs import Eval, Run
+
+
+def find(results: list[dict], run: Run) -> dict | None:
+    """The result of ``run`` (None if it failed)."""
+    key = run.training()
+    for r in results:
+        if r.get("run") == key and "error" not in r:
+            return r
+    return None
+
+
+def metric(results: list[dict], run: Run, ev: Eval, name: str, column: str = "A") -> float | None:
+    r = find(results, run)
+    if r is None or ev.key() not in r["evals"]:
+        return None
+    return r["evals"][ev.key()]["scores"].get(column, {}).get(name)
+
+
+def train_info(results: list[dict], run: Run, name: str):
+    r = find(results, run)
+    return None if r is None else r["train"].get(name)
+
+
+def fmt(x, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def spread(values: list[float | None], digits: int = 2) -> str:
+    """``mean ± sd (min–max, n)`` of the values that exist."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "—"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f} (n=1)"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f}, n={len(v)})"
+
+
+def mean(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return statistics.mean(v) if v else None
+
+
+def sd(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return statistics.stdev(v) if len(v) > 1 else None
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " if i == 0 else " ---: " for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def holds(ours: bool | None, text_yes: str, text_no: str) -> str:
+    if ours is None:
+        return "cannot be judged (runs missing)"
+    return text_yes if ours else text_no
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_plot(path, labels: list[str], series: dict[str, list[float | None]], ylabel: str, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels) * max(1, len(series)) / 1.5), 3.6))
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + k * width for i in range(len(labels))]
+        ax.bar(xs, [v if v is not None else 0 for v in values], width, label=name)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(labels))], labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def line_plot(path, xs: list, series: dict[str, tuple[list, list | None]], xlabel: str, ylabel: str, title: str,
+              logx: bool = False) -> None:
+    """``series[name] = (means, sds or None)``; error bars where sds exist."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, (ys, errs) in series.items():
+        pts = [(x, y, (errs[i] if errs else None)) for i, (x, y) in enumerate(zip(xs, ys)) if y is not None]
+        if not pts:
+            continue
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0 for p in pts], marker="o", capsize=3, label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
