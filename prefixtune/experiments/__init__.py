@@ -34,11 +34,11 @@ class Scale:
 
     steps: int = 40  # optimizer steps per table-to-text run
     batch_size: int = 8
-    summary_steps: int = 30
+    summary_steps: int = 20
     summary_batch_size: int = 4
     max_source_tokens: int = 192  # summarization articles/dialogues are cut to this many tokens
     test_examples: int = 80  # per test set (0 = all); WebNLG: half seen, half unseen categories
-    summary_test_examples: int = 40
+    summary_test_examples: int = 30
     num_beams: int = 1
     train_sizes: tuple[int, ...] = (50, 100, 200, 500)
     summary_train_sizes: tuple[int, ...] = (50, 200)
@@ -46,8 +46,8 @@ class Scale:
     init_texts: tuple[str, ...] = ("table-to-text:", "elephant")  # also: "summarize", "divide"
     samplings: int = 1
     seeds: int = 2
-    lengths: tuple[int, ...] = (1, 5, 10, 20, 40, 80, 200)
-    summary_lengths: tuple[int, ...] = (1, 10, 50, 200)
+    lengths: tuple[int, ...] = (1, 10, 40, 200)
+    summary_lengths: tuple[int, ...] = (1, 10, 200)
     summary_prefix_lengths: tuple[int, ...] = (10, 200)  # the two prefix sizes (~0.1% and ~2% of the model)
     methods: tuple[str, ...] = ("prefix", "finetune", "ft-top2", "adapter-0.1", "adapter-3", "lora", "peft-prefix",
                                 "prompt", "infix")

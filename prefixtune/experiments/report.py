@@ -16,16 +16,29 @@ def find(results: list[dict], run: Run) -> dict | None:
     return None
 
 
+# the E2E scorer reports these as fractions; the paper (and our tables) in percent
+PERCENT = {"e2e": ("BLEU", "METEOR", "ROUGE_L")}
+
+
 def metric(results: list[dict], run: Run, ev: Eval, name: str, column: str = "A") -> float | None:
     r = find(results, run)
     if r is None or ev.key() not in r["evals"]:
         return None
-    return r["evals"][ev.key()]["scores"].get(column, {}).get(name)
+    value = r["evals"][ev.key()]["scores"].get(column, {}).get(name)
+    return value * 100 if value is not None and name in PERCENT.get(ev.task, ()) else value
 
 
 def train_info(results: list[dict], run: Run, name: str):
     r = find(results, run)
     return None if r is None else r["train"].get(name)
+
+
+def peak_cell(results: list[dict], run: Run) -> str:
+    """A run's peak memory: exact, or an upper bound when an earlier run of its process peaked higher."""
+    peak, before = train_info(results, run, "peak_memory_mb"), train_info(results, run, "peak_memory_mb_before")
+    if peak is None:
+        return "—"
+    return f"{peak:,.0f}" if before is None or peak > before + 1 else f"≤ {peak:,.0f}"
 
 
 def fmt(x, digits: int = 2) -> str:

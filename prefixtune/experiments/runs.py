@@ -208,6 +208,7 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
                                eval_every=run.steps, seed=run.seed)
     method = MethodConfig(run.method, size=run.size)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset = _reset_peak_rss()
     trainer = Trainer(model, tokenizer, train_set, dev, prefix_config, train_config, out, method=method)
     result = trainer.fit()
     n_model = sum(p.numel() for p in model.parameters())
@@ -218,12 +219,32 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
         "stored_percent": 100 * n_stored / n_model, "n_train": len(train_set),
         "dev_loss_start": result["history"][0]["dev_loss"], "dev_loss": result["best_dev_loss"],
         "seconds_per_step": result["history"][-1]["seconds_per_step"], "wall_seconds": time.perf_counter() - start,
-        # the process's peak resident memory, which only grows: comparable within one process's first run
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_memory_mb_before": rss_before / 1024,
+        # this run's peak resident memory (base model included) where Linux lets us reset the peak;
+        # otherwise the process's peak so far (exact only when it exceeds peak_memory_mb_before)
+        "peak_memory_mb": _peak_rss_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_memory_mb_before": None if reset else rss_before / 1024,
     }
     del trainer, model
     return summary
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (Linux: /proc/self/clear_refs, "5")."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _peak_rss_mb() is not None
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def evaluate(run: Run, evals: list[Eval], out: Path, data, threads: int | None) -> dict[str, dict]:
