@@ -253,10 +253,11 @@ def cmd_experiment(args) -> int:
     scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, lr=lrs)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "prefixtune " + " ".join(shlex.quote(a) for a in args.argv)
+    # the command that trains the runs (a --report-only rewrite reports the same runs)
+    command = "prefixtune " + " ".join(shlex.quote(a) for a in args.argv if a != "--report-only")
     for name in (NAMES if args.name == "all" else [args.name]):
         path = run_experiment(name, scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data=args.data,
-                              threads=args.threads, command=command)
+                              threads=args.threads, command=command, report_only=args.report_only)
         print(f"{name}: report written to {path}")
     return 0
 
@@ -426,6 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--methods", nargs="+", default=list(default.methods),
                    help="table-to-text methods (adapter-3 = adapters of 3%% of the model)")
     x.add_argument("--lr", action="append", default=[], help="METHOD=VALUE: a method's peak learning rate (repeatable)")
+    x.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs already cached (missing ones are listed), training nothing")
     x.set_defaults(func=cmd_experiment)
 
     s = sub.add_parser("serve", help="serve many tenants' prefixes over HTTP with mixed-prefix batching",

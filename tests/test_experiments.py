@@ -41,8 +41,10 @@ def test_runs_are_cached_and_a_failed_run_does_not_stop_the_others(tmp_path, tin
     # a new evaluation of a finished run is added without retraining
     more = Run(**{**ok.training(), "evals": (scale.eval("e2e", n=3), scale.eval("dart", n=2))})
     assert more.key() == ok.key()
+    assert "not run yet" in run_all([more], tmp_path, cached_only=True)[0]["error"]  # nothing run
     grown = run_all([more], tmp_path)[0]
     assert grown["train"] == result["train"] and len(grown["evals"]) == 2
+    assert run_all([more], tmp_path, cached_only=True)[0] == grown
 
 
 def test_experiments_share_runs():

@@ -108,14 +108,15 @@ class Context:
 
 
 def run_experiment(name: str, scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results",
-                   data=None, threads: int | None = None, command: str | None = None) -> Path:
-    """Run (or complete) every run of experiment ``name``, then write its report. Returns the report path."""
+                   data=None, threads: int | None = None, command: str | None = None, report_only: bool = False) -> Path:
+    """Run (or complete) every run of experiment ``name``, then write its report. Returns the report path.
+    ``report_only``: write the report from the runs already cached, running nothing."""
     from importlib import import_module
 
     module = import_module(f".{name.replace('-', '_')}", __name__)
     runs = module.plan(scale)
     start = time.perf_counter()
-    results = run_all(runs, runs_dir, data=data, threads=threads)
+    results = run_all(runs, runs_dir, data=data, threads=threads, cached_only=report_only)
     ctx = Context(name, Path(results_dir), command or " ".join(["prefixtune"] + sys.argv[1:]), scale)
     failed = [r for r in results if "error" in r]
     body = module.report(results, scale, ctx)
@@ -128,7 +129,7 @@ def run_experiment(name: str, scale: Scale, runs_dir: str | Path = "runs/experim
         f"{_version('transformers')}, peft {_version('peft')}; base model {scale.model} ({scale.dtype}).", "",
     ]
     if failed:
-        header += ["**Failed runs** (the report below is without them):", ""]
+        header += ["**Failed or missing runs** (the report below is without them):", ""]
         header += [f"- `{r['run']['task']}/{r['run']['method']}` seed {r['run']['seed']}: {r['error']}" for r in failed] + [""]
     md = "\n".join(header) + body + "\n"
     path = ctx.dir / f"{name}.md"

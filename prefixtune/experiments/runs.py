@@ -349,15 +349,25 @@ def run_one(run: Run, runs_dir: Path, data, threads: int | None) -> dict:
         lock.unlink(missing_ok=True)
 
 
+def _cached(run: Run, runs_dir: Path) -> dict:
+    path = runs_dir / run.key() / "result.json"
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if "train" in result and all(ev.key() in result["evals"] for ev in run.evals):
+        return result
+    return {"run": run.training(), "error": "not run yet (report written from cached runs only)"}
+
+
 def _write(path: Path, result: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
 
 
-def run_all(runs: list[Run], runs_dir: str | Path, data=None, threads: int | None = None) -> list[dict]:
+def run_all(runs: list[Run], runs_dir: str | Path, data=None, threads: int | None = None,
+            cached_only: bool = False) -> list[dict]:
     """Every run (deduplicated), in order; failures recorded as ``{"run", "error"}`` without stopping.
-    Runs held by another process are done last (after waiting for it)."""
+    Runs held by another process are done last (after waiting for it). ``cached_only``: train and
+    evaluate nothing; runs without a complete cached result come back as not run."""
     runs_dir = Path(runs_dir)
     unique = list({r.key(): r for r in runs}.values())
     merged = {}
@@ -369,6 +379,9 @@ def run_all(runs: list[Run], runs_dir: str | Path, data=None, threads: int | Non
     queue = list(todo)
     while queue:
         run = queue.pop(0)
+        if cached_only:
+            results[run.key()] = _cached(run, runs_dir)
+            continue
         if _locked(runs_dir / run.key() / "lock"):
             if all(_locked(runs_dir / r.key() / "lock") for r in queue + [run]):
                 time.sleep(30)
