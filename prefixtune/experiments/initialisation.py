@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import Scale
 from .low_data import e2e_runs
-from .report import fmt, holds, mean, metric, spread, table, bar_plot
+from .report import NOISE, bar_plot, fmt, holds, mean, metric, sd, spread, table, within_noise
 
 TITLE = "Initialisation: random vs real-word activations at low data (E2E)"
 SCALE_TEXT = ("E2E subsets of {s.init_sizes} pairs (random sampling 0), {s.seeds} seeds each, {s.steps} optimizer "
@@ -32,18 +32,22 @@ def plan(scale: Scale):
 
 def report(results, scale: Scale, ctx) -> str:
     ev = scale.eval("e2e")
-    rows, means = [], {n: {} for n in scale.init_sizes}
+    rows, means, noise = [], {n: {} for n in scale.init_sizes}, {}
     INITS = inits(scale)
     for name, text in INITS.items():
         row = [name]
         for n in scale.init_sizes:
             v = [metric(results, r, ev, "BLEU") for r in runs_for(scale, n, text)]
             means[n][name] = mean(v)
+            noise.setdefault(n, [])
+            if sd(v) is not None:
+                noise[n].append(sd(v))
             row.append(spread(v))
         rows.append(row)
     plot = ctx.plot_path("bleu")
     bar_plot(plot, list(INITS), {f"{n} examples": [means[n][k] for k in INITS] for n in scale.init_sizes}, "BLEU",
              "E2E test sample by initialisation (mean over seeds)")
+    noise = {n: mean(v) if v else None for n, v in noise.items()}
     lines = []
     for n in scale.init_sizes:
         r = means[n].get("random")
@@ -54,8 +58,9 @@ def report(results, scale: Scale, ctx) -> str:
             continue
         lines.append(f"- {n} examples: random {fmt(r)}, real words (mean of {len(words)}) {fmt(mean(words))}, task words "
                      f"{fmt(mean(task))}, unrelated words {fmt(mean(unrel))}. "
-                     + holds(mean(words) > r, "Real words beat random (paper's finding holds).",
-                             "Real words do not beat random here.")
+                     + (NOISE.replace(".", f" (seed sd about {fmt(noise[n])}).", 1) if within_noise(mean(words) - r, noise[n])
+                        else holds(mean(words) > r, "Real words beat random (paper's finding holds).",
+                                   "Real words do not beat random here."))
                      + " " + holds(None if not task or not unrel else mean(task) >= mean(unrel), "Task words are at least as good as unrelated ones (paper: "
                                    "task-relevant words slightly better).", "Unrelated words did better than task words here "
                                    "(paper: task-relevant words slightly better)."))
