@@ -46,7 +46,7 @@ class Scale:
     init_texts: tuple[str, ...] = ("table-to-text:", "elephant")  # also: "summarize", "divide"
     samplings: int = 1
     seeds: int = 2
-    lengths: tuple[int, ...] = (1, 10, 40, 200)
+    lengths: tuple[int, ...] = (1, 10, 200)
     summary_lengths: tuple[int, ...] = (1, 10, 200)
     summary_prefix_lengths: tuple[int, ...] = (10, 200)  # the two prefix sizes (~0.1% and ~2% of the model)
     methods: tuple[str, ...] = ("prefix", "finetune", "ft-top2", "adapter-0.1", "adapter-3", "lora", "peft-prefix",
