@@ -158,6 +158,12 @@ def report(results, scale: Scale, ctx) -> str:
         lines.append(f"- **Ablations** (paper: embedding-only and infix both below prefix on E2E): prefix {fmt(pf)}, "
                      f"embedding-only (prompt) {fmt(emb)}, infix {fmt(inf)}. "
                      + holds(pf > emb and pf > inf, "Holds.", "Does not fully hold here."))
+    dev = {n: train_info(results, runs[0], "dev_loss") for n, runs in e2e.items()}
+    lines.append("- **How far each method got** in the same budget, E2E dev NLL per target token after training (seed 0; "
+                 "lower is better): " + ", ".join(f"{n} {fmt(v, 2)}" for n, v in sorted(dev.items(), key=lambda kv: kv[1] or 9e9))
+                 + ". Learning rates were set once per method from short probes, not tuned per method and task; a method "
+                 "far behind here (e.g. a high dev NLL) is under-trained at this budget, which says little about it at "
+                 "the paper's scale.")
     lines += ["", "Single runs of one seed differ by a few BLEU from seed to seed at this scale (see the two-seed spreads "
               "above), so differences smaller than that are not evidence either way. All methods saw the same "
               f"{scale.steps} x {scale.batch_size} training pairs in the same order (same seed), which is far less "
