@@ -139,6 +139,10 @@ class Prefix:
             shape = meta["shapes"].get(p)
             if shape is None or t.ndim != 5 or [t.shape[0], t.shape[2], t.shape[4]] != shape or t.shape[1] != 2:
                 raise ValueError(f"{path}: tensor {p!r} has shape {tuple(t.shape)}, metadata says {shape}")
+            if t.shape[3] < 1:  # attention over zero prefix positions is undefined (and would crash decoding)
+                raise ValueError(f"{path}: tensor {p!r} has prefix length 0; a prefix needs at least one position")
+            if not t.is_floating_point():
+                raise ValueError(f"{path}: tensor {p!r} has dtype {t.dtype}, expected a floating-point type")
         return prefix
 
     def check_compatible(self, model) -> None:

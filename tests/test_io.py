@@ -61,3 +61,12 @@ def test_bad_files_are_refused(tmp_path):
     prefix.save(tmp_path / "lying.safetensors")
     with pytest.raises(ValueError, match="metadata says"):
         pt.Prefix.load(tmp_path / "lying.safetensors")
+    # length 0 (a valid safetensors file whose metadata agrees) and non-float tensors
+    good = random_prefix(tiny_model("llama-gqa"), 2, seed=0)
+    pt.Prefix(kv={"self": good.kv["self"][:, :, :, :0]}, meta=dict(good.meta, length=0)).save(tmp_path / "zero.safetensors")
+    with pytest.raises(ValueError, match="zero.safetensors: tensor 'self' has prefix length 0"):
+        pt.Prefix.load(tmp_path / "zero.safetensors")
+    save_file({"self": good.kv["self"].long().contiguous()}, str(tmp_path / "int.safetensors"),
+              metadata={"prefixtune": json.dumps(good.meta)})
+    with pytest.raises(ValueError, match="dtype torch.int64, expected a floating-point"):
+        pt.Prefix.load(tmp_path / "int.safetensors")

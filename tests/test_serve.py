@@ -4,6 +4,7 @@ bad input, hot add/remove under load, restart and graceful shutdown."""
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -369,3 +370,169 @@ def test_queue_full_timeout_and_draining(env, tmp_path):
     assert 'prefixtune_rejected_total{reason="queue_full"} 2' in text and 'reason="timeout"} 1' in text
     app.state.server.draining = True
     assert c.get("/healthz").status_code == 503 and c.post("/v1/generate", json={"inputs": ["a"]}).status_code == 503
+
+
+def _zero_length_prefix(env) -> bytes:
+    """A valid safetensors prefix file whose tensor and metadata both say length 0."""
+    good = env.prefixes["p1"]
+    path = env.root / "zero.safetensors"
+    pt.Prefix(kv={"self": good.kv["self"][:, :, :, :0]}, meta=dict(good.meta, length=0)).save(path)
+    return path.read_bytes()
+
+
+def test_regressions_of_the_five_500s(env):
+    """Issue 13's black-box findings, each once: all were 500 before."""
+    with env.client(A) as c:
+        r = c.put("/v1/prefixes/zero", content=_zero_length_prefix(env))
+        assert r.status_code == 422 and "prefix length 0" in r.json()["detail"]
+        raw = lambda body: c.post("/v1/generate", content=body, headers={"Content-Type": "application/json"})
+        for bad in ('"max_new_tokens": 1e400', '"max_new_tokens": NaN', '"temperature": 1e400, "do_sample": true',
+                    '"temperature": NaN, "do_sample": true', '"top_p": -Infinity'):
+            r = raw('{"inputs": ["x"], ' + bad + "}")
+            assert r.status_code == 422, (bad, r.text)
+            assert r.json()["detail"][0]["loc"][1] in ("max_new_tokens", "temperature", "top_p")
+        r = raw('{"inputs": ["\\ud800x"], "max_new_tokens": 2}')
+        assert r.status_code == 422 and "lone surrogate" in r.text
+        assert raw('{"model": "base", "prompt": "\\udfff", "max_tokens": 2}').status_code == 422
+        assert c.post("/v1/completions", content='{"model": "base", "prompt": "\\udfff"}',
+                      headers={"Content-Type": "application/json"}).status_code == 422
+        r = c.post("/v1/generate", json={"inputs": ["x"], "do_sample": True, "seed": 2**70, "max_new_tokens": 2})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "seed"]
+        assert c.post("/v1/generate", json={"inputs": ["x"], "do_sample": True, "seed": -1}).status_code == 422
+        # below the temperature floor, sampling is greedy decoding (documented), whatever the seed
+        for temperature in (1e-300, 0.001):
+            r = c.post("/v1/generate", json={"prefix": "p2", "inputs": [SOURCES[0]], "do_sample": True, "seed": 3,
+                                             "temperature": temperature, "max_new_tokens": NEW})
+            assert r.status_code == 200 and r.json()["outputs"] == [env.ref("p2", SOURCES[0])]
+
+
+def test_scheduler_fails_only_the_failing_row(env):
+    """A row that raises (a length-0 prefix slipped past validation) shares a batch with another
+    tenant's base-model rows, which makes the whole batch raise (as in issue 13): they get exactly
+    their single-request outputs, and only its request fails."""
+    from prefixtune.serve.metrics import Metrics
+    from prefixtune.serve.scheduler import Job, Scheduler
+
+    good = env.prefixes["p1"]
+    zero = pt.Prefix(kv={"self": good.kv["self"][:, :, :, :0]}, meta=dict(good.meta, length=0))
+    metrics = Metrics()
+    sched = Scheduler(env.model, env.tokenizer, metrics, max_batch_rows=8, batch_wait_ms=0)
+    settings = {"max_new_tokens": NEW, "num_beams": 1, "do_sample": False}
+    bad = sched.submit(Job("mallory", "zero", zero, [SOURCES[0]], dict(settings)))
+    jobs = [sched.submit(Job("bob", n, None if n is None else env.prefixes[n], [SOURCES[1], SOURCES[0]], dict(settings)))
+            for n in (None, None)]
+    sched.start()  # all queued first: one batch holds the bad row and the four good ones
+    sched.stop(timeout=60)
+    assert metrics.batches == 1 and metrics.failed_rows == 1
+    assert bad.done.is_set() and isinstance(bad.error, IndexError)
+    for job in jobs:
+        assert job.error is None
+        assert [t for t, _ in job.results] == [env.ref(job.prefix_name, SOURCES[1]), env.ref(job.prefix_name, SOURCES[0])]
+
+
+# values a careless or hostile client may put in any field (raw JSON text)
+FUZZ_VALUES = ["1e400", "-1e400", "NaN", "Infinity", "-0", "0", "1", "-1", "2", "32", "33", str(2**64), str(2**70),
+               "1e-300", "0.5", "1.0", "true", "false", "null", '""', '"x"', '"\\ud800x"', '["\\udfff"]', "[]", "{}",
+               "[1]", '["x", "y"]', "[null]", '"' + "word " * 100 + '"', "9" * 500, '"p1"', '"base"', '"../p1"',
+               '"p1\\u0000"', '[' * 50 + ']' * 50, '{"a": {"b": [1e400]}}']
+GENERATE_FIELDS = ["prefix", "inputs", "max_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "seed", "bogus"]
+COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stream", "stop", "logprobs"]
+
+
+def _fuzz_requests(env, rng: random.Random, n: int) -> list[tuple]:
+    """``n`` malformed (and some accidentally valid) requests: (method, path, body bytes, headers)."""
+    valid = env.files["p1"]
+    header_len = int.from_bytes(valid[:8], "little")
+    nan_prefix = pt.Prefix(kv={"self": env.prefixes["p1"].kv["self"].clone()}, meta=env.prefixes["p1"].meta)
+    nan_prefix.kv["self"][0, 0, 0, 0, 0] = float("nan")
+    nan_prefix.save(env.root / "nan.safetensors")
+    uploads = [_zero_length_prefix(env), (env.root / "nan.safetensors").read_bytes(), b"", b"\x00" * 9,
+               (env.root / "qwen2.safetensors").read_bytes(), valid[: len(valid) // 3],
+               (2**62).to_bytes(8, "little") + valid[8:], (10).to_bytes(8, "little") + b"{" * 10 + valid[18:]]
+    json_ct = {"Content-Type": "application/json"}
+    out = []
+    for _ in range(n):
+        kind = rng.random()
+        if kind < 0.55:  # a body of the right shape with 1-3 fields replaced by hostile values
+            path, fields = rng.choice([("/v1/generate", GENERATE_FIELDS), ("/v1/completions", COMPLETION_FIELDS)])
+            body = ({"prefix": '"p1"', "inputs": '["x"]', "max_new_tokens": "2"} if path == "/v1/generate"
+                    else {"model": '"p1"', "prompt": '"x"', "max_tokens": "2"})
+            for field in rng.sample(fields, rng.randint(1, 3)):
+                body[field] = rng.choice(FUZZ_VALUES)
+            text = "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in body.items()) + "}"
+            out.append(("POST", path, text.encode(), json_ct))
+        elif kind < 0.7:  # not JSON, or not an object
+            junk = rng.choice([b"{not json", b"[1, 2", b"[" * 100_000, b'"just a string"', b"null", b"\xff\xfe\x00",
+                               os.urandom(rng.randint(1, 200)), b'{"inputs": ["x"]' + b" " * 1000])
+            out.append(("POST", rng.choice(["/v1/generate", "/v1/completions"]), junk,
+                        rng.choice([json_ct, {"Content-Type": "text/plain"}, {}])))
+        elif kind < 0.9:  # uploads: broken, hostile, or valid files with random bytes flipped
+            if rng.random() < 0.5:
+                data = rng.choice(uploads)
+            else:
+                data = bytearray(valid)
+                for _ in range(rng.randint(1, 8)):  # mostly in the tensor data, sometimes in the header
+                    i = rng.randrange(8 + header_len, len(data)) if rng.random() < 0.8 else rng.randrange(len(data))
+                    data[i] = rng.randrange(256)
+                data = bytes(data)
+            out.append(("PUT", f"/v1/prefixes/fz{rng.randrange(3)}", data, {"Content-Type": "application/octet-stream"}))
+        else:  # routes, names, methods and keys that do not exist
+            out.append(rng.choice([("GET", "/v1/prefixes/p1", b"", {}), ("DELETE", "/v1/prefixes/nope", b"", {}),
+                                   ("PUT", "/v1/prefixes/" + "x" * 300, valid, {}), ("PUT", "/v1/prefixes/%00", valid, {}),
+                                   ("POST", "/v1/prefixes", b"{}", json_ct), ("GET", "/v1/generate", b"", {}),
+                                   ("POST", "/v1/generate", b'{"inputs": ["x"]}', {"Authorization": "Bearer \u00e9t\u00e9".encode()}),
+                                   ("POST", "/v1/generate", b'{"inputs": ["x"]}', {"Authorization": "Basic abc"})]))
+    return out
+
+
+def test_fuzz_no_5xx_and_other_tenants_unharmed(env):
+    """Hundreds of malformed requests and uploads from one tenant, while another tenant's valid requests
+    (batched with them) keep getting exactly their single-request outputs. Nothing may answer 5xx."""
+    fuzz = _fuzz_requests(env, random.Random(13), 400)
+    with env.client(B) as b:
+        for name in ("p2", "p3"):
+            assert b.put(f"/v1/prefixes/q-{name}", content=env.files[name]).status_code == 201
+    expected = {(n, s): env.ref(n, s) for n in (None, "p2", "p3") for s in SOURCES[:2]}
+    stop, wrong, statuses, served = threading.Event(), [], [], [0]
+
+    def tenant_b():
+        with env.client(B) as b:
+            i = 0
+            while not stop.is_set():
+                name, src = list(expected)[i % len(expected)]
+                r = b.post("/v1/generate", json={"prefix": name and f"q-{name}", "inputs": [src], "max_new_tokens": NEW})
+                if r.status_code != 200 or r.json()["outputs"] != [expected[(name, src)]]:
+                    wrong.append((name, src, r.status_code, r.text))
+                served[0] += 1
+                i += 1
+
+    def tenant_a(part):
+        with env.client(A) as a:
+            for method, path, body, headers in part:
+                r = a.request(method, path, content=body, headers=headers)
+                statuses.append((r.status_code, method, path, body[:200], r.text[:200]))
+
+    t0 = time.time()
+    threads = [threading.Thread(target=tenant_b) for _ in range(2)]
+    threads += [threading.Thread(target=tenant_a, args=(fuzz[i::3],)) for i in range(3)]
+    for t in threads[2:]:
+        t.start()
+    for t in threads[:2]:
+        t.start()
+    for t in threads[2:]:
+        t.join()
+    stop.set()
+    for t in threads[:2]:
+        t.join()
+    assert len(statuses) == len(fuzz)
+    assert [s for s in statuses if s[0] >= 500] == []
+    assert not wrong and served[0] >= 10
+    codes = {s[0] for s in statuses}
+    assert {200, 401, 404, 405, 413, 422} <= codes  # the fuzz reached every kind of answer, generation included
+    assert time.time() - t0 < 120
+    with env.client(A) as a, env.client(B) as b:
+        for name in ("fz0", "fz1", "fz2"):
+            a.delete(f"/v1/prefixes/{name}")
+        for name in ("p2", "p3"):
+            assert b.delete(f"/v1/prefixes/q-{name}").status_code == 200
+        assert {p["name"] for p in a.get("/v1/prefixes").json()["prefixes"]} == set(LENGTHS)

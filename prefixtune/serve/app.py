@@ -18,16 +18,11 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictFloat,
-    StrictInt,
-    StrictStr,
-)
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+import torch
 
 from .. import __version__
 from ..template import encode
@@ -39,6 +34,10 @@ log = logging.getLogger("prefixtune.serve")
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 MAX_JSON_BYTES = 4 * 1024 * 1024  # bodies of /v1/generate and /v1/completions
+# Sampling below this temperature is greedy decoding: logits / 1e-300 overflow to inf (and NaN
+# probabilities), and at 0.01 the distribution is already a point mass in all but exact ties.
+MIN_TEMPERATURE = 0.01
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
 
 
 @dataclass
@@ -84,19 +83,34 @@ def load_keys(path: str | None = None, env: str | None = None) -> dict[str, str]
 
 
 # ---------------------------------------------------------------------------------------------
-# Request/response bodies
+# Request/response bodies. Every field a client sends is checked here (types, ranges, finite
+# numbers, valid Unicode), so nothing malformed reaches the tokenizer or the model.
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON "\ud800" decodes to a lone surrogate, which no tokenizer takes
+        raise ValueError(f"not valid Unicode: lone surrogate {text[e.start]!r} at position {e.start}") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+Finite = Annotated[float, Strict(), AllowInfNan(False)]  # JSON numbers, ints included; 1e400 and NaN refused
+PrefixName = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prefix: StrictStr | None = Field(None, description="prefix name (your tenant's), or null for the base model")
-    inputs: list[StrictStr] = Field(..., min_length=1, max_length=64)
+    prefix: PrefixName | None = Field(None, description="prefix name (your tenant's), or null for the base model")
+    inputs: list[Text] = Field(..., min_length=1, max_length=64)
     max_new_tokens: StrictInt = Field(64, ge=1)
     num_beams: StrictInt = Field(1, ge=1, le=16)
     do_sample: StrictBool = False
-    temperature: StrictFloat | StrictInt | None = Field(None, gt=0)
-    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
-    seed: StrictInt | None = None
+    temperature: Finite | None = Field(None, gt=0, description=f"below {MIN_TEMPERATURE}: greedy")
+    top_p: Finite | None = Field(None, gt=0, le=1)
+    seed: Seed | None = None
 
 
 class GenerateResponse(BaseModel):
@@ -106,15 +120,15 @@ class GenerateResponse(BaseModel):
 
 class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: StrictStr = Field(..., description='prefix name, or "base" for the base model')
-    prompt: StrictStr | list[StrictStr] = Field(...)
+    model: PrefixName = Field(..., description='prefix name, or "base" for the base model')
+    prompt: Text | list[Text] = Field(...)
     max_tokens: StrictInt = Field(16, ge=1)
-    temperature: StrictFloat | StrictInt | None = Field(None, ge=0, description="None or 0: greedy")
-    top_p: StrictFloat | StrictInt | None = Field(None, gt=0, le=1)
+    temperature: Finite | None = Field(None, ge=0, description=f"None or below {MIN_TEMPERATURE}: greedy")
+    top_p: Finite | None = Field(None, gt=0, le=1)
     n: StrictInt = 1
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stream: StrictBool = False
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
 
 
 class PrefixInfo(BaseModel):
@@ -142,6 +156,9 @@ class Server:
         self.req_tokenizer = copy.deepcopy(tokenizer)
         self.tok_lock = threading.Lock()
         self.draining = False
+        c = model.config  # decoder-only models with learned positions cannot go past them
+        self.max_positions = None if c.is_encoder_decoder else (
+            getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None))
 
     def tenant(self, request: Request) -> str:
         auth = request.headers.get("authorization", "")
@@ -157,16 +174,22 @@ class Server:
                                 headers={"WWW-Authenticate": "Bearer"})
         return tenant
 
-    def prompt_tokens(self, sources: list[str]) -> list[int]:
+    def prompt_tokens(self, sources: list[str], max_new_tokens: int) -> list[int]:
+        lengths = []
         with self.tok_lock:
-            try:
-                lengths = [len(encode(self.model, self.req_tokenizer, s).prompt) for s in sources]
-            except ValueError as e:
-                raise HTTPException(422, str(e)) from e
+            for i, s in enumerate(sources):
+                try:
+                    lengths.append(len(encode(self.model, self.req_tokenizer, s).prompt))
+                except Exception as e:  # valid Unicode the tokenizer still cannot take is the input's fault
+                    raise HTTPException(422, f"input {i} could not be tokenised: {e}") from None
         limit = self.config.max_input_tokens
+        positions = self.max_positions
         for i, n in enumerate(lengths):
             if n > limit:
                 raise HTTPException(413, f"input {i} is {n} tokens, more than the limit of {limit} (--max-input-tokens)")
+            if positions and n + max_new_tokens > positions:
+                raise HTTPException(422, f"input {i} is {n} tokens; with {max_new_tokens} new tokens that is more than "
+                                    f"the model's {positions} positions")
         return lengths
 
     def lookup(self, tenant: str, name: str | None):
@@ -186,7 +209,7 @@ class Server:
                                 f"{self.config.max_new_tokens_limit} (--max-new-tokens-limit)")
         # the prefix object is resolved now and held by the job: deleting it later cannot break the request
         prefix = await run_in_threadpool(self.lookup, tenant, name)
-        await run_in_threadpool(self.prompt_tokens, sources)
+        await run_in_threadpool(self.prompt_tokens, sources, settings["max_new_tokens"])
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
@@ -211,7 +234,11 @@ class Server:
             self.metrics.record_rejected("timeout")
             raise HTTPException(504, f"generation did not finish within {self.config.request_timeout_s} s") from None
         if job.error is not None:
-            raise HTTPException(500, f"generation failed: {type(job.error).__name__}: {job.error}")
+            # the scheduler isolates failures to the rows that cause them (a failed batch is retried row
+            # by row), so this request's own input failed; the traceback is in the server's log
+            if isinstance(job.error, torch.OutOfMemoryError):
+                raise HTTPException(503, "out of memory while generating; retry later", headers={"Retry-After": "5"})
+            raise HTTPException(422, f"generation failed for this input: {type(job.error).__name__}: {job.error}")
         return job.results
 
 
@@ -224,11 +251,18 @@ Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="[A-Za-z0-9._-
 
 
 def _settings(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
+    if temperature is not None and temperature < MIN_TEMPERATURE:
+        do_sample = False  # documented floor: see MIN_TEMPERATURE
     s = {"max_new_tokens": int(max_new_tokens), "num_beams": int(num_beams), "do_sample": bool(do_sample)}
     if do_sample:
         s["temperature"] = float(temperature if temperature is not None else 1.0)
         s["top_p"] = float(top_p if top_p is not None else 1.0)
     return s
+
+
+def _error(status: int, detail, headers=None) -> Response:
+    body = json.dumps({"detail": detail}, ensure_ascii=True, default=repr)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
@@ -248,6 +282,25 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     app = FastAPI(title="prefixtune serve", version=__version__, lifespan=lifespan,
                   description="Many tenants' prefixes, one frozen base model, mixed-prefix batching.")
     app.state.server = srv
+
+    # The rule: nothing a client sends gets a 5xx. Input is checked by the request models (422 with
+    # pydantic's reasons) and the routes (4xx); a failing row fails only its own request (422, see
+    # run_job). Error bodies are written as ASCII JSON, since a client's NaN or lone surrogate
+    # quoted in a message must not make the error response itself fail. Anything else is a
+    # server fault: logged with its traceback, 500.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        return _error(422, [{"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+                             "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in exc.errors()])
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, exc: Exception):
+        log.error("server fault on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal server error ({type(exc).__name__}); it is in the server's log")
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -325,9 +378,8 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         if not 1 <= len(prompts) <= 64:
             raise HTTPException(422, "prompt must be a string or a list of 1 to 64 strings")
         name = None if body.model == "base" else body.model
-        sample = bool(body.temperature)
-        settings = _settings(body.max_tokens, 1, sample, body.temperature, body.top_p)
-        prompt_tokens = await run_in_threadpool(srv.prompt_tokens, prompts)
+        settings = _settings(body.max_tokens, 1, bool(body.temperature), body.temperature, body.top_p)
+        prompt_tokens = await run_in_threadpool(srv.prompt_tokens, prompts, body.max_tokens)
         results = await srv.run_job(tenant, name, prompts, settings, body.seed)
         completion_tokens = sum(n for _, n in results)
         return {

@@ -44,14 +44,16 @@ class Metrics:
         self.batches = 0
         self.generated_tokens = 0
         self.busy_seconds = 0.0
+        self.failed_rows = 0
         self.requests = defaultdict(int)  # (tenant, prefix) -> count
         self.rejected = defaultdict(int)  # reason -> count
         self._recent = deque()  # (time, tokens)
         self.window_s = window_s
 
-    def record_batch(self, rows: int, distinct_prefixes: int, tokens: int, seconds: float) -> None:
+    def record_batch(self, rows: int, distinct_prefixes: int, tokens: int, seconds: float, failed: int = 0) -> None:
         now = time.monotonic()
         with self._lock:
+            self.failed_rows += failed
             self.batches += 1
             self.batch_rows.observe(rows)
             self.batch_prefixes.observe(distinct_prefixes)
@@ -104,6 +106,9 @@ class Metrics:
                 "# HELP prefixtune_tokens_per_second Generated tokens per second over the last 30 s.",
                 "# TYPE prefixtune_tokens_per_second gauge",
                 f"prefixtune_tokens_per_second {tps:.3f}",
+                "# HELP prefixtune_failed_rows_total Rows whose generation raised even when run alone (their requests got 422).",
+                "# TYPE prefixtune_failed_rows_total counter",
+                f"prefixtune_failed_rows_total {self.failed_rows}",
                 "# HELP prefixtune_busy_seconds_total Seconds spent generating.",
                 "# TYPE prefixtune_busy_seconds_total counter",
                 f"prefixtune_busy_seconds_total {self.busy_seconds:.3f}",

@@ -108,6 +108,9 @@ class Registry:
             prefix = Prefix.load(path)  # safetensors only: no pickle anywhere
             if not prefix.kv:
                 raise ValueError("the file holds no prefix tensors")
+            for placement, t in prefix.kv.items():
+                if not bool(t.isfinite().all()):
+                    raise ValueError(f"tensor {placement!r} holds NaN or infinite values")
             prefix.check_compatible(self.model)
         except InvalidPrefix:
             raise

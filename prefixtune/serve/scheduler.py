@@ -153,6 +153,29 @@ class Scheduler:
             self.metrics.queue_depth = len(self._queue)
             return batch
 
+    def _generate(self, batch: list[Row]) -> list[tuple[str, int]]:
+        job0 = batch[0].job
+        if job0.seed is not None:
+            torch.manual_seed(job0.seed)
+        texts = generate(self.model, self.tokenizer, [r.source for r in batch],
+                         prefixes=[r.job.prefix for r in batch], batch_size=len(batch), **job0.settings)
+        return [(t, len(self.tokenizer(t, add_special_tokens=False).input_ids)) for t in texts]
+
+    def _run_isolated(self, batch: list[Row]) -> list:
+        """Results of the batch, one per row: (text, tokens), or the exception of a row that fails.
+
+        One bad row must not fail the others (they may be other tenants'): a batch that raises is
+        run again row by row, and only the rows that still raise alone fail."""
+        try:
+            return self._generate(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                log.error("row of request %d failed", batch[0].job.id, exc_info=e)
+                return [e]
+            log.warning("batch of %d rows failed (%s: %s); running its rows one by one", len(batch),
+                        type(e).__name__, e)
+        return [self._run_isolated([r])[0] for r in batch]
+
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
@@ -161,26 +184,21 @@ class Scheduler:
             batch = [r for r in batch if not r.job.cancelled and r.job.error is None]
             if not batch:
                 continue
-            job0 = batch[0].job
             t0 = time.perf_counter()
-            try:
-                if job0.seed is not None:
-                    torch.manual_seed(job0.seed)
-                texts = generate(self.model, self.tokenizer, [r.source for r in batch],
-                                 prefixes=[r.job.prefix for r in batch], batch_size=len(batch), **job0.settings)
-                tokens = [len(self.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
-            except Exception as e:
-                log.exception("batch of %d rows failed", len(batch))
-                for job in {id(r.job): r.job for r in batch}.values():
-                    if job.error is None:
-                        job.error = e
-                        job.finish()
-                continue
+            outcomes = self._run_isolated(batch)
             seconds = time.perf_counter() - t0
-            self.metrics.record_batch(len(batch), len({id(r.job.prefix) for r in batch}), sum(tokens), seconds)
-            for r, text, n in zip(batch, texts, tokens):
+            done = [(r, o) for r, o in zip(batch, outcomes) if not isinstance(o, BaseException)]
+            self.metrics.record_batch(len(batch), len({id(r.job.prefix) for r in batch}), sum(o[1] for _, o in done),
+                                      seconds, failed=len(batch) - len(done))
+            for r, outcome in zip(batch, outcomes):
                 job = r.job
-                job.results[r.index] = (text, n)
+                if job.error is not None:
+                    continue
+                if isinstance(outcome, BaseException):
+                    job.error = outcome
+                    job.finish()
+                    continue
+                job.results[r.index] = outcome
                 job.remaining -= 1
-                if job.remaining == 0 and job.error is None:
+                if job.remaining == 0:
                     job.finish()
