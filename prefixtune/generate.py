@@ -8,6 +8,7 @@ max_new_tokens, ...) passes through. Results come back in input order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -40,23 +41,50 @@ def _chunks(order: list[int], size: int):
         yield order[i : i + size]
 
 
+@dataclass
+class Generation:
+    """What :func:`generate` produced for one row with ``return_tokens=True``.
+
+    ``tokens``: the generated ids, up to and including the first EOS. ``logprobs`` (when asked):
+    per token, log p(token) under the model (its raw logits, before temperature and top-p) and the
+    ``logprobs`` most likely tokens with theirs, as ``(logprob, [(id, logprob), ...])``."""
+
+    tokens: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+
+
+def token_logprobs_at(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list, list]:
+    """``logits`` [rows, vocab], ``tokens`` [rows]: log p of each row's token, and its top-``k`` (id, logp)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None].to(logp.device))[:, 0].tolist()
+    if k <= 0:
+        return chosen, [[] for _ in chosen]
+    top = logp.topk(k, dim=-1)
+    return chosen, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+
+
 @torch.no_grad()
 def generate(
     model,
     tokenizer,
-    sources: Sequence[str],
+    sources: Sequence[str | list[int]],
     prefixes: Prefix | Sequence[Prefix | None] | None = None,
     batch_size: int = 16,
     progress: bool = False,
     soft_prompt: torch.Tensor | None = None,
+    return_tokens: bool = False,
+    logprobs: int | None = None,
     **generate_kwargs,
-) -> list[str] | list[list[str]]:
+) -> list[str] | list[list[str]] | list[Generation]:
     """Generate a continuation for each source with its own prefix (``prefixes[i]``, or one for all).
 
     Returns one string per source, or a list of ``num_return_sequences`` strings per source.
     Defaults: greedy (``do_sample=False``) and ``max_new_tokens=100`` unless given.
+    A source is text, or a prompt already encoded (token ids, e.g. a rendered chat template).
     ``soft_prompt``: ``[length, hidden]`` input embeddings put before every source (prompt tuning,
     the paper's embedding-only ablation; see prefixtune/baselines/prompt.py).
+    ``return_tokens``: a :class:`Generation` per source instead of text; ``logprobs=k`` adds the
+    token log-probabilities and the top-k alternatives (not with beam search).
     """
     sources = list(sources)
     prefixes = _per_row(prefixes, len(sources))
@@ -68,10 +96,16 @@ def generate(
     generate_kwargs.setdefault("eos_token_id", eos)
     generate_kwargs.setdefault("pad_token_id", pad)
     n_return = generate_kwargs.get("num_return_sequences", 1)
+    if return_tokens and n_return != 1:
+        raise ValueError("return_tokens=True returns one sequence per source (num_return_sequences=1)")
+    if logprobs is not None:
+        if not return_tokens or generate_kwargs.get("num_beams", 1) != 1:
+            raise ValueError("logprobs need return_tokens=True and num_beams=1")
+        generate_kwargs.update(return_dict_in_generate=True, output_logits=True)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    prompts = [encode(model, tokenizer, s).prompt for s in sources]
+    prompts = [list(s) if not isinstance(s, str) else encode(model, tokenizer, s).prompt for s in sources]
     order = sorted(range(len(sources)), key=lambda i: len(prompts[i]))
     results: list = [None] * len(sources)
     try:
@@ -83,8 +117,17 @@ def generate(
             if soft_prompt is not None:  # generate() then returns the new tokens only
                 batch = prepend_soft_prompt(model, soft_prompt, **batch)
             out = model.generate(**batch, prefix_batch=prefix_batch, **generate_kwargs)
+            logits = None
+            if logprobs is not None:  # raw logits per step: [rows, steps, vocab]
+                logits, out = torch.stack(out.logits, dim=1), out.sequences
             if not attach.is_seq2seq(model) and "input_ids" in batch:
                 out = out[:, batch["input_ids"].shape[1] :]
+            if return_tokens:
+                if attach.is_seq2seq(model):
+                    out = out[:, 1:]  # the decoder start token
+                for j, i in enumerate(rows):
+                    results[i] = _generation(out[j], eos, None if logits is None else logits[j], logprobs)
+                continue
             texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
             for j, i in enumerate(rows):
                 group = texts[j * n_return : (j + 1) * n_return]
@@ -92,6 +135,16 @@ def generate(
     finally:
         model.train(was_training)
     return results
+
+
+def _generation(row: torch.Tensor, eos: int, logits: torch.Tensor | None, k: int | None) -> Generation:
+    tokens = row.tolist()
+    if eos in tokens:
+        tokens = tokens[: tokens.index(eos) + 1]
+    if logits is None:
+        return Generation(tokens)
+    chosen, top = token_logprobs_at(logits[: len(tokens)], row[: len(tokens)], k)
+    return Generation(tokens, list(zip(chosen, top)))
 
 
 @torch.no_grad()

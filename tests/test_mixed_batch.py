@@ -110,3 +110,25 @@ def test_cpu_grouped_query_kernel_equals_repeated_heads(arch, tokenizer, monkeyp
     (a, ga), (b, gb) = results
     assert torch.allclose(a, b, atol=1e-5)
     assert all(torch.allclose(x, y, atol=1e-6, rtol=1e-4) for x, y in zip(ga, gb))
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "gpt2", "t5"])
+def test_generate_returns_tokens_and_logprobs(arch, tokenizer):
+    """return_tokens: the ids behind the text (up to the first EOS); encoded prompts as sources give the
+    same; logprobs: each token's log p under the model's raw logits, its top-k sorted."""
+    model = tiny_model(arch, init_range=0.2)
+    p = random_prefix(model, 3, seed=1, scale=3.0)
+    prefixes = [p, None, p, None]
+    texts = pt.generate(model, tokenizer, SOURCES, prefixes=prefixes, max_new_tokens=8)
+    gens = pt.generate(model, tokenizer, SOURCES, prefixes=prefixes, max_new_tokens=8, return_tokens=True, logprobs=3)
+    assert [tokenizer.decode(g.tokens, skip_special_tokens=True).strip() for g in gens] == texts
+    assert all(0 < len(g.tokens) <= 8 and 2 not in g.tokens[:-1] for g in gens)
+    prompts = [pt.template.encode(model, tokenizer, s).prompt for s in SOURCES]
+    again = pt.generate(model, tokenizer, prompts, prefixes=prefixes, max_new_tokens=8, return_tokens=True)
+    assert [g.tokens for g in again] == [g.tokens for g in gens] and again[0].logprobs is None
+    for g in gens:
+        for token, (lp, top) in zip(g.tokens, g.logprobs):
+            assert len(top) == 3 and top[0] == (token, lp)  # greedy: the chosen token is the most likely
+            assert top[0][1] >= top[1][1] >= top[2][1] and lp < 0
+    with pytest.raises(ValueError, match="num_beams=1"):
+        pt.generate(model, tokenizer, SOURCES[:1], num_beams=2, return_tokens=True, logprobs=1)

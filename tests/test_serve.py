@@ -63,6 +63,9 @@ class Env:
         self.proc = None
         self.url = None
 
+    def prompt(self, source):
+        return pt.template.encode(self.model, self.tokenizer, source).prompt
+
     def ref(self, name, source, beams=1):
         key = (name, source, beams)
         if key not in self._ref:
@@ -219,7 +222,12 @@ def test_bad_input(env):
         assert post({"inputs": ["x"], "num_beams": -1}) == 422
         assert post({"inputs": ["x"], "unknown_field": 1}) == 422
         assert post({"inputs": [big_src]}) in (413, 422)  # over --max-input-tokens
-        assert c.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 2}).status_code == 422
+        assert c.post("/v1/completions", json={"model": "base", "prompt": "x", "n": 65}).status_code == 422
+        assert c.post("/v1/completions", json={"model": "base", "prompt": ["x"] * 8, "n": 9}).status_code == 422
+        for unsupported in ({"presence_penalty": 0.5}, {"logit_bias": {"1": 2}}, {"echo": True}, {"best_of": 3},
+                            {"logprobs": 6}, {"stop": ["a"] * 9}, {"tools": []}):
+            r = c.post("/v1/completions", json={"model": "base", "prompt": "x", **unsupported})
+            assert r.status_code == 422, unsupported
         put = lambda name, data: c.put(f"/v1/prefixes/{name}", content=data).status_code
         assert put("junk", b"this is not a safetensors file at all") == 422
         assert put("truncated", valid[: len(valid) // 2]) == 422
@@ -231,6 +239,7 @@ def test_bad_input(env):
         assert put("toolarge", os.urandom(200_000)) == 413  # --max-upload-mb 0.1
         assert put("bad name!", valid) in (404, 422)
         assert put("x" * 65, valid) == 422
+        assert put("base", valid) == 422  # reserved: the base model's name in the OpenAI routes
         assert {p["name"] for p in c.get("/v1/prefixes").json()["prefixes"]} == set(LENGTHS)
     assert httpx.get(env.url + "/healthz").json()["status"] == "ok"
     assert not list(env.registry.rglob("*.tmp"))
@@ -340,12 +349,12 @@ def test_scheduler_batching_modes(env, batching):
     sched = Scheduler(env.model, env.tokenizer, metrics, batching=batching, max_batch_rows=8, batch_wait_ms=0)
     names = [None, "p1", "p2", "p1", "p3", None]
     settings = {"max_new_tokens": NEW, "num_beams": 1, "do_sample": False}
-    jobs = [sched.submit(Job("alice", n, None if n is None else env.prefixes[n], [SOURCES[i % 2]], dict(settings)))
-            for i, n in enumerate(names)]
+    jobs = [sched.submit(Job("alice", n, None if n is None else env.prefixes[n], [env.prompt(SOURCES[i % 2])],
+                             dict(settings))) for i, n in enumerate(names)]
     sched.start()  # everything is queued before the worker starts: batches are formed from all six
     sched.stop(timeout=60)
     assert all(j.done.is_set() and j.error is None for j in jobs)
-    assert [j.results[0][0] for j in jobs] == [env.ref(n, SOURCES[i % 2]) for i, n in enumerate(names)]
+    assert [j.streams[0].text for j in jobs] == [env.ref(n, SOURCES[i % 2]) for i, n in enumerate(names)]
     if batching == "single-prefix":
         assert metrics.max_prefixes_in_batch == 1 and metrics.batches == 4
     else:
@@ -418,16 +427,16 @@ def test_scheduler_fails_only_the_failing_row(env):
     metrics = Metrics()
     sched = Scheduler(env.model, env.tokenizer, metrics, max_batch_rows=8, batch_wait_ms=0)
     settings = {"max_new_tokens": NEW, "num_beams": 1, "do_sample": False}
-    bad = sched.submit(Job("mallory", "zero", zero, [SOURCES[0]], dict(settings)))
-    jobs = [sched.submit(Job("bob", n, None if n is None else env.prefixes[n], [SOURCES[1], SOURCES[0]], dict(settings)))
-            for n in (None, None)]
+    bad = sched.submit(Job("mallory", "zero", zero, [env.prompt(SOURCES[0])], dict(settings)))
+    jobs = [sched.submit(Job("bob", None, None, [env.prompt(SOURCES[1]), env.prompt(SOURCES[0])], dict(settings)))
+            for _ in range(2)]
     sched.start()  # all queued first: one batch holds the bad row and the four good ones
     sched.stop(timeout=60)
     assert metrics.batches == 1 and metrics.failed_rows == 1
     assert bad.done.is_set() and isinstance(bad.error, IndexError)
     for job in jobs:
         assert job.error is None
-        assert [t for t, _ in job.results] == [env.ref(job.prefix_name, SOURCES[1]), env.ref(job.prefix_name, SOURCES[0])]
+        assert [s.text for s in job.streams] == [env.ref(None, SOURCES[1]), env.ref(None, SOURCES[0])]
 
 
 # values a careless or hostile client may put in any field (raw JSON text)
@@ -536,3 +545,139 @@ def test_fuzz_no_5xx_and_other_tenants_unharmed(env):
         for name in ("p2", "p3"):
             assert b.delete(f"/v1/prefixes/q-{name}").status_code == 200
         assert {p["name"] for p in a.get("/v1/prefixes").json()["prefixes"]} == set(LENGTHS)
+
+
+def _tokens_and_logprobs(env, name, prompt, max_new_tokens=NEW):
+    """Greedy tokens for an encoded prompt, alone, and their log-probabilities from one plain forward
+    pass of the model with the prefix (independent of the generation code)."""
+    import torch
+
+    from prefixtune.prefix import make_batch
+
+    prefix = None if name is None else env.prefixes[name]
+    gen = pt.generate(env.model, env.tokenizer, [prompt], prefixes=[prefix], max_new_tokens=max_new_tokens,
+                      return_tokens=True)[0]
+    ids = torch.tensor([prompt + gen.tokens])
+    with torch.no_grad():
+        logits = env.model(input_ids=ids, prefix_batch=make_batch([prefix]), use_cache=False).logits[0].float()
+    logp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1].gather(1, ids[0, len(prompt):, None])[:, 0]
+    return gen.tokens, logp.tolist()
+
+
+def test_text_stream_stops_holds_and_adds_up(tokenizer):
+    from prefixtune.serve.output import TextStream
+
+    text = " Hello world, this is a stream. It ends here!"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    for stop, expected, reason in [((), text.strip(), "length"), (("is a",), "Hello world, this", "stop"),
+                                   ((". It", "zzz"), "Hello world, this is a stream", "stop"),
+                                   (("here!",), "Hello world, this is a stream. It ends", "stop")]:
+        stream = TextStream(tokenizer, eos=2, max_new_tokens=len(ids), stop=stop)
+        deltas = []
+        for t in ids:
+            deltas.append(stream.add(t))
+            if stream.finish_reason:
+                break
+        assert "".join(d.text for d in deltas) == expected == stream.text
+        assert deltas[-1].finish_reason == reason and len(stream.tokens) == len(deltas)
+    stream = TextStream(tokenizer, eos=2, max_new_tokens=len(ids), stop=("is a",))
+    for t in ids:  # " is" may start the stop sequence: it is held back until the next token says otherwise
+        stream.add(t)
+        if stream.raw.endswith("this is"):
+            break
+    assert stream.text == "Hello world, this"
+    stream = TextStream(tokenizer, eos=2, max_new_tokens=50)
+    assert stream.add(ids[0]).text == "Hello" and stream.add(2).finish_reason == "stop" and stream.tokens == [ids[0], 2]
+    # a multi-byte character split over byte tokens is never sent half
+    ids = tokenizer("été 😀", add_special_tokens=False).input_ids
+    stream = TextStream(tokenizer, eos=2, max_new_tokens=len(ids))
+    assert all("\ufffd" not in stream.add(t).text for t in ids) and stream.text == "été 😀"
+
+
+def test_generate_streams_server_sent_events(env):
+    with env.client(A) as c:
+        with c.stream("POST", "/v1/generate", json={"prefix": "p3", "inputs": SOURCES[:2], "max_new_tokens": NEW,
+                                                    "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+        for i, src in enumerate(SOURCES[:2]):
+            mine = [e for e in events if e["index"] == i]
+            assert "".join(e["text"] for e in mine) == env.ref("p3", src)
+            assert [e["finish_reason"] is not None for e in mine][-1] and mine[-1]["finish_reason"] in ("stop", "length")
+        assert c.post("/v1/generate", json={"inputs": ["x"], "stream": True, "num_beams": 2}).status_code == 422
+
+
+def test_openai_client(env):
+    """The real `openai` package against the server: models, completions, chat, streaming, n, seed,
+    stop, logprobs, usage, and errors."""
+    openai = pytest.importorskip("openai")
+
+    client = openai.OpenAI(base_url=env.url + "/v1", api_key=KEY_A, max_retries=0, timeout=60)
+    assert {m.id for m in client.models.list()} == {"base", *LENGTHS}
+    assert client.models.retrieve("p2").id == "p2"
+
+    src = SOURCES[0]
+    prompt = pt.template.encode(env.model, env.tokenizer, src).prompt
+    tokens, logps = _tokens_and_logprobs(env, "p2", prompt)
+    r = client.completions.create(model="p2", prompt=src, max_tokens=NEW, logprobs=1)
+    choice = r.choices[0]
+    assert choice.text == env.ref("p2", src)
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == len(tokens)
+    assert r.usage.total_tokens == len(prompt) + len(tokens)
+    assert choice.finish_reason == ("stop" if tokens[-1] == 2 else "length")
+    listed = [t for t in tokens if t != 2]  # the EOS is counted in usage, not listed
+    assert len(choice.logprobs.token_logprobs) == len(listed)
+    assert choice.logprobs.token_logprobs == pytest.approx(logps[: len(listed)], abs=1e-4)
+    for tok, lp, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
+        assert top == {tok: lp}  # greedy: the chosen token is the most likely one
+    # streaming: the chunks add up to the same text; the last one says why it ended
+    chunks = list(client.completions.create(model="p2", prompt=src, max_tokens=NEW, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(tokens)
+    # stop: the text ends before the stop sequence, streamed or not
+    stop = choice.text.split()[1] if len(choice.text.split()) > 1 else choice.text[1:3]
+    cut = choice.text[: choice.text.find(stop)].strip()
+    r = client.completions.create(model="p2", prompt=src, max_tokens=NEW, stop=[stop, "\n\n\n"])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (cut, "stop")
+    streamed = client.completions.create(model="p2", prompt=src, max_tokens=NEW, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut
+    # n and seed: n choices per prompt, prompt-major; the same seeded request gives the same choices
+    ask = dict(model="p1", prompt=SOURCES[:2], max_tokens=NEW, n=3, temperature=1.5, seed=11)
+    a, b = client.completions.create(**ask), client.completions.create(**ask)
+    assert [c.index for c in a.choices] == list(range(6)) and [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices[:3]}) > 1  # sampled, not three greedy copies
+    assert a.usage.prompt_tokens == sum(len(pt.template.encode(env.model, env.tokenizer, s).prompt) for s in SOURCES[:2])
+
+    # chat: the tokenizer's chat template, the prefix as usual
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": src}]
+    text = env.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    chat_ids = env.tokenizer(text, add_special_tokens=False).input_ids
+    expected = pt.generate(env.model, env.tokenizer, [chat_ids], prefixes=[env.prefixes["p4"]], max_new_tokens=NEW)[0]
+    r = client.chat.completions.create(model="p4", messages=messages, max_tokens=NEW)
+    assert r.choices[0].message.content == expected and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(chat_ids)
+    chunks = list(client.chat.completions.create(model="p4", messages=messages, max_completion_tokens=NEW,
+                                                 stream=True, logprobs=True, top_logprobs=2))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert entries and all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob
+                           for e in entries)
+    base = client.chat.completions.create(model="base", messages=messages, max_tokens=NEW)
+    assert base.choices[0].message.content == pt.generate(env.model, env.tokenizer, [chat_ids], max_new_tokens=NEW)[0]
+
+    # errors come back as the client's exception types, with the server's reason
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        client.completions.create(model="nobody-has-this", prompt="x", max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="presence_penalty"):
+        client.completions.create(model="base", prompt="x", presence_penalty=1.0)
+    with pytest.raises(openai.UnprocessableEntityError, match="over the limit"):
+        client.chat.completions.create(model="base", messages=messages, max_tokens=1000)
+    with pytest.raises(openai.UnprocessableEntityError, match="role"):
+        client.chat.completions.create(model="base", messages=[{"role": "wizard", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=env.url + "/v1", api_key="wrong", max_retries=0).models.list()

@@ -8,8 +8,6 @@ import hmac
 import json
 import logging
 import threading
-import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 import torch
@@ -38,6 +36,7 @@ MAX_JSON_BYTES = 4 * 1024 * 1024  # bodies of /v1/generate and /v1/completions
 # probabilities), and at 0.01 the distribution is already a point mass in all but exact ties.
 MIN_TEMPERATURE = 0.01
 MAX_SEED = 2**63 - 1  # torch seeds are 64-bit
+MAX_ROWS = 64  # rows (inputs x n) of one request
 
 
 @dataclass
@@ -104,31 +103,19 @@ Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prefix: PrefixName | None = Field(None, description="prefix name (your tenant's), or null for the base model")
-    inputs: list[Text] = Field(..., min_length=1, max_length=64)
+    inputs: list[Text] = Field(..., min_length=1, max_length=MAX_ROWS)
     max_new_tokens: StrictInt = Field(64, ge=1)
     num_beams: StrictInt = Field(1, ge=1, le=16)
     do_sample: StrictBool = False
     temperature: Finite | None = Field(None, gt=0, description=f"below {MIN_TEMPERATURE}: greedy")
     top_p: Finite | None = Field(None, gt=0, le=1)
     seed: Seed | None = None
+    stream: StrictBool = Field(False, description="server-sent events {index, text, finish_reason}, then [DONE]")
 
 
 class GenerateResponse(BaseModel):
     outputs: list[str]
     prefix: str | None
-
-
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: PrefixName = Field(..., description='prefix name, or "base" for the base model')
-    prompt: Text | list[Text] = Field(...)
-    max_tokens: StrictInt = Field(16, ge=1)
-    temperature: Finite | None = Field(None, ge=0, description=f"None or below {MIN_TEMPERATURE}: greedy")
-    top_p: Finite | None = Field(None, gt=0, le=1)
-    n: StrictInt = 1
-    seed: Seed | None = None
-    stream: StrictBool = False
-    stop: Text | list[Text] | None = None
 
 
 class PrefixInfo(BaseModel):
@@ -174,23 +161,29 @@ class Server:
                                 headers={"WWW-Authenticate": "Bearer"})
         return tenant
 
-    def prompt_tokens(self, sources: list[str], max_new_tokens: int) -> list[int]:
-        lengths = []
+    def encode(self, sources: list[str]) -> list[list[int]]:
+        """Sources as prefixtune encodes them (decoder-only: x + separator), checked against the limits."""
+        prompts = []
         with self.tok_lock:
             for i, s in enumerate(sources):
                 try:
-                    lengths.append(len(encode(self.model, self.req_tokenizer, s).prompt))
+                    prompts.append(encode(self.model, self.req_tokenizer, s).prompt)
                 except Exception as e:  # valid Unicode the tokenizer still cannot take is the input's fault
                     raise HTTPException(422, f"input {i} could not be tokenised: {e}") from None
-        limit = self.config.max_input_tokens
-        positions = self.max_positions
-        for i, n in enumerate(lengths):
+        return prompts
+
+    def check_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        if max_new_tokens > self.config.max_new_tokens_limit:
+            raise HTTPException(422, f"max_new_tokens {max_new_tokens} is over the limit of "
+                                f"{self.config.max_new_tokens_limit} (--max-new-tokens-limit)")
+        limit, positions = self.config.max_input_tokens, self.max_positions
+        for i, prompt in enumerate(prompts):
+            n = len(prompt)
             if n > limit:
                 raise HTTPException(413, f"input {i} is {n} tokens, more than the limit of {limit} (--max-input-tokens)")
             if positions and n + max_new_tokens > positions:
                 raise HTTPException(422, f"input {i} is {n} tokens; with {max_new_tokens} new tokens that is more than "
                                     f"the model's {positions} positions")
-        return lengths
 
     def lookup(self, tenant: str, name: str | None):
         if name is None:
@@ -202,22 +195,19 @@ class Server:
         except InvalidPrefix as e:  # the file on disk went bad since it was registered
             raise HTTPException(500, f"prefix {name!r} could not be loaded: {e}") from None
 
-    async def run_job(self, tenant: str, name: str | None, sources: list[str], settings: dict,
-                      seed: int | None) -> list[tuple[str, int]]:
-        if settings["max_new_tokens"] > self.config.max_new_tokens_limit:
-            raise HTTPException(422, f"max_new_tokens {settings['max_new_tokens']} is over the limit of "
-                                f"{self.config.max_new_tokens_limit} (--max-new-tokens-limit)")
+    async def submit(self, tenant: str, name: str | None, prompts: list[list[int]], settings: dict,
+                     seed: int | None = None, stop: tuple[str, ...] = (), logprobs: int | None = None,
+                     stream: bool = False) -> tuple[Job, asyncio.Queue]:
+        """Queue a job; returns it and a queue that receives (row, Delta) per change when ``stream``,
+        and ``None`` when the job is done or failed."""
+        self.check_lengths(prompts, settings["max_new_tokens"])
         # the prefix object is resolved now and held by the job: deleting it later cannot break the request
         prefix = await run_in_threadpool(self.lookup, tenant, name)
-        await run_in_threadpool(self.prompt_tokens, sources, settings["max_new_tokens"])
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def done(job):
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(job))
-
-        job = Job(tenant=tenant, prefix_name=name, prefix=prefix, sources=sources, settings=settings,
-                  seed=seed if settings.get("do_sample") else None, callbacks=[done])
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        put = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
+        job = Job(tenant=tenant, prefix_name=name, prefix=prefix, prompts=prompts, settings=settings,
+                  seed=seed if settings.get("do_sample") else None, stop=stop, logprobs=logprobs,
+                  on_delta=(lambda i, d: put((i, d))) if stream else None, callbacks=[lambda job: put(None)])
         try:
             self.scheduler.submit(job)
         except QueueFull:
@@ -227,19 +217,53 @@ class Server:
         except ShuttingDown:
             raise HTTPException(503, "server is shutting down") from None
         self.metrics.record_request(tenant, name)
+        job.deadline = loop.time() + self.config.request_timeout_s
+        return job, events
+
+    def failure(self, job: Job) -> HTTPException:
+        # the scheduler isolates failures to the rows that cause them (a failed batch is retried row
+        # by row), so this request's own input failed; the traceback is in the server's log
+        if isinstance(job.error, torch.OutOfMemoryError):
+            return HTTPException(503, "out of memory while generating; retry later", headers={"Retry-After": "5"})
+        return HTTPException(422, f"generation failed for this input: {type(job.error).__name__}: {job.error}")
+
+    def timed_out(self, job: Job) -> HTTPException:
+        job.cancelled = True
+        self.metrics.record_rejected("timeout")
+        return HTTPException(504, f"generation did not finish within {self.config.request_timeout_s} s")
+
+    async def wait(self, job: Job, events: asyncio.Queue) -> Job:
+        """The finished job (outputs in ``job.streams``), or the HTTP error it ends in."""
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(asyncio.shield(fut), self.config.request_timeout_s)
+            while not job.done.is_set():
+                await asyncio.wait_for(events.get(), max(0.0, job.deadline - loop.time()))
         except TimeoutError:
-            job.cancelled = True
-            self.metrics.record_rejected("timeout")
-            raise HTTPException(504, f"generation did not finish within {self.config.request_timeout_s} s") from None
+            raise self.timed_out(job) from None
         if job.error is not None:
-            # the scheduler isolates failures to the rows that cause them (a failed batch is retried row
-            # by row), so this request's own input failed; the traceback is in the server's log
-            if isinstance(job.error, torch.OutOfMemoryError):
-                raise HTTPException(503, "out of memory while generating; retry later", headers={"Retry-After": "5"})
-            raise HTTPException(422, f"generation failed for this input: {type(job.error).__name__}: {job.error}")
-        return job.results
+            raise self.failure(job)
+        return job
+
+    async def deltas(self, job: Job, events: asyncio.Queue):
+        """Yield (row, Delta) as rows grow; ends when the job is done. A failure or timeout is yielded
+        as an HTTPException (the response has started, so it goes into the stream). A client that
+        disconnects cancels the job: its queued rows are dropped."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(events.get(), max(0.0, job.deadline - loop.time()))
+                except TimeoutError:
+                    yield self.timed_out(job)
+                    return
+                if item is None:
+                    if job.error is not None:
+                        yield self.failure(job)
+                    return
+                yield item
+        finally:
+            if not job.done.is_set():
+                job.cancelled = True
 
 
 def _tenant(request: Request) -> str:
@@ -260,9 +284,30 @@ def _settings(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
     return s
 
 
+def error_body(status: int, detail) -> dict:
+    """``detail`` for prefixtune's clients, ``error`` in OpenAI's shape for OpenAI's clients."""
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    message = detail if isinstance(detail, str) else json.dumps(detail, ensure_ascii=True, default=repr)
+    return {"detail": detail, "error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, ensure_ascii=True, default=repr)
+
+
 def _error(status: int, detail, headers=None) -> Response:
-    body = json.dumps({"detail": detail}, ensure_ascii=True, default=repr)
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
+    return Response(_json(error_body(status, detail)), status_code=status, headers=headers, media_type="application/json")
+
+
+def sse(events) -> StreamingResponse:
+    """Server-sent events: each dict from the async iterator ``events`` as one ``data:`` line, then [DONE]."""
+    async def lines():
+        async for event in events:
+            yield f"data: {_json(event)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
@@ -278,6 +323,8 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         srv.draining = True
         await run_in_threadpool(srv.scheduler.stop)
         log.info("scheduler drained; bye")
+
+    from .openai import openai_routes  # its routes use this module's helpers
 
     app = FastAPI(title="prefixtune serve", version=__version__, lifespan=lifespan,
                   description="Many tenants' prefixes, one frozen base model, mixed-prefix batching.")
@@ -327,6 +374,8 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     async def put_prefix(name: Name, request: Request, tenant: Tenant):
         if not valid_name(name):
             raise HTTPException(422, f"invalid prefix name {name!r}: use 1-64 of [A-Za-z0-9._-]")
+        if name == "base":
+            raise HTTPException(422, "the name 'base' is reserved: it is the base model in /v1/completions and chat")
         limit = int(config.max_upload_mb * 1024 * 1024)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -362,38 +411,26 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate_route(body: GenerateRequest, tenant: Tenant):
+        if body.stream and body.num_beams > 1:
+            raise HTTPException(422, "stream=true needs num_beams=1")
         settings = _settings(body.max_new_tokens, body.num_beams, body.do_sample, body.temperature, body.top_p)
-        results = await srv.run_job(tenant, body.prefix, list(body.inputs), settings, body.seed)
-        return {"outputs": [t for t, _ in results], "prefix": body.prefix}
+        prompts = await run_in_threadpool(srv.encode, list(body.inputs))
+        job, events = await srv.submit(tenant, body.prefix, prompts, settings, body.seed, stream=body.stream)
+        if not body.stream:
+            await srv.wait(job, events)
+            return {"outputs": [s.text for s in job.streams], "prefix": body.prefix}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, tenant: Tenant):
-        if body.n != 1:
-            raise HTTPException(422, "only n=1 is supported")
-        if body.stream:
-            raise HTTPException(422, "stream=true is not supported")
-        if body.stop:
-            raise HTTPException(422, "stop sequences are not supported")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-        if not 1 <= len(prompts) <= 64:
-            raise HTTPException(422, "prompt must be a string or a list of 1 to 64 strings")
-        name = None if body.model == "base" else body.model
-        settings = _settings(body.max_tokens, 1, bool(body.temperature), body.temperature, body.top_p)
-        prompt_tokens = await run_in_threadpool(srv.prompt_tokens, prompts, body.max_tokens)
-        results = await srv.run_job(tenant, name, prompts, settings, body.seed)
-        completion_tokens = sum(n for _, n in results)
-        return {
-            "id": "cmpl-" + uuid.uuid4().hex,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": [{"text": t, "index": i, "logprobs": None,
-                         "finish_reason": "length" if n >= body.max_tokens else "stop"}
-                        for i, (t, n) in enumerate(results)],
-            "usage": {"prompt_tokens": sum(prompt_tokens), "completion_tokens": completion_tokens,
-                      "total_tokens": sum(prompt_tokens) + completion_tokens},
-        }
+        async def chunks():
+            async for item in srv.deltas(job, events):
+                if isinstance(item, HTTPException):
+                    yield error_body(item.status_code, item.detail)
+                    return
+                i, delta = item
+                yield {"index": i, "text": delta.text, "finish_reason": delta.finish_reason}
 
+        return sse(chunks())
+
+    openai_routes(app, srv)
     return app
 
 

@@ -100,7 +100,7 @@ class Metrics:
                 f"prefixtune_mixed_batches_total {self.mixed_batches}",
                 "# HELP prefixtune_batches_total Generate batches run.", "# TYPE prefixtune_batches_total counter",
                 f"prefixtune_batches_total {self.batches}",
-                "# HELP prefixtune_generated_tokens_total Generated tokens (output text re-tokenised).",
+                "# HELP prefixtune_generated_tokens_total Generated tokens (as generated, a final EOS included).",
                 "# TYPE prefixtune_generated_tokens_total counter",
                 f"prefixtune_generated_tokens_total {self.generated_tokens}",
                 "# HELP prefixtune_tokens_per_second Generated tokens per second over the last 30 s.",

@@ -12,6 +12,9 @@ oldest waiting row, waits up to ``batch_wait_ms`` for company, and forms a batch
 Sampling requests with a ``seed`` run in a batch of their own (the request's rows only), after
 ``torch.manual_seed(seed)``, so the same request gives the same outputs. Greedy and beam search
 rows give the same results as serving each row alone (``prefixtune.generate``'s guarantee).
+Rows asking for logprobs batch only with rows that ask for the same number of alternatives.
+Each row's generated tokens go through its TextStream (output.py): stop sequences, finish
+reason, text; a streaming request gets each row's text when its batch ends.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from ..generate import generate
 from ..prefix import Prefix
+from ..template import special_ids
+from .output import Delta, TextStream
 
 log = logging.getLogger("prefixtune.serve")
 
@@ -41,21 +47,40 @@ class ShuttingDown(Exception):
 
 @dataclass
 class Job:
-    """One accepted request: its rows, a shared prefix object (held, so deleting it later is harmless)."""
+    """One accepted request: its rows (encoded prompts) and a shared prefix object (held, so deleting
+    the prefix later is harmless). Each row's output grows in ``streams[i]`` (a TextStream); every
+    change is also passed to ``on_delta(i, delta)`` (for streaming), from the worker thread."""
 
     tenant: str
     prefix_name: str | None
     prefix: Prefix | None
-    sources: list[str]
-    settings: dict
+    prompts: list[list[int]]
+    settings: dict  # max_new_tokens, num_beams, do_sample[, temperature, top_p]
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's logprob and the top k
+    on_delta: Callable[[int, Delta], None] | None = None
+    deadline: float = 0.0  # when the request must be answered (the app's event-loop clock)
     id: int = 0
-    results: list = field(default_factory=list)
+    streams: list[TextStream] = field(default_factory=list)
     remaining: int = 0
     error: BaseException | None = None
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     callbacks: list = field(default_factory=list)
+
+    def deliver(self, index: int, delta: Delta) -> None:
+        if self.on_delta is not None and (delta.text or delta.logprobs or delta.finish_reason):
+            self.on_delta(index, delta)
+        if delta.finish_reason is not None:
+            self.remaining -= 1
+            if self.remaining == 0 and self.error is None:
+                self.finish()
+
+    def fail(self, error: BaseException) -> None:
+        if self.error is None and not self.done.is_set():
+            self.error = error
+            self.finish()
 
     def finish(self) -> None:
         self.done.set()
@@ -70,9 +95,13 @@ class Job:
 class Row:
     job: Job
     index: int
-    source: str
+    prompt: list[int]
     key: tuple
     enqueued: float
+
+    @property
+    def stream(self) -> TextStream:
+        return self.job.streams[self.index]
 
 
 class Scheduler:
@@ -81,6 +110,7 @@ class Scheduler:
         if batching not in ("mixed", "single-prefix"):
             raise ValueError(f"batching must be 'mixed' or 'single-prefix', got {batching!r}")
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.eos = special_ids(tokenizer)[1]
         self.batching = batching
         self.max_batch_rows = max(1, int(max_batch_rows))
         self.batch_wait = max(0.0, batch_wait_ms / 1000.0)
@@ -101,19 +131,20 @@ class Scheduler:
     def submit(self, job: Job) -> Job:
         """Queue the job's rows; raises QueueFull (nothing queued) or ShuttingDown."""
         job.id = next(self._ids)
-        job.results = [None] * len(job.sources)
-        job.remaining = len(job.sources)
-        key = tuple(sorted(job.settings.items()))
+        job.streams = [TextStream(self.tokenizer, self.eos, job.settings["max_new_tokens"], job.stop,
+                                  job.logprobs is not None) for _ in job.prompts]
+        job.remaining = len(job.prompts)
+        key = tuple(sorted(job.settings.items())) + (("logprobs", job.logprobs),)
         if job.seed is not None:  # reproducible sampling: a batch of its own
             key = key + (("job", job.id),)
         now = time.monotonic()
         with self._cond:
             if self._stopping:
                 raise ShuttingDown()
-            if len(self._queue) + len(job.sources) > self.max_queue:
+            if len(self._queue) + len(job.prompts) > self.max_queue:
                 raise QueueFull()
-            for i, s in enumerate(job.sources):
-                self._queue.append(Row(job, i, s, key, now))
+            for i, prompt in enumerate(job.prompts):
+                self._queue.append(Row(job, i, prompt, key, now))
             self.metrics.queue_depth = len(self._queue)
             self._cond.notify()
         return job
@@ -153,16 +184,15 @@ class Scheduler:
             self.metrics.queue_depth = len(self._queue)
             return batch
 
-    def _generate(self, batch: list[Row]) -> list[tuple[str, int]]:
+    def _generate(self, batch: list[Row]) -> list:
         job0 = batch[0].job
         if job0.seed is not None:
             torch.manual_seed(job0.seed)
-        texts = generate(self.model, self.tokenizer, [r.source for r in batch],
-                         prefixes=[r.job.prefix for r in batch], batch_size=len(batch), **job0.settings)
-        return [(t, len(self.tokenizer(t, add_special_tokens=False).input_ids)) for t in texts]
+        return generate(self.model, self.tokenizer, [r.prompt for r in batch], prefixes=[r.job.prefix for r in batch],
+                        batch_size=len(batch), return_tokens=True, logprobs=job0.logprobs, **job0.settings)
 
     def _run_isolated(self, batch: list[Row]) -> list:
-        """Results of the batch, one per row: (text, tokens), or the exception of a row that fails.
+        """One result per row: its Generation, or the exception of a row that fails.
 
         One bad row must not fail the others (they may be other tenants'): a batch that raises is
         run again row by row, and only the rows that still raise alone fail."""
@@ -187,18 +217,12 @@ class Scheduler:
             t0 = time.perf_counter()
             outcomes = self._run_isolated(batch)
             seconds = time.perf_counter() - t0
-            done = [(r, o) for r, o in zip(batch, outcomes) if not isinstance(o, BaseException)]
-            self.metrics.record_batch(len(batch), len({id(r.job.prefix) for r in batch}), sum(o[1] for _, o in done),
-                                      seconds, failed=len(batch) - len(done))
+            tokens = failed = 0
             for r, outcome in zip(batch, outcomes):
-                job = r.job
-                if job.error is not None:
-                    continue
                 if isinstance(outcome, BaseException):
-                    job.error = outcome
-                    job.finish()
-                    continue
-                job.results[r.index] = outcome
-                job.remaining -= 1
-                if job.remaining == 0:
-                    job.finish()
+                    failed += 1
+                    r.job.fail(outcome)
+                elif r.job.error is None:
+                    tokens += len(outcome.tokens)
+                    r.job.deliver(r.index, r.stream.add_all(outcome.tokens, outcome.logprobs))
+            self.metrics.record_batch(len(batch), len({id(r.job.prefix) for r in batch}), tokens, seconds, failed=failed)
