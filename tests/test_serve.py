@@ -74,29 +74,36 @@ class Env:
                                          max_new_tokens=NEW)[0]
         return self._ref[key]
 
-    def start(self):
+    def launch(self, registry, extra=()):
+        """A server process on a free port with this registry; returns (process, url, log file)."""
         port = _free_port()
         env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         env.pop("PREFIXTUNE_API_KEYS", None)
         cmd = [sys.executable, "-m", "prefixtune.cli", "serve", "--model", str(self.model_dir),
-               "--registry", str(self.registry), "--keys", str(self.keys), "--port", str(port),
+               "--registry", str(registry), "--keys", str(self.keys), "--port", str(port),
                "--threads", "1", "--batch-wait-ms", "30", "--max-batch-rows", "32", "--max-queue", "256",
-               "--max-input-tokens", "64", "--max-new-tokens-limit", "32", "--max-prefixes-in-memory", "2",
-               "--max-upload-mb", "0.1", "--request-timeout-s", "60"]
-        self.log = open(self.root / f"server-{port}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{port}"
+               "--max-input-tokens", "64", "--max-new-tokens-limit", "32", "--max-upload-mb", "0.1",
+               "--request-timeout-s", "60", *extra]
+        log = open(self.root / f"server-{port}.log", "w")
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), f"http://127.0.0.1:{port}", log
+
+    @staticmethod
+    def wait_healthy(proc, url, log):
         deadline = time.time() + 90
         while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + (self.root / f"server-{port}.log").read_text())
+            if proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + Path(log.name).read_text())
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
         raise RuntimeError("server did not start")
+
+    def start(self):
+        self.proc, self.url, self.log = self.launch(self.registry, ["--max-prefixes-in-memory", "2"])
+        self.wait_healthy(self.proc, self.url, self.log)
 
     def stop(self, timeout=60):
         if self.proc is not None and self.proc.poll() is None:
@@ -121,8 +128,7 @@ def env(tmp_path_factory, tokenizer):
 
 
 def metric(env, name) -> float:
-    text = httpx.get(env.url + "/metrics").text
-    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+    return metric_at(env.url, name)
 
 
 def test_equality_concurrent_mixed(env):
@@ -326,17 +332,23 @@ def test_graceful_shutdown_and_restart(env):
         t.join()
     env.proc.wait(60)
     assert results == [200] * 4
-    # a kill -9 during an upload leaves a *.tmp file behind: it must be ignored (and removed)
+    # a kill -9 during an upload leaves a *.tmp file behind: it must be ignored, and removed once it
+    # is old (a young one may be another replica's upload in progress)
     tenant_dir = next(d for d in env.registry.iterdir() if d.is_dir())
+    old = time.time() - 3600
     (tenant_dir / ".deadbeef.tmp").write_bytes(env.files["p1"][:100])
     (tenant_dir / "half.safetensors.tmp").write_bytes(b"garbage")
+    (tenant_dir / ".inflight.tmp").write_bytes(env.files["p1"][:100])
+    for name in (".deadbeef.tmp", "half.safetensors.tmp"):
+        os.utime(tenant_dir / name, (old, old))
     env.log.close()
     env.start()
     with env.client(A) as c:
         assert c.get("/v1/prefixes").json()["prefixes"] == before
         r = c.post("/v1/generate", json={"prefix": "p4", "inputs": [SOURCES[1]], "max_new_tokens": NEW})
         assert r.json()["outputs"] == [env.ref("p4", SOURCES[1])]
-    assert not list(env.registry.rglob("*.tmp"))
+    assert [p.name for p in env.registry.rglob("*.tmp")] == [".inflight.tmp"]
+    (tenant_dir / ".inflight.tmp").unlink()
 
 
 @pytest.mark.parametrize("batching", ["mixed", "single-prefix"])
@@ -681,3 +693,69 @@ def test_openai_client(env):
         client.chat.completions.create(model="base", messages=[{"role": "wizard", "content": "x"}])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=env.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_three_replicas_share_one_registry(env, tmp_path):
+    """Three servers on one registry directory: what one replica writes (uploads, replaces, deletes)
+    is what the others serve from their next request; concurrent writes of one name leave one
+    complete file, the last one."""
+    import hashlib
+
+    registry = tmp_path / "shared-registry"
+    servers = [env.launch(registry) for _ in range(3)]
+    try:
+        for proc, url, log in servers:
+            env.wait_healthy(proc, url, log)
+        clients = [httpx.Client(base_url=url, headers=A, timeout=60) for _, url, _ in servers]
+        gen = lambda c: c.post("/v1/generate", json={"prefix": "shared", "inputs": [SOURCES[0]], "max_new_tokens": NEW})
+        assert clients[0].put("/v1/prefixes/shared", content=env.files["p1"]).status_code == 201
+        for c in clients:  # every replica, right after the writer's 2xx
+            assert gen(c).json()["outputs"] == [env.ref("p1", SOURCES[0])]
+        loads = metric_at(servers[2][1], "prefixtune_prefix_loads_total")
+        for _ in range(3):
+            gen(clients[2])
+        assert metric_at(servers[2][1], "prefixtune_prefix_loads_total") == loads  # unchanged file: served from memory
+        assert clients[1].put("/v1/prefixes/shared", content=env.files["p3"]).status_code == 200
+        for c in clients:  # replicas 0 and 2 held the old version in memory
+            assert gen(c).json()["outputs"] == [env.ref("p3", SOURCES[0])]
+        assert clients[2].delete("/v1/prefixes/shared").status_code == 200
+        for c in clients:
+            assert gen(c).status_code == 404 and c.get("/v1/prefixes").json()["prefixes"] == []
+            assert c.delete("/v1/prefixes/shared").status_code == 404
+
+        # concurrent writes of one name through different replicas: last rename wins, never a torn file
+        names = ["p1", "p2", "p3", "p4"]
+        digests = {hashlib.sha256(env.files[n]).hexdigest(): n for n in names}
+        for round_ in range(4):
+            barrier, codes = threading.Barrier(4), []
+
+            def write(i):
+                barrier.wait()
+                codes.append(clients[i % 3].put("/v1/prefixes/raced", content=env.files[names[(i + round_) % 4]]).status_code)
+
+            threads = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert set(codes) <= {200, 201} and (201 in codes) == (round_ == 0)
+            files = list(registry.rglob("raced.safetensors"))
+            assert len(files) == 1 and not list(registry.rglob("*.tmp"))
+            winner = digests[hashlib.sha256(files[0].read_bytes()).hexdigest()]  # a complete upload
+            for c in clients:
+                r = c.post("/v1/generate", json={"prefix": "raced", "inputs": [SOURCES[1]], "max_new_tokens": NEW})
+                assert r.json()["outputs"] == [env.ref(winner, SOURCES[1])]
+                assert [p["length"] for p in c.get("/v1/prefixes").json()["prefixes"]] == [LENGTHS[winner]]
+        for c in clients:
+            c.close()
+    finally:
+        for proc, _, log in servers:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _, log in servers:
+            proc.wait(60)
+            log.close()
+
+
+def metric_at(url, name) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))

@@ -135,7 +135,7 @@ class Server:
         self.model, self.config = model, config
         self.keys = dict(config.keys)
         self.metrics = Metrics()
-        self.registry = Registry(config.registry, model, set(self.keys.values()), config.max_prefixes_in_memory)
+        self.registry = Registry(config.registry, model, config.max_prefixes_in_memory)
         self.scheduler = Scheduler(model, tokenizer, self.metrics, config.batching, config.max_batch_rows,
                                    config.batch_wait_ms, config.max_queue)
         # the worker thread owns `tokenizer`; request threads use their own copy (fast tokenizers are
