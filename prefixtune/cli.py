@@ -270,6 +270,7 @@ def cmd_serve(args) -> int:
     keys = load_keys(args.keys, os.environ.get("PREFIXTUNE_API_KEYS"))
     config = ServeConfig(model=args.model, registry=args.registry, host=args.host, port=args.port,
                          batching=args.batching, max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms,
+                         prefill_chunk=args.prefill_chunk,
                          max_queue=args.max_queue, max_input_tokens=args.max_input_tokens,
                          max_new_tokens_limit=args.max_new_tokens_limit,
                          max_prefixes_in_memory=args.max_prefixes_in_memory, max_upload_mb=args.max_upload_mb,
@@ -431,11 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the report from the runs already cached (missing ones are listed), training nothing")
     x.set_defaults(func=cmd_experiment)
 
-    s = sub.add_parser("serve", help="serve many tenants' prefixes over HTTP with mixed-prefix batching",
+    s = sub.add_parser("serve", help="serve many tenants' prefixes over HTTP with continuous batching across prefixes",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="One process, one frozen base model, an HTTP API (FastAPI; docs at /docs): tenants "
                        "upload exported prefixes and generate with them; concurrent requests for different prefixes "
-                       "are batched into the same generate calls. See README, 'Serving'.")
+                       "decode together in one running batch that rows join and leave at every step. See README, 'Serving'.")
     s.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
     s.add_argument("--registry", default="./prefix-registry", help="directory of the tenants' prefix files")
@@ -443,12 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON file {\"api-key\": \"tenant\", ...}; or set PREFIXTUNE_API_KEYS='key1:tenantA,key2:tenantB'")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--batching", choices=["mixed", "single-prefix"], default="mixed",
-                   help="mixed: rows of different prefixes share batches; single-prefix: one prefix per batch "
-                   "(the oldest waiting request's), as single-active-adapter serving does")
-    s.add_argument("--max-batch-rows", type=int, default=32, help="rows (inputs) per generate batch")
+    s.add_argument("--batching", choices=["continuous", "mixed", "single-prefix"], default="continuous",
+                   help="continuous: rows join and leave the running batch at every decoding step, whatever their "
+                   "prefixes (beam search rows, and models it cannot serve, use mixed); mixed: dynamic batches of "
+                   "rows of any prefixes, each run to its longest row's end; single-prefix: one prefix per batch, "
+                   "as single-active-adapter serving does (see results/serve.md)")
+    s.add_argument("--max-batch-rows", type=int, default=32, help="rows decoded together (running batch or generate batch)")
     s.add_argument("--batch-wait-ms", type=float, default=50.0,
-                   help="how long a batch waits for more rows once one is queued (50: fuller batches under load; see results/serve.md)")
+                   help="mixed/single-prefix: how long a batch waits for more rows once one is queued")
+    s.add_argument("--prefill-chunk", type=int, default=256,
+                   help="continuous: prompt tokens prefilled per decoding step (a long prompt takes several steps, so "
+                   "newcomers never stall the running rows for long)")
     s.add_argument("--max-queue", type=int, default=256, help="queued rows before requests get 429")
     s.add_argument("--max-input-tokens", type=int, default=1024, help="longest input, in prompt tokens")
     s.add_argument("--max-new-tokens-limit", type=int, default=256, help="largest max_new_tokens a request may ask")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -351,14 +352,15 @@ def test_graceful_shutdown_and_restart(env):
     (tenant_dir / ".inflight.tmp").unlink()
 
 
-@pytest.mark.parametrize("batching", ["mixed", "single-prefix"])
+@pytest.mark.parametrize("batching", ["continuous", "mixed", "single-prefix"])
 def test_scheduler_batching_modes(env, batching):
-    """In-process: single-prefix batching never mixes prefixes; both modes give the single-request results."""
+    """In-process: single-prefix batching never mixes prefixes; every mode gives the single-request results."""
     from prefixtune.serve.metrics import Metrics
     from prefixtune.serve.scheduler import Job, Scheduler
 
     metrics = Metrics()
     sched = Scheduler(env.model, env.tokenizer, metrics, batching=batching, max_batch_rows=8, batch_wait_ms=0)
+    assert sched.batching == batching
     names = [None, "p1", "p2", "p1", "p3", None]
     settings = {"max_new_tokens": NEW, "num_beams": 1, "do_sample": False}
     jobs = [sched.submit(Job("alice", n, None if n is None else env.prefixes[n], [env.prompt(SOURCES[i % 2])],
@@ -369,8 +371,10 @@ def test_scheduler_batching_modes(env, batching):
     assert [j.streams[0].text for j in jobs] == [env.ref(n, SOURCES[i % 2]) for i, n in enumerate(names)]
     if batching == "single-prefix":
         assert metrics.max_prefixes_in_batch == 1 and metrics.batches == 4
-    else:
+    elif batching == "mixed":
         assert metrics.max_prefixes_in_batch == 4 and metrics.batches == 1
+    else:  # one decoding step per token, all six rows together (the first token comes from each prefill)
+        assert metrics.max_prefixes_in_batch == 4 and metrics.batches == NEW - 1
 
 
 def test_queue_full_timeout_and_draining(env, tmp_path):
@@ -427,28 +431,36 @@ def test_regressions_of_the_five_500s(env):
             assert r.status_code == 200 and r.json()["outputs"] == [env.ref("p2", SOURCES[0])]
 
 
-def test_scheduler_fails_only_the_failing_row(env):
-    """A row that raises (a length-0 prefix slipped past validation) shares a batch with another
-    tenant's base-model rows, which makes the whole batch raise (as in issue 13): they get exactly
-    their single-request outputs, and only its request fails."""
+@pytest.mark.parametrize("batching", ["mixed", "continuous"])
+def test_scheduler_fails_only_the_failing_row(env, batching):
+    """A row that raises shares a batch with another tenant's rows, which get exactly their
+    single-request outputs; only its request fails. mixed: a length-0 prefix (slipped past
+    validation) with base-model rows makes the whole generate call raise, as in issue 13;
+    continuous: a prefix of NaN makes its row's sampling fail."""
     from prefixtune.serve.metrics import Metrics
     from prefixtune.serve.scheduler import Job, Scheduler
 
     good = env.prefixes["p1"]
-    zero = pt.Prefix(kv={"self": good.kv["self"][:, :, :, :0]}, meta=dict(good.meta, length=0))
     metrics = Metrics()
-    sched = Scheduler(env.model, env.tokenizer, metrics, max_batch_rows=8, batch_wait_ms=0)
+    sched = Scheduler(env.model, env.tokenizer, metrics, batching=batching, max_batch_rows=8, batch_wait_ms=0)
     settings = {"max_new_tokens": NEW, "num_beams": 1, "do_sample": False}
-    bad = sched.submit(Job("mallory", "zero", zero, [env.prompt(SOURCES[0])], dict(settings)))
-    jobs = [sched.submit(Job("bob", None, None, [env.prompt(SOURCES[1]), env.prompt(SOURCES[0])], dict(settings)))
-            for _ in range(2)]
-    sched.start()  # all queued first: one batch holds the bad row and the four good ones
+    if batching == "mixed":
+        zero = pt.Prefix(kv={"self": good.kv["self"][:, :, :, :0]}, meta=dict(good.meta, length=0))
+        bad = sched.submit(Job("mallory", "zero", zero, [env.prompt(SOURCES[0])], dict(settings)))
+    else:
+        nan = pt.Prefix(kv={"self": torch.full_like(good.kv["self"], float("nan"))}, meta=good.meta)
+        bad = sched.submit(Job("mallory", "nan", nan, [env.prompt(SOURCES[0])],
+                               dict(settings, do_sample=True, temperature=1.0, top_p=1.0), seed=1))
+    names = [None, None] if batching == "mixed" else [None, "p2"]
+    jobs = [sched.submit(Job("bob", n, n and env.prefixes[n], [env.prompt(SOURCES[1]), env.prompt(SOURCES[0])],
+                             dict(settings))) for n in names]
+    sched.start()  # all queued first: the bad row and the four good ones run together
     sched.stop(timeout=60)
-    assert metrics.batches == 1 and metrics.failed_rows == 1
-    assert bad.done.is_set() and isinstance(bad.error, IndexError)
+    assert metrics.failed_rows == 1 and (metrics.batches == 1 or batching == "continuous")
+    assert bad.done.is_set() and isinstance(bad.error, IndexError if batching == "mixed" else ValueError)
     for job in jobs:
         assert job.error is None
-        assert [s.text for s in job.streams] == [env.ref(None, SOURCES[1]), env.ref(None, SOURCES[0])]
+        assert [s.text for s in job.streams] == [env.ref(job.prefix_name, SOURCES[1]), env.ref(job.prefix_name, SOURCES[0])]
 
 
 # values a careless or hostile client may put in any field (raw JSON text)
@@ -618,6 +630,9 @@ def test_generate_streams_server_sent_events(env):
             mine = [e for e in events if e["index"] == i]
             assert "".join(e["text"] for e in mine) == env.ref("p3", src)
             assert [e["finish_reason"] is not None for e in mine][-1] and mine[-1]["finish_reason"] in ("stop", "length")
+        # continuous batching (the server's default) streams text as tokens are made, not at the end
+        assert httpx.get(env.url + "/healthz").json()["batching"] == "continuous"
+        assert max(len([e for e in events if e["index"] == i]) for i in range(2)) >= 3
         assert c.post("/v1/generate", json={"inputs": ["x"], "stream": True, "num_beams": 2}).status_code == 422
 
 

@@ -45,9 +45,10 @@ class ServeConfig:
     registry: str = "./prefix-registry"
     host: str = "127.0.0.1"
     port: int = 8000
-    batching: Literal["mixed", "single-prefix"] = "mixed"
+    batching: Literal["continuous", "mixed", "single-prefix"] = "continuous"
     max_batch_rows: int = 32
     batch_wait_ms: float = 50.0
+    prefill_chunk: int = 256
     max_queue: int = 256
     max_input_tokens: int = 1024
     max_new_tokens_limit: int = 256
@@ -137,7 +138,7 @@ class Server:
         self.metrics = Metrics()
         self.registry = Registry(config.registry, model, config.max_prefixes_in_memory)
         self.scheduler = Scheduler(model, tokenizer, self.metrics, config.batching, config.max_batch_rows,
-                                   config.batch_wait_ms, config.max_queue)
+                                   config.batch_wait_ms, config.max_queue, config.prefill_chunk)
         # the worker thread owns `tokenizer`; request threads use their own copy (fast tokenizers are
         # not safe to use from several threads at once)
         self.req_tokenizer = copy.deepcopy(tokenizer)
@@ -317,7 +318,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         srv.scheduler.start()
         log.info("serving %s: %d tenant(s), %d prefix(es) registered, %s batching", config.model,
-                 len(set(srv.keys.values())), srv.registry.stats()["registered"], config.batching)
+                 len(set(srv.keys.values())), srv.registry.stats()["registered"], srv.scheduler.batching)
         yield
         # uvicorn has stopped accepting and finished in-flight requests; drain whatever is queued
         srv.draining = True
@@ -361,7 +362,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
 
     @app.get("/healthz")
     def healthz():
-        return {"status": "ok", "model": config.model, "batching": config.batching,
+        return {"status": "ok", "model": config.model, "batching": srv.scheduler.batching,
                 "queue_depth": srv.scheduler.depth(), "version": __version__}
 
     @app.get("/metrics", response_class=PlainTextResponse)

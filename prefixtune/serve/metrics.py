@@ -50,10 +50,13 @@ class Metrics:
         self._recent = deque()  # (time, tokens)
         self.window_s = window_s
 
-    def record_batch(self, rows: int, distinct_prefixes: int, tokens: int, seconds: float, failed: int = 0) -> None:
+    def record_failed(self, rows: int) -> None:
+        with self._lock:
+            self.failed_rows += rows
+
+    def record_batch(self, rows: int, distinct_prefixes: int, tokens: int, seconds: float) -> None:
         now = time.monotonic()
         with self._lock:
-            self.failed_rows += failed
             self.batches += 1
             self.batch_rows.observe(rows)
             self.batch_prefixes.observe(distinct_prefixes)
@@ -87,7 +90,7 @@ class Metrics:
             m = [
                 "# HELP prefixtune_queue_depth Rows waiting for a batch.", "# TYPE prefixtune_queue_depth gauge",
                 f"prefixtune_queue_depth {self.queue_depth}",
-                "# HELP prefixtune_batch_rows Rows per generate batch.", "# TYPE prefixtune_batch_rows histogram",
+                "# HELP prefixtune_batch_rows Rows per batch (a generate call, or a continuous-batching decoding step).", "# TYPE prefixtune_batch_rows histogram",
                 *self.batch_rows.lines("prefixtune_batch_rows"),
                 "# HELP prefixtune_batch_prefixes Distinct prefixes (base model counts as one) per batch.",
                 "# TYPE prefixtune_batch_prefixes histogram",
@@ -98,7 +101,7 @@ class Metrics:
                 "# HELP prefixtune_mixed_batches_total Batches holding more than one prefix.",
                 "# TYPE prefixtune_mixed_batches_total counter",
                 f"prefixtune_mixed_batches_total {self.mixed_batches}",
-                "# HELP prefixtune_batches_total Generate batches run.", "# TYPE prefixtune_batches_total counter",
+                "# HELP prefixtune_batches_total Batches run (generate calls, or continuous-batching decoding steps).", "# TYPE prefixtune_batches_total counter",
                 f"prefixtune_batches_total {self.batches}",
                 "# HELP prefixtune_generated_tokens_total Generated tokens (as generated, a final EOS included).",
                 "# TYPE prefixtune_generated_tokens_total counter",

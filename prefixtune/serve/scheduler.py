@@ -1,20 +1,27 @@
-"""The batching scheduler: one worker thread owns the model and runs every generation.
+"""The scheduler: one worker thread owns the model and runs every generation.
 
-Requests are split into rows (one per input), queued in arrival order. The worker takes the
-oldest waiting row, waits up to ``batch_wait_ms`` for company, and forms a batch of up to
-``max_batch_rows`` queued rows whose generation settings are identical:
+Requests are split into rows (one per input and choice), queued in arrival order. Batching:
 
-- ``mixed`` batching: rows of any prefixes (and the base model) share a batch; one
-  ``prefixtune.generate(..., prefixes=[per-row prefix], batch_size=len(rows))`` call serves them.
-- ``single-prefix`` batching: a batch holds rows of one prefix only (the oldest waiting row's),
-  as single-active-adapter serving does.
+- ``continuous`` (the default): iteration-level batching by the engine (engine.py). Rows join
+  the running batch as soon as there is room (after their prompt pass) and leave as soon as they
+  finish, at every decoding step, whatever their prefixes and settings; their tokens stream out
+  as they are made. Beam search rows, and rows whose settings the engine cannot apply exactly,
+  run through the batch path below (``mixed``), between decoding steps; a model the engine
+  cannot serve (encoder-decoder, sliding-window attention, or failing its start-up self-check)
+  is served with ``mixed`` batching throughout.
+- ``mixed``: dynamic batching. The worker takes the oldest waiting row, waits up to
+  ``batch_wait_ms`` for company, and runs up to ``max_batch_rows`` queued rows whose generation
+  settings are identical, of any prefixes, in one ``prefixtune.generate`` call, to the end of the
+  longest row; then the next batch.
+- ``single-prefix``: as ``mixed``, but a batch holds rows of one prefix only (the oldest waiting
+  row's), as single-active-adapter serving does.
 
-Sampling requests with a ``seed`` run in a batch of their own (the request's rows only), after
-``torch.manual_seed(seed)``, so the same request gives the same outputs. Greedy and beam search
-rows give the same results as serving each row alone (``prefixtune.generate``'s guarantee).
-Rows asking for logprobs batch only with rows that ask for the same number of alternatives.
-Each row's generated tokens go through its TextStream (output.py): stop sequences, finish
-reason, text; a streaming request gets each row's text when its batch ends.
+Greedy rows give the same tokens as generating each row alone, in every mode. Sampling rows
+with a seed are reproducible: in ``continuous`` each row draws from its own generator (seed + the
+row's index in the request), so its tokens do not depend on what runs beside it; in the batch
+modes the request runs in a batch of its own after ``torch.manual_seed(seed)``. A row that fails
+fails only its own request (the engine and the batch path both retry or isolate failing rows).
+Each row's tokens go through its TextStream (output.py): stop sequences, finish reason, text.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from ..generate import generate
 from ..prefix import Prefix
 from ..template import special_ids
+from .engine import Engine, Seq
 from .output import Delta, TextStream
 
 log = logging.getLogger("prefixtune.serve")
@@ -91,24 +99,29 @@ class Job:
                 log.debug("completion callback failed", exc_info=True)
 
 
-@dataclass
+@dataclass(eq=False)
 class Row:
     job: Job
     index: int
     prompt: list[int]
     key: tuple
     enqueued: float
+    path: str | None = None  # "engine" or "batch", once decided (continuous batching)
+    seq: Seq | None = None  # its engine row
 
     @property
     def stream(self) -> TextStream:
         return self.job.streams[self.index]
 
 
+BATCHING = ("continuous", "mixed", "single-prefix")
+
+
 class Scheduler:
-    def __init__(self, model, tokenizer, metrics, batching: str = "mixed", max_batch_rows: int = 32,
-                 batch_wait_ms: float = 50.0, max_queue: int = 256):
-        if batching not in ("mixed", "single-prefix"):
-            raise ValueError(f"batching must be 'mixed' or 'single-prefix', got {batching!r}")
+    def __init__(self, model, tokenizer, metrics, batching: str = "continuous", max_batch_rows: int = 32,
+                 batch_wait_ms: float = 50.0, max_queue: int = 256, prefill_chunk: int = 256):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.eos = special_ids(tokenizer)[1]
         self.batching = batching
@@ -119,7 +132,44 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._ids = itertools.count(1)
-        self._thread = threading.Thread(target=self._run, name="prefixtune-scheduler", daemon=True)
+        self.engine = None
+        if batching == "continuous":
+            try:
+                self.engine = Engine(model, self.eos, self.max_batch_rows, prefill_chunk)
+                self._check_engine()
+            except ValueError as e:
+                log.warning("continuous batching is not available for this model (%s); using mixed batching", e)
+                self.engine, self.batching = None, "mixed"
+        run = self._run_continuous if self.engine is not None else self._run
+        self._thread = threading.Thread(target=run, name="prefixtune-scheduler", daemon=True)
+
+    def _check_engine(self) -> None:
+        """Before serving: the engine must give exactly what ``generate`` gives alone (two rows of
+        different lengths, one with a random prefix). Guards architectures nobody tested."""
+        from ..prefix import PrefixConfig, PrefixTuner
+
+        torch.manual_seed(0)
+        prefix = PrefixTuner(self.model, PrefixConfig(length=3, reparameterize=False)).export()
+        for t in prefix.kv.values():
+            t.mul_(3.0)  # strong enough to change what is generated
+        ids = self.tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False).input_ids
+        rows = [(ids[:7], prefix), (ids[:3], None)]
+        want = [generate(self.model, self.tokenizer, [p], prefixes=[pre], max_new_tokens=5, return_tokens=True)[0].tokens
+                for p, pre in rows]
+        seqs = [Seq(p, pre, 5) for p, pre in rows]
+        got = {id(s): [] for s in seqs}
+        for s in seqs:
+            self.engine.add(s)
+        while self.engine.busy():
+            for seq, token, _ in self.engine.step():
+                if isinstance(token, BaseException):
+                    raise ValueError(f"self-check failed: {type(token).__name__}: {token}")
+                got[id(seq)].append(token)
+                if token == self.eos or len(got[id(seq)]) == seq.max_new_tokens:
+                    self.engine.finish(seq)
+        if [got[id(s)] for s in seqs] != [w for w in want]:
+            raise ValueError(f"self-check: continuous batching gave {[got[id(s)] for s in seqs]} where generate "
+                             f"gives {want}")
 
     def start(self) -> None:
         self._thread.start()
@@ -206,23 +256,103 @@ class Scheduler:
                         type(e).__name__, e)
         return [self._run_isolated([r])[0] for r in batch]
 
+    def _serve_batch(self, batch: list[Row]) -> None:
+        batch = [r for r in batch if not r.job.cancelled and r.job.error is None]
+        if not batch:
+            return
+        t0 = time.perf_counter()
+        outcomes = self._run_isolated(batch)
+        seconds = time.perf_counter() - t0
+        tokens = failed = 0
+        for r, outcome in zip(batch, outcomes):
+            if isinstance(outcome, BaseException):
+                failed += 1
+                r.job.fail(outcome)
+            elif r.job.error is None:
+                tokens += len(outcome.tokens)
+                r.job.deliver(r.index, r.stream.add_all(outcome.tokens, outcome.logprobs))
+        self.metrics.record_batch(len(batch), len({id(r.job.prefix) for r in batch}), tokens, seconds)
+        self.metrics.record_failed(failed)
+
     def _run(self) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
-            batch = [r for r in batch if not r.job.cancelled and r.job.error is None]
-            if not batch:
+            self._serve_batch(batch)
+
+    # -- continuous batching ---------------------------------------------------------------------
+    def _engine_seq(self, row: Row) -> Seq | None:
+        """The row as an engine row, or None if the engine cannot serve it exactly (beam search,
+        or processors of the model's generation config it does not apply)."""
+        if row.path is None:
+            s, job = row.job.settings, row.job
+            seed = None if job.seed is None else (job.seed + row.index) % 2**63
+            row.seq = Seq(row.prompt, job.prefix, s["max_new_tokens"], s["do_sample"], s.get("temperature", 1.0),
+                          s.get("top_p", 1.0), seed, job.logprobs, tag=row)
+            row.path = "engine" if s.get("num_beams", 1) == 1 and self.engine.supports(row.seq) else "batch"
+        return row.seq if row.path == "engine" else None
+
+    def _take_continuous(self) -> tuple[list[Row], list[Row]] | None:
+        """Rows to add to the engine (as many as it has room for, in order), and a batch for the
+        batch path (rows it cannot serve, of the oldest such row's settings); None when stopped."""
+        engine = self.engine
+        with self._cond:
+            while not self._queue and not engine.busy():
+                if self._stopping:
+                    return None
+                self._cond.wait(0.5)
+            admit, batch, keep = [], [], deque()
+            room = engine.free()
+            for row in self._queue:
+                if row.job.cancelled or row.job.error is not None:
+                    continue
+                seq = self._engine_seq(row)
+                if seq is not None and len(admit) < room:
+                    admit.append(row)
+                elif seq is None and len(batch) < self.max_batch_rows and (not batch or row.key == batch[0].key):
+                    batch.append(row)
+                else:
+                    keep.append(row)
+            self._queue = keep
+            self.metrics.queue_depth = len(keep)
+            return admit, batch
+
+    def _run_continuous(self) -> None:
+        engine = self.engine
+        while True:
+            taken = self._take_continuous()
+            if taken is None:
+                return
+            admit, batch = taken
+            for row in admit:
+                engine.add(row.seq)
+            if batch:  # beam search and the like: the running rows wait for this batch
+                self._serve_batch(batch)
+            if not engine.busy():
                 continue
+            running = list(engine.rows)
             t0 = time.perf_counter()
-            outcomes = self._run_isolated(batch)
+            events = engine.step()
             seconds = time.perf_counter() - t0
             tokens = failed = 0
-            for r, outcome in zip(batch, outcomes):
-                if isinstance(outcome, BaseException):
+            for seq, token, logprob in events:
+                row = seq.tag
+                if isinstance(token, BaseException):
                     failed += 1
-                    r.job.fail(outcome)
-                elif r.job.error is None:
-                    tokens += len(outcome.tokens)
-                    r.job.deliver(r.index, r.stream.add_all(outcome.tokens, outcome.logprobs))
-            self.metrics.record_batch(len(batch), len({id(r.job.prefix) for r in batch}), tokens, seconds, failed=failed)
+                    row.job.fail(token)
+                    engine.finish(seq)
+                    continue
+                tokens += 1
+                if row.job.error is None and not row.job.cancelled:
+                    delta = row.stream.add(token, logprob)
+                    row.job.deliver(row.index, delta)
+                    if delta.finish_reason is None:
+                        continue
+                engine.finish(seq)
+            for seq in engine.rows + list(engine.waiting):  # rows of failed or abandoned requests leave
+                if seq.tag.job.cancelled or seq.tag.job.error is not None:
+                    engine.finish(seq)
+            if running:
+                self.metrics.record_batch(len(running), len({id(s.prefix) for s in running}), tokens, seconds)
+            self.metrics.record_failed(failed)
