@@ -43,9 +43,11 @@ def _prompts(model, tokenizer, n, rng):
 
 
 @pytest.mark.parametrize("arch", CAUSAL_ARCHS)
-def test_greedy_rows_equal_generate_alone(arch, tokenizer):
+@pytest.mark.parametrize("prefill_chunk", [7, 64])
+def test_greedy_rows_equal_generate_alone(arch, prefill_chunk, tokenizer):
     """14 rows arriving over time into a batch of 4, prefixes of lengths 2/5/9, an infix, and none;
-    prompts prefilled in chunks of 7 tokens; lengths 1..12: every row's tokens are generate's alone."""
+    lengths 1..12; prompts prefilled in chunks of 7 tokens, or several together left-padded:
+    every row's tokens are generate's alone."""
     model = tiny_model(arch, init_range=0.1)
     infix = random_prefix(model, 4, seed=4, scale=3.0)
     infix.meta["site"] = "infix"
@@ -56,7 +58,7 @@ def test_greedy_rows_equal_generate_alone(arch, tokenizer):
     alone = [pt.generate(model, tokenizer, [s.prompt], prefixes=[s.prefix], max_new_tokens=s.max_new_tokens,
                          return_tokens=True)[0].tokens for s in seqs]
     widths = []
-    got, steps = _run(Engine(model, EOS, max_rows=4, prefill_chunk=7), seqs, [i // 2 for i in range(14)],
+    got, steps = _run(Engine(model, EOS, max_rows=4, prefill_chunk=prefill_chunk), seqs, [i // 2 for i in range(14)],
                       lambda e: widths.append(len(e.rows)))
     assert got == alone
     assert max(widths) == 4 and steps < sum(s.max_new_tokens for s in seqs)  # rows really shared steps

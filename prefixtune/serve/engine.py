@@ -5,15 +5,16 @@ settings and length. Every :meth:`Engine.step`:
 
 1. one decoding forward for all running rows (each feeds its last token), then each row's next
    token: greedy, or sampled with its own temperature/top-p and its own random generator;
-2. prefill of waiting rows, up to ``prefill_chunk`` prompt tokens per step (one row at a time, a
-   long prompt over several steps), so a newcomer stalls the running rows by one chunk at most.
-   A row whose prompt is done gets its first token and joins the running batch.
+2. prefill of waiting rows, up to ``prefill_chunk`` prompt tokens per step: waiting prompts in one
+   left-padded forward (as ``generate`` batches them), or the next chunk of a prompt longer than
+   that alone, so newcomers stall the running rows by one such forward at most. A row whose
+   prompt is done gets its first token and joins the running batch.
 
 The caller decides when a row is finished (EOS, stop sequence, length, cancelled) and calls
 :meth:`Engine.finish`; it leaves before the next step.
 
-Exactness. A prompt is prefilled alone (batch of one, no padding), as generating it alone does.
-A decoding step gives each row exactly its own keys (its prefix's and its cache's, the rest
+Exactness. Prompts are prefilled as ``prefixtune.generate`` batches them (left padding masked,
+positions counted from each row's first token). A decoding step gives each row exactly its own keys (its prefix's and its cache's, the rest
 masked), so greedy rows produce what ``prefixtune.generate`` produces for them alone, and a
 sampled row with a seed the same tokens whatever else runs beside it: sampling applies the
 logits processors transformers' ``generate`` builds for the row's settings (temperature, top-k,
@@ -71,7 +72,7 @@ class Seq:
     tag: object = None
     # engine state
     prefilled: int = 0
-    cache: DynamicCache | None = field(default=None, repr=False)
+    cache: object = field(default=None, repr=False)  # while prefilling: a DynamicCache, then [(keys, values)] per layer
     generator: torch.Generator | None = field(default=None, repr=False)
     last: int = -1
     generated: int = 0
@@ -192,52 +193,101 @@ class Engine:
         """One decoding step and some prefill. Returns (row, token, logprob) for every token made,
         or (row, exception) for a row that failed (only that row: the caller should finish it)."""
         events = self._decode_isolated(0, len(self.rows)) if self.rows else []
-        budget = self.prefill_chunk
-        while self.waiting and budget > 0 and len(self.rows) < self.max_rows:
+        room = self.max_rows - len(self.rows)
+        group, width = [], 0  # waiting prompts that fit the budget together (left-padded to the longest)
+        while self.waiting and len(group) < room and self.waiting[0].prefilled == 0:
+            w = max(width, len(self.waiting[0].prompt))
+            if (len(group) + 1) * w > self.prefill_chunk:
+                break
+            group.append(self.waiting.popleft())
+            width = w
+        if group:
+            events += self._prefill_isolated(group)
+        elif self.waiting and room:  # a prompt longer than the budget: its next chunk, alone
             seq = self.waiting[0]
-            n = min(budget, len(seq.prompt) - seq.prefilled)
-            budget -= n
             try:
-                logits = self._prefill(seq, n)
-                if logits is None:
-                    continue
-                token, logprob = self._choose([seq], logits)[0]
+                logits = self._prefill_chunk(seq, min(self.prefill_chunk, len(seq.prompt) - seq.prefilled))
+                if logits is not None:
+                    self.waiting.popleft()
+                    events += self._start([seq], logits)
+            except Exception as e:
+                log.error("prefill of a row failed", exc_info=e)
+                self.waiting.popleft()
+                events.append(self._drop(seq, e))
+        return events
+
+    def _drop(self, seq: Seq, error: BaseException) -> tuple:
+        seq.finished, seq.cache = True, None
+        return (seq, error, None)
+
+    # -- prefill -------------------------------------------------------------------------------
+    def _prefill_isolated(self, group: list[Seq]) -> list:
+        """Prefill ``group`` in one forward; if it raises, each row again alone."""
+        try:
+            logits = self._prefill(group)
+        except Exception as e:
+            if len(group) == 1:
+                log.error("prefill of a row failed", exc_info=e)
+                return [self._drop(group[0], e)]
+            log.warning("prefill of %d rows failed (%s: %s); running its rows one by one", len(group),
+                        type(e).__name__, e)
+            return [event for seq in group for event in self._prefill_isolated([seq])]
+        return self._start(group, logits)
+
+    def _start(self, seqs: list[Seq], logits: torch.Tensor) -> list:
+        """First tokens of prefilled rows; each joins the running batch."""
+        events = []
+        for seq, (token, logprob) in zip(seqs, self._choose(seqs, logits)):
+            try:
                 if isinstance(token, BaseException):
                     raise token
                 self._join(seq, token)
+                events.append((seq, token, logprob))
             except Exception as e:  # this row only (_join adds the row to the batch as its last act)
-                log.error("prefill of a row failed", exc_info=e)
-                self.waiting.popleft()
-                seq.finished, seq.cache = True, None
-                events.append((seq, e, None))
-                continue
-            self.waiting.popleft()
-            events.append((seq, token, logprob))
+                log.error("starting a row failed", exc_info=e)
+                events.append(self._drop(seq, e))
         return events
 
-    # -- prefill -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _prefill(self, seq: Seq, n: int) -> torch.Tensor | None:
-        """Run the next ``n`` prompt tokens of ``seq`` alone; the last position's logits when done."""
-        start = seq.prefilled
+    def _prefill(self, seqs: list[Seq]) -> torch.Tensor:
+        """Whole prompts in one forward, left-padded (as generate batches them); each row's keys and
+        values, without the padding, go to ``seq.cache``. Returns the last position's logits."""
+        width = max(len(s.prompt) for s in seqs)
+        pads = [width - len(s.prompt) for s in seqs]
+        ids = torch.tensor([[self.eos] * p + s.prompt for s, p in zip(seqs, pads)], device=self.device)
+        mask = torch.tensor([[0] * p + [1] * len(s.prompt) for s, p in zip(seqs, pads)], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        pb = make_batch([s.prefix for s in seqs], self.device, separators=[width - 1] * len(seqs))
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, prefix_batch=pb,
+                         use_cache=True, logits_to_keep=1)
+        for i, (seq, p) in enumerate(zip(seqs, pads)):
+            seq.cache = [(layer.keys[i, :, p:], layer.values[i, :, p:]) for layer in cache.layers]
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def _prefill_chunk(self, seq: Seq, n: int) -> torch.Tensor | None:
+        """The next ``n`` prompt tokens of a long prompt, alone; the last position's logits when done."""
         if seq.cache is None:
             seq.cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([seq.prompt[start : start + n]], device=self.device)
+        ids = torch.tensor([seq.prompt[seq.prefilled : seq.prefilled + n]], device=self.device)
         pb = make_batch([seq.prefix], self.device, separators=[len(seq.prompt) - 1])
         out = self.model(input_ids=ids, cache=seq.cache, prefix_batch=pb, use_cache=True, logits_to_keep=1)
         seq.prefilled += n
-        return out.logits[:, -1] if seq.prefilled == len(seq.prompt) else None
+        if seq.prefilled < len(seq.prompt):
+            return None
+        seq.cache = [(layer.keys[0], layer.values[0]) for layer in seq.cache.layers]
+        return out.logits[:, -1]
 
     def _join(self, seq: Seq, token: int) -> None:
         slot, t = len(self.rows), len(seq.prompt)
-        layers = seq.cache.layers
-        if not self.kv:  # first row ever: the buffers take the shapes of its cache
-            self.kv = [tuple(torch.zeros(self.max_rows, x.shape[1], 64, x.shape[3], dtype=x.dtype, device=self.device)
-                             for x in (layer.keys, layer.values)) for layer in layers]
+        if not self.kv:  # first row ever: the buffers take the shapes of its cache ([heads, t, dim] per layer)
+            self.kv = [tuple(torch.zeros(self.max_rows, x.shape[0], 64, x.shape[2], dtype=x.dtype, device=self.device)
+                             for x in layer) for layer in seq.cache]
         self._reserve(t + 1)
-        for (k, v), layer in zip(self.kv, layers):
-            k[slot, :, :t] = layer.keys[0]
-            v[slot, :, :t] = layer.values[0]
+        for (k, v), (keys, values) in zip(self.kv, seq.cache):
+            k[slot, :, :t] = keys
+            v[slot, :, :t] = values
         self._set_prefix(slot, seq.prefix)
         self.lens[slot] = t
         self.rows.append(seq)
