@@ -45,7 +45,7 @@ def _chunks(order: list[int], size: int):
 class Generation:
     """What :func:`generate` produced for one row with ``return_tokens=True``.
 
-    ``tokens``: the generated ids, up to and including the first EOS. ``logprobs`` (when asked):
+    ``tokens``: the generated ids, up to and including the first EOS (``eos_token_id``; -1: none). ``logprobs`` (when asked):
     per token, log p(token) under the model (its raw logits, before temperature and top-p) and the
     ``logprobs`` most likely tokens with theirs, as ``(logprob, [(id, logprob), ...])``."""
 
@@ -126,7 +126,8 @@ def generate(
                 if attach.is_seq2seq(model):
                     out = out[:, 1:]  # the decoder start token
                 for j, i in enumerate(rows):
-                    results[i] = _generation(out[j], eos, None if logits is None else logits[j], logprobs)
+                    results[i] = _generation(out[j], generate_kwargs["eos_token_id"], None if logits is None else logits[j],
+                                             logprobs)
                 continue
             texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
             for j, i in enumerate(rows):
@@ -137,10 +138,11 @@ def generate(
     return results
 
 
-def _generation(row: torch.Tensor, eos: int, logits: torch.Tensor | None, k: int | None) -> Generation:
-    tokens = row.tolist()
-    if eos in tokens:
-        tokens = tokens[: tokens.index(eos) + 1]
+def _generation(row: torch.Tensor, eos, logits: torch.Tensor | None, k: int | None) -> Generation:
+    tokens, stops = row.tolist(), set(eos if isinstance(eos, (list, tuple)) else [eos])
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)  # eos_token_id=-1: generation ignored EOS
+    if end is not None:
+        tokens = tokens[: end + 1]
     if logits is None:
         return Generation(tokens)
     chosen, top = token_logprobs_at(logits[: len(tokens)], row[: len(tokens)], k)

@@ -57,3 +57,30 @@ def test_help(script):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout and "--repeats" in proc.stdout
+
+
+def test_serve_benchmark_load_and_summary():
+    """The open-loop load: Poisson arrivals at the rate, lengths in range, the same schedule for every
+    system; the summary's throughput window runs from the first arrival to the last answer."""
+    import argparse
+
+    import serve
+
+    args = argparse.Namespace(seed=0, requests=2000, min_new=8, max_new=64)
+    sources = ["a", "b", "c"]
+    reqs = serve.make_requests(args, sources, 4.0, {s: [1] for s in sources})
+    gaps = [b["arrival"] - a["arrival"] for a, b in zip(reqs, reqs[1:])]
+    assert abs(sum(gaps) / len(gaps) - 0.25) < 0.02  # mean gap 1/rate
+    assert sorted(gaps)[len(gaps) // 2] < 0.2  # exponential: median ln2/rate = 0.17, not 0.25
+    assert {r["max_new"] for r in reqs} == set(range(8, 65))
+    assert reqs == serve.make_requests(args, sources, 4.0, {s: [1] for s in sources})
+    results = [{"arrival": 0.0, "finish": 2.0, "ttft": 0.5, "latency": 2.0, "tokens": 10},
+               {"arrival": 1.0, "finish": 5.0, "ttft": 1.0, "latency": 4.0, "tokens": 30}, {"arrival": 2.0, "error": "x"}]
+    s = serve.summarise(results)
+    assert (s["completed"], s["errors"], s["tokens_per_s"], s["latency_p95_s"]) == (2, 1, 8.0, 4.0)
+
+
+def test_serve_benchmark_help():
+    proc = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--rates" in proc.stdout and "Poisson" in proc.stdout

@@ -55,12 +55,14 @@ def test_greedy_rows_equal_generate_alone(arch, prefill_chunk, tokenizer):
     rng = random.Random(0)
     prompts = _prompts(model, tokenizer, 14, rng)
     seqs = [Seq(p, choices[i % 5], rng.randint(1, 12)) for i, p in enumerate(prompts)]
+    for s in seqs[::3]:  # EOS suppressed until the end (generate's min_new_tokens)
+        s.min_new_tokens = s.max_new_tokens
     alone = [pt.generate(model, tokenizer, [s.prompt], prefixes=[s.prefix], max_new_tokens=s.max_new_tokens,
-                         return_tokens=True)[0].tokens for s in seqs]
+                         min_new_tokens=s.min_new_tokens, return_tokens=True)[0].tokens for s in seqs]
     widths = []
     got, steps = _run(Engine(model, EOS, max_rows=4, prefill_chunk=prefill_chunk), seqs, [i // 2 for i in range(14)],
                       lambda e: widths.append(len(e.rows)))
-    assert got == alone
+    assert got == alone and all(len(g) == s.max_new_tokens for g, s in zip(got, seqs) if s.min_new_tokens)
     assert max(widths) == 4 and steps < sum(s.max_new_tokens for s in seqs)  # rows really shared steps
     # the prefixes matter (so the equality above says something)
     base = [pt.generate(model, tokenizer, [s.prompt], max_new_tokens=s.max_new_tokens, return_tokens=True)[0].tokens

@@ -377,6 +377,30 @@ def test_scheduler_batching_modes(env, batching):
         assert metrics.max_prefixes_in_batch == 4 and metrics.batches == NEW - 1
 
 
+@pytest.mark.parametrize("batching", ["continuous", "mixed"])
+def test_rows_of_different_lengths_share_batches(env, batching):
+    """Rows with different max_new_tokens (and EOS ignored or not) batch together; each gets exactly
+    its own length's output."""
+    from prefixtune.serve.metrics import Metrics
+    from prefixtune.serve.scheduler import Job, Scheduler
+
+    metrics = Metrics()
+    sched = Scheduler(env.model, env.tokenizer, metrics, batching=batching, max_batch_rows=8, batch_wait_ms=0)
+    lengths = [2, 7, 4, 12]
+    jobs = [sched.submit(Job("alice", "p2", env.prefixes["p2"], [env.prompt(SOURCES[i % 3])],
+                             {"max_new_tokens": n, "num_beams": 1, "do_sample": False}, ignore_eos=ignore))
+            for ignore in (False, True) for i, n in enumerate(lengths)]
+    sched.start()
+    sched.stop(timeout=60)
+    for j, (ignore, (i, n)) in zip(jobs, [(x, y) for x in (False, True) for y in enumerate(lengths)]):
+        want = pt.generate(env.model, env.tokenizer, [SOURCES[i % 3]], prefixes=[env.prefixes["p2"]], max_new_tokens=n,
+                           return_tokens=True, **({"eos_token_id": -1} if ignore else {}))[0].tokens
+        assert j.error is None and j.streams[0].tokens == want
+        assert len(want) == n or not ignore
+    if batching == "mixed":
+        assert metrics.batches == 2  # one per ignore_eos setting, whatever the lengths
+
+
 def test_queue_full_timeout_and_draining(env, tmp_path):
     """In-process app whose scheduler is never started: 429 when the queue is full, 504 on timeout, 503 when draining."""
     from fastapi.testclient import TestClient
@@ -659,6 +683,14 @@ def test_openai_client(env):
     assert choice.logprobs.token_logprobs == pytest.approx(logps[: len(listed)], abs=1e-4)
     for tok, lp, top in zip(choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs):
         assert top == {tok: lp}  # greedy: the chosen token is the most likely one
+    # ignore_eos (vLLM's extension): exactly max_tokens, EOS or not
+    r = client.completions.create(model="base", prompt=SOURCES[1], max_tokens=NEW, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == NEW and r.choices[0].finish_reason == "length"
+    # min_tokens (vLLM's extension): EOS cannot end the text earlier
+    r = client.completions.create(model="base", prompt=SOURCES[1], max_tokens=NEW, extra_body={"min_tokens": NEW})
+    assert r.usage.completion_tokens == NEW and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == pt.generate(env.model, env.tokenizer, [SOURCES[1]], max_new_tokens=NEW,
+                                            min_new_tokens=NEW)[0]
     # streaming: the chunks add up to the same text; the last one says why it ended
     chunks = list(client.completions.create(model="p2", prompt=src, max_tokens=NEW, stream=True,
                                             stream_options={"include_usage": True}))

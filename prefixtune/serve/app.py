@@ -198,7 +198,7 @@ class Server:
 
     async def submit(self, tenant: str, name: str | None, prompts: list[list[int]], settings: dict,
                      seed: int | None = None, stop: tuple[str, ...] = (), logprobs: int | None = None,
-                     stream: bool = False) -> tuple[Job, asyncio.Queue]:
+                     stream: bool = False, ignore_eos: bool = False) -> tuple[Job, asyncio.Queue]:
         """Queue a job; returns it and a queue that receives (row, Delta) per change when ``stream``,
         and ``None`` when the job is done or failed."""
         self.check_lengths(prompts, settings["max_new_tokens"])
@@ -207,7 +207,7 @@ class Server:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         put = lambda item: loop.call_soon_threadsafe(events.put_nowait, item)  # noqa: E731
         job = Job(tenant=tenant, prefix_name=name, prefix=prefix, prompts=prompts, settings=settings,
-                  seed=seed if settings.get("do_sample") else None, stop=stop, logprobs=logprobs,
+                  seed=seed if settings.get("do_sample") else None, stop=stop, logprobs=logprobs, ignore_eos=ignore_eos,
                   on_delta=(lambda i, d: put((i, d))) if stream else None, callbacks=[lambda job: put(None)])
         try:
             self.scheduler.submit(job)
@@ -275,7 +275,7 @@ Tenant = Annotated[str, Depends(_tenant)]
 Name = Annotated[str, PathParam(pattern=NAME_PATTERN, description="[A-Za-z0-9._-]{1,64}")]
 
 
-def _settings(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
+def generation_settings(max_new_tokens, num_beams, do_sample, temperature, top_p) -> dict:
     if temperature is not None and temperature < MIN_TEMPERATURE:
         do_sample = False  # documented floor: see MIN_TEMPERATURE
     s = {"max_new_tokens": int(max_new_tokens), "num_beams": int(num_beams), "do_sample": bool(do_sample)}
@@ -353,11 +353,11 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if srv.draining and request.url.path != "/metrics":
-            return JSONResponse({"detail": "server is shutting down"}, status_code=503)
+            return _error(503, "server is shutting down")
         if request.method == "POST":
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES:
-                return JSONResponse({"detail": f"request body over {MAX_JSON_BYTES} bytes"}, status_code=413)
+                return _error(413, f"request body over {MAX_JSON_BYTES} bytes")
         return await call_next(request)
 
     @app.get("/healthz")
@@ -414,7 +414,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     async def generate_route(body: GenerateRequest, tenant: Tenant):
         if body.stream and body.num_beams > 1:
             raise HTTPException(422, "stream=true needs num_beams=1")
-        settings = _settings(body.max_new_tokens, body.num_beams, body.do_sample, body.temperature, body.top_p)
+        settings = generation_settings(body.max_new_tokens, body.num_beams, body.do_sample, body.temperature, body.top_p)
         prompts = await run_in_threadpool(srv.encode, list(body.inputs))
         job, events = await srv.submit(tenant, body.prefix, prompts, settings, body.seed, stream=body.stream)
         if not body.stream:

@@ -69,6 +69,7 @@ class Seq:
     top_p: float = 1.0
     seed: int | None = None
     logprobs: int | None = None
+    min_new_tokens: int = 0  # EOS cannot be chosen before this many tokens (generate's min_new_tokens)
     tag: object = None
     # engine state
     prefilled: int = 0
@@ -377,6 +378,12 @@ class Engine:
         argmax of the float32 logits, or its processors then a draw from its own generator. An
         exception in place of a token fails that row only."""
         logits = logits.float()
+        raw = logits
+        if any(s.generated < s.min_new_tokens for s in rows):  # as generate's MinNewTokensLengthLogitsProcessor
+            logits = logits.clone()
+            for i, seq in enumerate(rows):
+                if seq.generated < seq.min_new_tokens:
+                    logits[i, self.eos] = float("-inf")
         groups: dict = {}
         for i, seq in enumerate(rows):  # rows with the same settings are processed together
             groups.setdefault((seq.temperature, seq.top_p) if seq.do_sample else None, []).append(i)
@@ -397,7 +404,7 @@ class Engine:
         for i, (seq, token) in enumerate(zip(rows, tokens)):
             logprob = None
             if seq.logprobs is not None and not isinstance(token, BaseException):
-                chosen, top = token_logprobs_at(logits[i : i + 1], torch.tensor([token]), seq.logprobs)
+                chosen, top = token_logprobs_at(raw[i : i + 1], torch.tensor([token]), seq.logprobs)
                 logprob = (chosen[0], top[0])
             out.append((token, logprob))
         return out

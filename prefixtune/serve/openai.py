@@ -20,7 +20,7 @@ from fastapi import FastAPI, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
-from .app import MAX_ROWS, Finite, Name, PrefixName, Seed, Server, Tenant, Text, _settings, error_body, sse
+from .app import MAX_ROWS, Finite, Name, PrefixName, Seed, Server, Tenant, Text, generation_settings, error_body, sse
 from .output import Delta
 
 MAX_LOGPROBS = 5  # alternatives per token
@@ -45,6 +45,8 @@ class _Common(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Text | list[Text] | None = Field(None, description=f"up to {MAX_STOP} sequences")
+    min_tokens: StrictInt = Field(0, ge=0, description="EOS cannot end the text before this many tokens (vLLM's extension)")
+    ignore_eos: StrictBool = Field(False, description="EOS does not end the text: exactly max_tokens (vLLM's extension)")
     user: Text | None = None  # accepted, not used
     # accepted only at their neutral values: anything else would silently change the output
     frequency_penalty: Finite | None = None
@@ -147,8 +149,13 @@ def openai_routes(app: FastAPI, srv: Server) -> None:
         if len(rows) > MAX_ROWS:
             raise HTTPException(422, f"{len(prompts)} prompts x n={body.n} is over {MAX_ROWS} completions per request")
         name = None if body.model == "base" else body.model
-        settings = _settings(max_tokens, 1, bool(body.temperature), body.temperature, body.top_p)
-        job, events = await srv.submit(tenant, name, rows, settings, body.seed, body.stops(), logprobs, body.stream)
+        if body.min_tokens > max_tokens:
+            raise HTTPException(422, f"min_tokens {body.min_tokens} is more than max_tokens {max_tokens}")
+        settings = generation_settings(max_tokens, 1, bool(body.temperature), body.temperature, body.top_p)
+        if body.min_tokens:
+            settings["min_new_tokens"] = body.min_tokens
+        job, events = await srv.submit(tenant, name, rows, settings, body.seed, body.stops(), logprobs, body.stream,
+                                       body.ignore_eos)
         head = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}",
                 "object": kind, "created": int(time.time()), "model": body.model}
         if not body.stream:

@@ -30,7 +30,9 @@ class Delta:
 
 
 class TextStream:
-    def __init__(self, tokenizer, eos: int, max_new_tokens: int, stop: tuple[str, ...] = (), logprobs: bool = False):
+    def __init__(self, tokenizer, eos: int | None, max_new_tokens: int, stop: tuple[str, ...] = (),
+                 logprobs: bool = False):
+        """``eos``: the token that ends the row (None: it does not, as for ``ignore_eos``)."""
         self.tokenizer, self.eos, self.max_new_tokens = tokenizer, eos, max_new_tokens
         self.stop = tuple(s for s in stop if s)
         self.want_logprobs = logprobs

@@ -11,8 +11,8 @@ Requests are split into rows (one per input and choice), queued in arrival order
   is served with ``mixed`` batching throughout.
 - ``mixed``: dynamic batching. The worker takes the oldest waiting row, waits up to
   ``batch_wait_ms`` for company, and runs up to ``max_batch_rows`` queued rows whose generation
-  settings are identical, of any prefixes, in one ``prefixtune.generate`` call, to the end of the
-  longest row; then the next batch.
+  settings agree (``max_new_tokens`` may differ, except for beam search), of any prefixes, in one
+  ``prefixtune.generate`` call, to the end of the longest row; then the next batch.
 - ``single-prefix``: as ``mixed``, but a batch holds rows of one prefix only (the oldest waiting
   row's), as single-active-adapter serving does.
 
@@ -67,6 +67,7 @@ class Job:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k: each token's logprob and the top k
+    ignore_eos: bool = False  # EOS does not end a row (it is counted, and generation goes on)
     on_delta: Callable[[int, Delta], None] | None = None
     deadline: float = 0.0  # when the request must be answered (the app's event-loop clock)
     id: int = 0
@@ -181,10 +182,15 @@ class Scheduler:
     def submit(self, job: Job) -> Job:
         """Queue the job's rows; raises QueueFull (nothing queued) or ShuttingDown."""
         job.id = next(self._ids)
-        job.streams = [TextStream(self.tokenizer, self.eos, job.settings["max_new_tokens"], job.stop,
-                                  job.logprobs is not None) for _ in job.prompts]
+        job.streams = [TextStream(self.tokenizer, None if job.ignore_eos else self.eos, job.settings["max_new_tokens"],
+                                  job.stop, job.logprobs is not None) for _ in job.prompts]
         job.remaining = len(job.prompts)
-        key = tuple(sorted(job.settings.items())) + (("logprobs", job.logprobs),)
+        # the batch path batches rows whose settings agree; a row's length does not change its tokens
+        # (it stops at its own max_new_tokens), except in beam search
+        settings = dict(job.settings)
+        if settings.get("num_beams", 1) == 1:
+            settings.pop("max_new_tokens")
+        key = tuple(sorted(settings.items())) + (("logprobs", job.logprobs), ("ignore_eos", job.ignore_eos))
         if job.seed is not None:  # reproducible sampling: a batch of its own
             key = key + (("job", job.id),)
         now = time.monotonic()
@@ -238,8 +244,11 @@ class Scheduler:
         job0 = batch[0].job
         if job0.seed is not None:
             torch.manual_seed(job0.seed)
+        settings = dict(job0.settings, max_new_tokens=max(r.job.settings["max_new_tokens"] for r in batch))
+        if job0.ignore_eos:
+            settings["eos_token_id"] = -1  # no token stops generate
         return generate(self.model, self.tokenizer, [r.prompt for r in batch], prefixes=[r.job.prefix for r in batch],
-                        batch_size=len(batch), return_tokens=True, logprobs=job0.logprobs, **job0.settings)
+                        batch_size=len(batch), return_tokens=True, logprobs=job0.logprobs, **settings)
 
     def _run_isolated(self, batch: list[Row]) -> list:
         """One result per row: its Generation, or the exception of a row that fails.
@@ -269,8 +278,8 @@ class Scheduler:
                 failed += 1
                 r.job.fail(outcome)
             elif r.job.error is None:
-                tokens += len(outcome.tokens)
                 r.job.deliver(r.index, r.stream.add_all(outcome.tokens, outcome.logprobs))
+                tokens += len(r.stream.tokens)  # the row's own: the batch may have run longer
         self.metrics.record_batch(len(batch), len({id(r.job.prefix) for r in batch}), tokens, seconds)
         self.metrics.record_failed(failed)
 
@@ -289,7 +298,7 @@ class Scheduler:
             s, job = row.job.settings, row.job
             seed = None if job.seed is None else (job.seed + row.index) % 2**63
             row.seq = Seq(row.prompt, job.prefix, s["max_new_tokens"], s["do_sample"], s.get("temperature", 1.0),
-                          s.get("top_p", 1.0), seed, job.logprobs, tag=row)
+                          s.get("top_p", 1.0), seed, job.logprobs, s.get("min_new_tokens", 0), tag=row)
             row.path = "engine" if s.get("num_beams", 1) == 1 and self.engine.supports(row.seq) else "batch"
         return row.seq if row.path == "engine" else None
 
