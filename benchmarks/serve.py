@@ -173,6 +173,8 @@ def run_http(server: Server, requests: list[dict], names: list[str | None], fixe
 
 def anchor_worker(model_name: str, threads: int | None, max_rows: int) -> None:
     """Read schedules (JSON lines) from stdin, answer each with per-request results on stdout."""
+    import gc as gc_module
+
     import torch
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -187,8 +189,10 @@ def anchor_worker(model_name: str, threads: int | None, max_rows: int) -> None:
         job = json.loads(line)
         gc = GenerationConfig(max_new_tokens=max(r["max_new"] for r in job["requests"]), do_sample=False,
                               eos_token_id=job["eos"], pad_token_id=job["eos"])
+        # its paged cache: 64 pages of 256 tokens (a page per running request, and room to spare); left
+        # to itself it takes 90% of free memory, which on a shared CPU machine means the host's RAM
         manager = model.init_continuous_batching(generation_config=gc, continuous_batching_config=ContinuousBatchingConfig(
-            max_requests_per_batch=max_rows, use_cuda_graph=False))
+            max_requests_per_batch=max_rows, num_blocks=64, use_cuda_graph=False))
         manager.start()
         for i in range(2):  # warm-up (its first batch takes long), outside the measured window
             manager.add_request(input_ids=job["requests"][i]["ids"], request_id=f"warm{i}", max_new_tokens=4)
@@ -227,6 +231,8 @@ def anchor_worker(model_name: str, threads: int | None, max_rows: int) -> None:
                 done += 1
         producer.join()
         manager.stop(block=True)
+        del manager
+        gc_module.collect()
         print(json.dumps(results), flush=True)
 
 
@@ -284,6 +290,44 @@ def make_requests(args, sources: list[str], rate: float, prompts_ids: dict) -> l
     return out
 
 
+def step_costs(args, model, tok, prompts: list[list[int]], prefixes: list) -> dict:
+    """What the server's numbers are made of: one decoding step of the engine at 1-32 rows (with a
+    prefix per row, or none), and a prefill per prompt (alone, or 32 prompts in one forward)."""
+    from prefixtune.serve.engine import Engine, Seq
+    from prefixtune.template import special_ids
+
+    eos = special_ids(tok)[1]
+
+    def decoding(rows: int, prefixed: bool):
+        engine = Engine(model, eos, max_rows=rows, prefill_chunk=4096)
+        for i in range(rows):
+            engine.add(Seq(prompts[i], prefixes[i] if prefixed else None, 10**6))
+        engine.step()  # the prefill; every later call is one decoding step of all rows
+        return engine.step
+
+    def prefill(rows: int):
+        def run():
+            engine = Engine(model, eos, max_rows=rows, prefill_chunk=4096)
+            for i in range(rows):
+                engine.add(Seq(prompts[i], prefixes[i], 1))
+            engine.step()
+        return run
+
+    cases = {f"decode_{n}_rows_{'prefix' if p else 'base'}": decoding(n, p) for n in (1, 4, 8, 16, 32) for p in (False, True)}
+    cases.update({"prefill_1_prompt": prefill(1), "prefill_32_prompts": prefill(32)})
+    times = C.interleaved(cases, repeats=args.repeats, warmup=1)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    table = C.print_table([{"case": k, "median_s": v} for k, v in medians.items()], [("case", "case"), ("median_s", "s")],
+                          title=f"engine costs, {args.model}, E2E prompts of {sum(map(len, prompts[:32])) / 32:.1f} tokens")
+    ratios = {"prefill_per_prompt_alone_over_in_32": C.ratio(medians["prefill_1_prompt"], medians["prefill_32_prompts"] / 32),
+              "decode_32_rows_over_1_row": C.ratio(medians["decode_32_rows_base"], medians["decode_1_rows_base"])}
+    ratios.update({f"decode_{n}_rows_prefix_over_base": C.ratio(medians[f"decode_{n}_rows_prefix"],
+                                                                 medians[f"decode_{n}_rows_base"]) for n in (1, 4, 8, 16, 32)})
+    print(json.dumps(ratios, indent=2))
+    return {"benchmark": "serve-step-costs", "settings": vars(args), "times": {k: C.summary(v) for k, v in times.items()},
+            "ratios": ratios, "table": table}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,6 +353,9 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="smollm2-135m", help="base model served")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/perf/serve-open-loop.json", help="JSON output path")
+    p.add_argument("--step-costs", action="store_true",
+                   help="instead of the load: time the engine's decoding step at 1-32 rows and its prefill (in process)")
+    p.add_argument("--repeats", type=int, default=5, help="--step-costs: timed rounds (median reported)")
     args = p.parse_args(argv)
     C.quiet()
 
@@ -331,6 +378,15 @@ def main(argv=None) -> dict:
     for k in range(max(args.ks)):  # random prefixes of the real model: speed does not depend on training
         torch.manual_seed(k)
         files.append(pt.PrefixTuner(model, pt.PrefixConfig(length=args.length)).export().save(work / f"p{k}.safetensors"))
+    if args.step_costs:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        rng = random.Random(args.seed)
+        result = step_costs(args, model, tok, [ids[rng.choice(sources)] for _ in range(32)],
+                            [pt.Prefix.load(files[i % len(files)]) for i in range(32)])
+        result["environment"] = C.environment(args.threads or torch.get_num_threads())
+        print(f"wrote {C.write_json(args.out, result)}")
+        return result
     del model
 
     servers, anchor = {}, None
@@ -411,6 +467,9 @@ def main(argv=None) -> dict:
                           title=f"{args.requests} requests per run, {args.task} prompts, max_tokens "
                                 f"{args.min_new}-{args.max_new}, greedy")
     print(json.dumps({**ratios, **same}, indent=2))
+    for row in runs:  # the texts were for the comparisons above; the JSON keeps timings and counts
+        for r in row["requests"]:
+            r.pop("text", None)
     result = {"benchmark": "serve-open-loop", "settings": vars(args),
               "environment": C.environment(args.threads or torch.get_num_threads()), "runs": runs,
               "ratios": ratios, "outputs_equal": same, "table": table}

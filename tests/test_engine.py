@@ -155,3 +155,16 @@ def test_a_failing_row_fails_alone(tokenizer, monkeypatch):
     for i in (0, 2, 4):
         assert got[i] == _run(Engine(model, EOS, max_rows=1), [Seq(seqs[i].prompt, seqs[i].prefix, 8, seqs[i].do_sample,
                                                                      seed=seqs[i].seed)], [0])[0][0]
+
+
+def test_transformers_continuous_batching_refuses_our_attention_function():
+    """Why the engine exists (results/serve.md): transformers' own continuous batching accepts only
+    its paged/sdpa/flash attention implementations, so a per-row prefix cannot reach attention
+    through it. If this ever passes, revisit building on it."""
+    from transformers import GenerationConfig
+
+    model = tiny_model("llama-gqa")
+    pt.attach.enable(model)
+    with pytest.raises(ValueError, match="prefixtune is not supported for continuous batching"):
+        model.generate_batch([[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, eos_token_id=EOS,
+                                                                           pad_token_id=EOS))
