@@ -2,8 +2,9 @@
 
 A run directory holds:
   run.json              the run's configuration (a resumed run must match it)
-  checkpoint/           the last training state: state.safetensors (P', MLP, AdamW moments,
-                        RNG state) + state.json (step, scheduler, best dev loss); no pickle
+  checkpoint/           the training state at the end of a step: state.safetensors (P', MLP,
+                        AdamW moments, RNG state) + state.json (step, scheduler, best dev loss,
+                        the train losses since the last evaluation); no pickle
   prefix.safetensors    the exported prefix with the best dev loss so far (other methods: what
                         they keep, see prefixtune/methods.py)
   log.jsonl             one line per evaluation (step, train loss, dev loss, seconds per step)
@@ -24,6 +25,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -125,8 +128,7 @@ def shard_base(model, device):
     if plugin.cpu_offload is not None and getattr(plugin.cpu_offload, "offload_params", False):
         raise ValueError("FSDP parameter offloading to CPU is not supported (the prefix lives with the base's weights)")
     attach.enable(model)
-    attach.prefix_shapes(model)
-    attach.model_identity(model)
+    attach.model_identity(model, pin=True)  # from the full weights: after sharding each process has a slice
     plugin.set_auto_wrap_policy(model)
     return FullyShardedDataParallel(
         model, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
@@ -135,6 +137,35 @@ def shard_base(model, device):
         use_orig_params=plugin.use_orig_params, sync_module_states=plugin.sync_module_states,
         device_id=torch.device("cpu") if torch.device(device).type == "cpu" else torch.device(device),
     )
+
+
+class _StopAtStepEnd:
+    """Ctrl-C (SIGINT) during training: the first one lets the current optimizer step finish, so the
+    checkpoint then saved is exact (parameters, optimizer, RNG and data position all at a step's
+    end); a second one interrupts at once (the last checkpoint stays). Only in the main thread of a
+    single process (processes of a distributed run would stop at different steps); elsewhere
+    KeyboardInterrupt stops at once and the run resumes from its last periodic checkpoint."""
+
+    def __init__(self, active: bool = True):
+        self.active = active
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", flush=True)
+
+    def __enter__(self):
+        if self.active and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def share(n: int, rank: int, world: int) -> slice:
@@ -193,6 +224,9 @@ class Trainer:
         self.step = 0
         self.best_dev = math.inf
         self.history: list[dict] = []
+        # train losses (and seconds) of the steps since the last evaluation: a checkpoint taken between
+        # evaluations keeps them, so a resumed run logs the same interval means as a straight one
+        self.pending: dict = {"losses": [], "seconds": 0.0}
 
     # --- data ----------------------------------------------------------------------------------
 
@@ -237,49 +271,68 @@ class Trainer:
         if self.step == 0 and self.dev_set and not self.history:  # dev loss before training, for comparison
             self.history.append({"step": 0, "train_loss": None, "dev_loss": self.dev_loss(), "seconds_per_step": None})
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
-        losses, t0 = [], time.perf_counter()
-        try:
-            while self.step < self.total_steps:
-                self.tuner.train()
-                self.optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for k in range(self.config.grad_accum):
-                    rows = self.micro_batch_rows(self.step * self.config.grad_accum + k)
-                    mine = rows[share(len(rows), self.rank, self.world)]
-                    # an empty share (a last batch with fewer rows than processes) runs one row with
-                    # weight 0: every process then makes the same collective calls (FSDP's gathers)
-                    batch = collate_train(self.model, [self.train_set[i] for i in mine or rows[-1:]], self.pad)
-                    # return_logits=False: the LM head runs on target positions only (same loss)
-                    loss = self.tuner(**{n: t.to(self.device) for n, t in batch.items()}, return_logits=False).loss
-                    if self.world > 1:  # this share's part of the whole micro-batch's normaliser
-                        loss = loss * (self._weight(mine) / max(1, self._weight(rows)))
-                    loss = loss / self.config.grad_accum
-                    loss.backward()
-                    step_loss += float(loss.detach())
-                if self.world > 1:
-                    step_loss = self._sync_gradients(step_loss)
-                torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), self.config.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                losses.append(step_loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                    seconds = (time.perf_counter() - t0) / len(losses)
-                    self._evaluate_and_save(sum(losses) / len(losses), seconds, bar)
-                    losses, t0 = [], time.perf_counter()
-        except KeyboardInterrupt:
-            bar.close()
-            if self.is_main:  # no collective here: the other processes may be anywhere
-                self.save_checkpoint(gather=False)
-                print(f"\ninterrupted at step {self.step}; checkpoint saved in {self.out / 'checkpoint'}; "
-                      "run the same command again to resume")
-            raise
+        t0 = time.perf_counter() - self.pending["seconds"]
+        with _StopAtStepEnd(active=self.world == 1) as stop:
+            try:
+                while self.step < self.total_steps:
+                    step_loss = self._train_step()
+                    self.step += 1
+                    self.pending["losses"].append(step_loss)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                        losses = self.pending["losses"]
+                        self.pending = {"losses": [], "seconds": 0.0}
+                        self._evaluate_and_save(sum(losses) / len(losses), (time.perf_counter() - t0) / len(losses), bar)
+                        t0 = time.perf_counter()
+                    elif stop.requested:
+                        self.pending["seconds"] = time.perf_counter() - t0
+                        self.save_checkpoint(gather=False)
+                    if stop.requested:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                bar.close()
+                if self.is_main:
+                    if stop.requested:  # the state at the end of a whole step: resuming is exact
+                        print(f"\ninterrupted after step {self.step}; checkpoint saved in {self.out / 'checkpoint'}; "
+                              "run the same command again to resume")
+                    else:
+                        print(f"\ninterrupted; run the same command again to resume from the last checkpoint "
+                              f"({self.out / 'checkpoint'})")
+                raise
         bar.close()
         if self.world > 1:
             self.state.wait_for_everyone()  # the run directory is complete when fit() returns anywhere
         return {"steps": self.step, "best_dev_loss": self.best_dev, "history": self.history}
+
+    def _train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its loss.
+
+        The loss is normalised by the whole step's target tokens (rows for ``sequence_sum``), over all
+        its micro-batches and processes, so batch 8 and 2 x 4 accumulated (or 2 processes x 4) give
+        the same gradient: ``grad_accum`` and the number of processes only change memory and speed."""
+        self.tuner.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        ga = self.config.grad_accum
+        step_rows = [self.micro_batch_rows(self.step * ga + k) for k in range(ga)]
+        total = max(1, sum(self._weight(rows) for rows in step_rows))
+        step_loss = 0.0
+        for rows in step_rows:
+            mine = rows[share(len(rows), self.rank, self.world)]
+            # an empty share (a last batch with fewer rows than processes) runs one row with
+            # weight 0: every process then makes the same collective calls (FSDP's gathers)
+            batch = collate_train(self.model, [self.train_set[i] for i in mine or rows[-1:]], self.pad)
+            # return_logits=False: the LM head runs on target positions only (same loss)
+            out = self.tuner(**{n: t.to(self.device) for n, t in batch.items()}, return_logits=False)
+            loss = out.nll_sum / total if mine else out.nll_sum * 0.0
+            loss.backward()
+            step_loss += float(loss.detach())
+        if self.world > 1:
+            step_loss = self._sync_gradients(step_loss)
+        torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return step_loss
 
     def _sync_gradients(self, step_loss: float) -> float:
         """Sum the prefix gradients (and the step's loss) over processes: one all-reduce."""
@@ -368,6 +421,7 @@ class Trainer:
 
     def save_checkpoint(self, gather: bool = True) -> None:
         """Write checkpoint/ atomically (temp dir + rename), tensors as safetensors, the rest as JSON.
+        Called between steps only, so parameters, optimizer, scheduler, step and RNG state agree.
 
         Collective under N processes (each process's RNG state is gathered, for exact resume);
         process 0 writes. ``gather=False``: process 0 alone, with its own RNG state only."""
@@ -389,7 +443,7 @@ class Trainer:
             tensors[f"rng.torch.{r}"] = rng
         info = {"step": self.step, "best_dev": None if math.isinf(self.best_dev) else self.best_dev,
                 "param_groups": opt["param_groups"], "scheduler": self.scheduler.state_dict(),
-                "history": self.history}
+                "history": self.history, "pending": self.pending}
         tmp, final = self.out / "checkpoint.tmp", self.out / "checkpoint"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -425,6 +479,7 @@ class Trainer:
         self.step = info["step"]
         self.best_dev = math.inf if info["best_dev"] is None else info["best_dev"]
         self.history = info["history"]
+        self.pending = info.get("pending", {"losses": [], "seconds": 0.0})
 
     def _read_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         ckpt = next((self.out / n for n in ("checkpoint", "checkpoint.old") if (self.out / n / "state.json").is_file()), None)
