@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attach
-from .prefix import Prefix, make_batch, token_logprobs
+from .prefix import Prefix, decoder_inputs_from_labels, make_batch, token_logprobs
 from .template import collate_prompts, collate_train, encode, prepend_soft_prompt, special_ids
 
 
@@ -125,7 +125,7 @@ def score(
             batch = {k: v.to(device) for k, v in collate_train(model, [encoded[i] for i in rows], pad).items()}
             labels = batch.pop("labels")
             if seq2seq:
-                batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+                batch["decoder_input_ids"] = decoder_inputs_from_labels(model, labels)
             shift = 0 if soft_prompt is None else soft_prompt.shape[0]
             prefix_batch = make_batch([prefixes[i] for i in rows], device,
                                       separators=[shift + len(encoded[i].prompt) - 1 for i in rows])
