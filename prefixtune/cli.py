@@ -1,4 +1,5 @@
-"""Command line: ``prefixtune train``, ``generate`` and ``evaluate`` (see ``--help`` of each).
+"""Command line: ``prefixtune train``, ``generate``, ``evaluate``, ``experiment``, ``serve``,
+``import-peft`` and ``export-peft`` (see ``--help`` of each).
 
 ``train`` and ``generate`` also run unchanged as N processes under ``accelerate launch`` (or
 ``torchrun``), e.g. ``accelerate launch --num_processes 8 -m prefixtune.cli train ...``: training is
@@ -278,6 +279,35 @@ def cmd_serve(args) -> int:
     return serve(config)
 
 
+def cmd_import_peft(args) -> int:
+    from . import Prefix, load_base_model
+
+    model, _ = load_base_model(args.model)
+    prefix = Prefix.from_peft(args.directory, model, allow_position_shift=args.allow_position_shift)
+    print(f"wrote {prefix.save(args.out)}: {prefix.length} positions x {prefix.num_parameters // prefix.length} "
+          f"values from PEFT's {args.directory}")
+    return 0
+
+
+def cmd_export_peft(args) -> int:
+    from . import Prefix, load_base_model
+    from .peft_io import has_rotary
+
+    prefix = Prefix.load(args.prefix)
+    name = args.model or prefix.meta.get("base_model", {}).get("name")
+    if not name:
+        raise ValueError(f"{args.prefix} does not name its base model: pass --model")
+    model, _ = load_base_model(name)
+    out = prefix.to_peft(model, args.out)
+    if not has_rotary(model):
+        print(f"note: {type(model).__name__} has absolute positions: PEFT runs the input at positions "
+              f"{prefix.length}.., so its outputs differ from prefixtune's (see prefixtune/peft_io.py)")
+    print(f"wrote {out} (adapter_config.json, adapter_model.safetensors): load it with "
+          f"PeftModel.from_pretrained(model, {str(out)!r}); decode with prefixtune.generate, since PEFT 0.21's "
+          "generate drops the prefix on transformers 5.x")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
@@ -460,6 +490,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the frozen base model")
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     s.set_defaults(func=cmd_serve)
+
+    peft_doc = ("Rotary models convert exactly both ways (keys rotated by the prefix length, since PEFT shifts the "
+                "input positions); models with absolute positions cannot be made equal (see prefixtune/peft_io.py).")
+    i = sub.add_parser("import-peft", help="convert a PEFT prefix-tuning checkpoint to a prefixtune prefix file",
+                       description="Read a PEFT prefix-tuning directory (adapter_config.json + adapter_model."
+                       "safetensors, with or without prefix_projection) and write a prefixtune .safetensors prefix "
+                       "for --model. " + peft_doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    i.add_argument("directory", help="the PEFT adapter directory (as save_pretrained writes it)")
+    i.add_argument("--model", default=DEFAULT_MODEL, help="the base model the PEFT prefix was trained on")
+    i.add_argument("--out", required=True, help="prefix file to write (.safetensors)")
+    i.add_argument("--allow-position-shift", action="store_true",
+                   help="convert a prefix of a model with absolute positions anyway (it then runs with unshifted "
+                   "positions, unlike under PEFT)")
+    i.set_defaults(func=cmd_import_peft)
+    x = sub.add_parser("export-peft", help="write a prefixtune prefix as a PEFT prefix-tuning checkpoint",
+                       description="Write a directory that PeftModel.from_pretrained(model, DIR) loads, whose "
+                       "forward gives prefixtune's logits. " + peft_doc,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("prefix", help="prefix file (.safetensors) written by prefixtune")
+    x.add_argument("--out", required=True, help="directory to write")
+    x.add_argument("--model", default=None, help="the prefix's base model (default: the one its metadata names)")
+    x.set_defaults(func=cmd_export_peft)
     return parser
 
 

@@ -158,6 +158,19 @@ class Prefix:
         kd, vd = self.meta.get("head_dims", {}).get(placement, (t.shape[-1], t.shape[-1]))
         return split_layers(t, kd, vd)
 
+    @classmethod
+    def from_peft(cls, path: str | Path, model, allow_position_shift: bool = False) -> "Prefix":
+        """A PEFT prefix-tuning checkpoint directory as a prefix for ``model`` (prefixtune/peft_io.py)."""
+        from .peft_io import from_peft
+
+        return from_peft(path, model, allow_position_shift)
+
+    def to_peft(self, model, out_dir: str | Path) -> Path:
+        """Write this prefix as a PEFT prefix-tuning checkpoint directory (prefixtune/peft_io.py)."""
+        from .peft_io import to_peft
+
+        return to_peft(self, model, out_dir)
+
     def check_compatible(self, model) -> None:
         """Raise a clear error if this prefix was not made for ``model`` (shapes or identity differ)."""
         want = attach.prefix_shapes(model)
