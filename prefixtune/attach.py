@@ -265,14 +265,18 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     kwargs["is_causal"] = False  # the explicit mask carries causality
     kwargs.pop("sliding_window", None)  # and the window
     key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
-    if (CPU_GQA and base is _SDPA and query.device.type == "cpu" and key.shape[1] != query.shape[1] and bias is None
-            and kwargs.get("softcap") is None):
+    gqa = key.shape[1] != query.shape[1]
+    if base is _SDPA and query.device.type == "cpu" and bias is None and kwargs.get("softcap") is None and (
+            CPU_GQA or not gqa):
         # grouped-query attention with a mask: transformers repeats the key/value heads first (its
-        # GPU kernels need that); torch's CPU kernels take the groups directly, same result, ~3x faster
+        # GPU kernels need that); torch's CPU kernels take the groups directly, same result, ~3x faster.
+        # With gradients, a bfloat16/float16 model's attention runs in float32 here: the CPU kernel's
+        # low-precision backward is ~3x slower than its float32 one (and less exact)
+        low = CPU_FP32_BACKWARD and query.dtype != torch.float32 and torch.is_grad_enabled()
+        q, k, v = (t.float() for t in (query, key, value)) if low else (query, key, value)
         out = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"),
-            enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
+            q, k, v, attn_mask=mask, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"), enable_gqa=gqa)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
     return base(module, query, key, value, mask, **kwargs)
 
 
@@ -286,8 +290,11 @@ _SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
 # Decoding steps use _decode_step_attention (no prefix re-concatenation); False = always concatenate.
 FAST_DECODE = True
 # Grouped-query attention with a prefix mask on CPU calls torch's kernel with enable_gqa; False =
-# transformers' sdpa function (which repeats the key/value heads). Both switches exist for tests.
+# transformers' sdpa function (which repeats the key/value heads). Training a low-precision model on
+# CPU runs the prefixed attention in float32 (see prefix_attention); False = in the model's dtype.
+# The switches exist for tests and benchmarks.
 CPU_GQA = True
+CPU_FP32_BACKWARD = True
 AttentionInterface.register(IMPLEMENTATION, prefix_attention)
 # generate() rejects keyword arguments that are neither in forward's signature nor declared
 # transformers kwargs (those travel down to attention); declare ours as one.
