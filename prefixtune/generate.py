@@ -17,6 +17,10 @@ from .prefix import Prefix, decoder_inputs_from_labels, make_batch, token_logpro
 from .template import collate_prompts, collate_train, encode, prepend_soft_prompt, special_ids
 
 
+# See _contiguous_lm_head_input; False = as before (the switch exists for benchmarks).
+CONTIGUOUS_LM_HEAD = True
+
+
 def _per_row(prefixes, n: int) -> list[Prefix | None]:
     if prefixes is None or isinstance(prefixes, Prefix):
         return [prefixes] * n
@@ -74,6 +78,7 @@ def generate(
     prompts = [encode(model, tokenizer, s).prompt for s in sources]
     order = sorted(range(len(sources)), key=lambda i: len(prompts[i]))
     results: list = [None] * len(sources)
+    head = _contiguous_lm_head_input(model)
     try:
         for rows in tqdm(list(_chunks(order, batch_size)), desc="generate", disable=not progress):
             batch = {k: v.to(device) for k, v in collate_prompts(model, [prompts[i] for i in rows], pad).items()}
@@ -91,7 +96,21 @@ def generate(
                 results[i] = group[0] if n_return == 1 else group
     finally:
         model.train(was_training)
+        if head is not None:
+            head.remove()
     return results
+
+
+def _contiguous_lm_head_input(model):
+    """On CPU, a bfloat16/float16 LM head given the last position's hidden states (a strided slice,
+    what generate's first step passes) runs as a batched matmul that copies the whole head weight
+    once per row (16 x 57 MB for SmolLM2 at batch 16: half of a 32-token decode). A contiguous input
+    takes the plain matmul. Returns the hook's handle (None when not needed)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not CONTIGUOUS_LM_HEAD or weight is None or weight.device.type != "cpu" or weight.dtype == torch.float32:
+        return None
+    return head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 @torch.no_grad()

@@ -110,3 +110,19 @@ def test_cpu_grouped_query_kernel_equals_repeated_heads(arch, tokenizer, monkeyp
     (a, ga), (b, gb) = results
     assert torch.allclose(a, b, atol=1e-5)
     assert all(torch.allclose(x, y, atol=1e-6, rtol=1e-4) for x, y in zip(ga, gb))
+
+
+def test_low_precision_decoding_gives_the_lm_head_a_contiguous_input(tokenizer):
+    """bfloat16 on CPU: generate's first step slices the last position (a strided view), which the
+    bf16 LM head would run as a batched matmul copying its weight per row. The input is made
+    contiguous for the call only; float32 models are untouched."""
+    model = tiny_model("llama-gqa").to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    seen, forward = [], head.forward
+    head.forward = lambda x: seen.append(x.is_contiguous()) or forward(x)  # runs after the pre-hooks
+    out = pt.generate(model, tokenizer, SOURCES, max_new_tokens=3)
+    del head.forward
+    assert len(out) == len(SOURCES) and seen and all(seen)
+    assert not head._forward_pre_hooks  # nothing left on the model
+    from prefixtune.generate import _contiguous_lm_head_input
+    assert _contiguous_lm_head_input(tiny_model("llama-gqa")) is None
