@@ -51,6 +51,32 @@ def status(scale: Scale, runs_dir: str | Path, ledger_dir: str | Path, names: tu
     return out
 
 
+def hours(result: dict) -> float:
+    """CPU hours of a finished run (one thread): training with its evaluations, plus test decoding
+    (CPU time where recorded, else wall time)."""
+    t = result["train"]
+    evals = result["evals"].values()
+    return (t.get("cpu_seconds", t["wall_seconds"]) + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
+
+
+def estimate(state: dict[str, list[Run]], ledger_dir: str | Path) -> dict:
+    """Hours spent on the finished runs, and an estimate for the others: each costs the mean of the
+    finished runs most like it (same task, method and training size; else task and method; else task)."""
+    done = {r.key(): hours(ledger_mod.read(ledger_dir, r.key(), items=False)) for r in state["done"]}
+    by = {}
+    for r in state["done"]:
+        for tag in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)):
+            by.setdefault(tag, []).append(done[r.key()])
+    left, unknown = 0.0, 0
+    for r in state["running"] + state["todo"] + state["waiting"]:
+        like = next((by[t] for t in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)) if t in by), None)
+        if like:
+            left += sum(like) / len(like)
+        else:
+            unknown += 1
+    return {"done_hours": sum(done.values()), "left_hours": left, "left_unknown_runs": unknown}
+
+
 def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results", data=None,
              threads: int | None = None, commit: bool = False, max_runs: int | None = None, poll_seconds: float = 60,
              names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md") -> int:

@@ -66,6 +66,16 @@ def report(results, scale: Scale, ctx) -> str:
                 curves[(name, run.lr)] = t["dev_curve"]
     plot = ctx.plot_path("curves")
     _plot_curves(plot, curves)
+    # would selecting on dev loss pick the same evaluation as dev BLEU? (issue 11: dev loss can stop
+    # improving before the generation metric does)
+    sel = []
+    for (name, lr), curve in curves.items():
+        evals = [h for h in curve if h["step"] > 0 and h.get("dev_score") is not None]
+        if evals:
+            by_loss = min(evals, key=lambda h: h["dev_loss"])
+            by_bleu = max(evals, key=lambda h: h["dev_score"])
+            sel.append([name, f"{lr:g}", by_bleu["step"], by_loss["step"], fmt(by_bleu["dev_score"]),
+                        fmt(by_loss["dev_score"]), fmt(by_bleu["dev_score"] - by_loss["dev_score"])])
     override = {k: v for k, v in scale.lr.items()}
     return "\n".join([
         "## The grid", "",
@@ -77,6 +87,11 @@ def report(results, scale: Scale, ctx) -> str:
         f"Chosen rates: {', '.join(f'{k} {v:g}' for k, v in scale.chosen_lr.items()) or 'none yet'}."
         + (f" Overridden on the command line: {override}." if override else ""), "",
         f"![dev curves]({plot.name})", "",
+        "## Dev loss vs dev BLEU as the selection score", "",
+        table(["method", "lr", "step by dev BLEU", "step by dev loss", "dev BLEU there", "dev BLEU at the dev-loss step",
+               "dev BLEU lost by selecting on loss"], sel) if sel else "No runs yet.", "",
+        "Runs are selected and stopped on dev BLEU; this table shows, on the grid's runs, which evaluation dev loss "
+        "would have picked instead and how much dev BLEU that would have cost.", "",
     ])
 
 

@@ -297,7 +297,7 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
     from ..prefix import PrefixConfig
     from ..train import TrainConfig, Trainer
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model, tokenizer = _load(run, threads)
     train_set, dev = training_pairs(run, data)
     train_set = truncate_sources(train_set, tokenizer, run.max_source_tokens)
@@ -330,6 +330,7 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
         "seconds_per_step": train_seconds / max(1, result["steps"]), "train_seconds": train_seconds,
         "dev_score_seconds": sum(h.get("dev_score_seconds", 0) for h in curve),
         "wall_seconds": time.perf_counter() - start,  # of the last (or only) session of this training
+        "cpu_seconds": time.process_time() - cpu,  # the same in CPU time (what the process used, whatever the load)
         # this run's peak resident memory (base model included) where Linux lets us reset the peak;
         # otherwise the process's peak so far (exact only when it exceeds peak_memory_mb_before)
         "peak_memory_mb": _peak_rss_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -378,18 +379,18 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
             groups = truncate_sources(test_groups(ev, data), tokenizer, ev.max_source_tokens)
             decoding = ev.decoding()
             sources = [g.source for g in groups]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             if decoder == "peft":
                 outputs = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
             else:
                 outputs = generate(model, tokenizer, sources, batch_size=16, progress=True, **kwargs, **decoding)
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             new_tokens = sum(len(tokenizer(o, add_special_tokens=False).input_ids) for o in outputs)
             scores, items = score_outputs(ev, groups, outputs, data)
             files = ledger.write_eval_files(ledger_dir.parent, ledger_dir.name, ev, outputs, items)
             seen = seen_categories(data) if ev.task == "webnlg" else set()
             results[ev.key()] = {
-                "eval": asdict(ev), "n": len(groups), "scores": scores, "decode_seconds": seconds,
+                "eval": asdict(ev), "n": len(groups), "scores": scores, "decode_seconds": seconds, "decode_cpu_seconds": cpu_seconds,
                 "output_tokens": new_tokens, "decoding": decoding, "threads": torch.get_num_threads(), **files,
                 "counts": {"S": sum(g.category in seen for g in groups), "U": sum(g.category not in seen for g in groups)}
                 if ev.task == "webnlg" else {}, "items": items}
