@@ -193,3 +193,65 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     assert main(["experiment", "grid", "--status"]) == 0
     out = capsys.readouterr().out
     assert "done: 0" in out and "todo: 27" in out and "waiting" in out
+
+
+def fake_result(run, rng):
+    """A plausible ledger entry for ``run`` (no training): every field the reports read."""
+    curve = [{"step": 0, "dev_loss": 3.0, "train_loss": None, "seconds_per_step": None}] + [
+        {"step": s, "dev_loss": 2.0 + rng.random(), "train_loss": 1.0, "seconds_per_step": 2.0,
+         **({"dev_score": 40 + 10 * rng.random()} if run.select == "dev_bleu" else {})} for s in (25, 50, 75)]
+    name = f"adapter-{100 * run.size:g}" if run.method == "adapter" else run.method
+    middle = LR_GRID[name][1]  # made the grid's choice: the lowest dev loss
+    train = {"trainable_percent": 1.0, "stored_percent": 0.1, "dev_loss": 2.1, "min_dev_loss": 2.0 if run.lr == middle else 3.0,
+             "dev_score": 45.0, "best_step": 50, "best_epoch": 1.5, "steps": 75, "stopped_early": True,
+             "seconds_per_step": 2.0, "wall_seconds": 600.0, "cpu_seconds": 590.0, "peak_memory_mb": 2000.0,
+             "peak_memory_mb_before": None, "dev_curve": curve}
+    evals = {}
+    for ev in run.evals:
+        n = 12
+        if ev.task == "e2e":
+            items = {"BLEU": [[int(rng.integers(5, 10)), 5, 3, 2, 10, 9, 8, 7, 10] for _ in range(n)],
+                     "SER": [[int(rng.integers(0, 2)), 5] for _ in range(n)]}
+            scores = {"A": {"BLEU": 0.5, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 1.8, "SER": 5.0}}
+        elif ev.task == "webnlg":
+            items = {"BLEU": [[10, 10, int(rng.integers(5, 10)), 5, 3, 2, 10, 9, 8, 7] for _ in range(n)],
+                     "category": ["S", "U"] * (n // 2)}
+            scores = {c: {"BLEU": 40.0, "METEOR": 0.3, "TER": 0.5} for c in "SUA"}
+        else:
+            items = {k: [[float(rng.uniform(10, 40)), 1] for _ in range(n)] for k in ("ROUGE-1", "ROUGE-2", "ROUGE-L")}
+            scores = {"A": {"ROUGE-1": 30.0, "ROUGE-2": 10.0, "ROUGE-L": 25.0}}
+        evals[ev.key()] = {"eval": {}, "n": n, "scores": scores, "items": items, "decode_seconds": 100.0,
+                           "decode_cpu_seconds": 99.0, "output_tokens": 500}
+    return {"run": run.training(), "train": train, "evals": evals}
+
+
+def test_every_report_on_a_full_synthetic_ledger(tmp_path):
+    """Every report's code path with every run present (synthetic numbers, no training)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = Scale()
+    scale = Scale(chosen_lr={k: v[1] for k, v in LR_GRID.items()})
+    runs = grid.order(scale)
+    extra = [r for r in module("lr-grid").plan(base) if r.key() not in {x.key() for x in runs}]  # not chosen
+    for run in runs + extra:
+        result = fake_result(run, rng)
+        items = {k: ev.pop("items") for k, ev in result["evals"].items()}
+        entry = tmp_path / "ledger" / run.key()
+        for ev in run.evals:
+            rows = items[ev.key()]
+            result["evals"][ev.key()].update(ledger.write_eval_files(tmp_path / "ledger", run.key(), ev, ["x"] * 12, rows))
+        ledger.write(tmp_path / "ledger", run.key(), result)
+        assert (entry / "result.json").is_file()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{grid.START}\n{grid.END}\n")
+    grid.write_reports(base, tmp_path, readme=readme)
+    for name in NAMES:
+        md = (tmp_path / f"{name}.md").read_text()
+        assert "Missing runs" not in md, name
+        assert "runs missing" not in md and ("Verdict:" in md or name == "lr-grid"), name
+    table = readme.read_text()
+    assert table.count("| [") >= 30 and "runs missing" not in table
+    state = grid.status(base, tmp_path / "runs", tmp_path / "ledger")
+    assert not state["todo"] and not state["waiting"] and len(state["done"]) == len(runs)
+    assert abs(grid.estimate(state, tmp_path / "ledger")["done_hours"] - len(runs) * (590 + 99 * 1) / 3600) < 2
