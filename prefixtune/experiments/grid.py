@@ -9,7 +9,7 @@ yet wait; the order is recomputed after every run, as rates get chosen.
 
 Each process takes the first run that is neither in the ledger nor held by another process (its
 lock dies with its process), trains and scores it, records it in the ledger (and commits it with
-``--commit``), rewrites every report from the ledger, and goes on. Stopping a process (Ctrl-C,
+``--commit``), rewrites every report from the ledger (committed every 10 runs and at the end), and goes on. Stopping a process (Ctrl-C,
 kill, end of session) loses at most the run in progress, which resumes from its last checkpoint.
 """
 
@@ -112,7 +112,8 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
         finished += 1
         did = "evaluated" if "train" in before and not result.get("retrained") else "trained"
         print(f"grid: finished {run.key()} {did} {run.label()}", flush=True)
-        write_reports(scale, results_dir, commit, names=names, readme=readme)
+        # reports after every run; committed every 10 runs (and at the end), to keep PNG churn out of the history
+        write_reports(scale, results_dir, commit and finished % 10 == 0, names=names, readme=readme)
     return finished
 
 

@@ -11,7 +11,7 @@ SCALE_TEXT = ("E2E: lengths {s.lengths}, {s.train_size} training pairs (sampling
               "{beams}. XSUM: lengths {s.summary_lengths} on our 1,210-article XSUM training split, sources cut "
               "to {s.max_source_tokens} tokens, {s.seeds} seeds, selected on dev loss, {s.summary_test_examples} test "
               "articles with the paper's summarization decoding. Decoding speed: output tokens per second of the whole "
-              "test decode (batch 16, one thread).")
+              "test decode (batch 48, one thread).")
 
 
 def e2e_runs(scale: Scale, length: int):

@@ -168,6 +168,11 @@ class Run:
 
 
 DEV_BLEU_TASKS = ("e2e", "webnlg")
+# Test decoding batch: 48 inputs (x beam) per generate call. On 48 E2E test tables with a trained prefix, beam
+# 5, batch 48 gave the same 48 outputs as batch 16 in 0.90-0.98x the CPU time (two measurements); a bfloat16
+# base saved 10-24% but changed 9 of the 48 outputs, so decoding stays float32: benchmarks/decode_options.py,
+# results/perf/decode_options.json.
+DECODE_BATCH = 48
 
 
 def _hash(d: dict) -> str:
@@ -383,7 +388,7 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
             if decoder == "peft":
                 outputs = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
             else:
-                outputs = generate(model, tokenizer, sources, batch_size=16, progress=True, **kwargs, **decoding)
+                outputs = generate(model, tokenizer, sources, batch_size=DECODE_BATCH, progress=True, **kwargs, **decoding)
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             new_tokens = sum(len(tokenizer(o, add_special_tokens=False).input_ids) for o in outputs)
             scores, items = score_outputs(ev, groups, outputs, data)
