@@ -49,7 +49,7 @@ class Scale:
     summary_max_epochs: float = 4.0
     min_steps: int = 600
     eval_epochs: float = 0.5  # evaluate every half epoch, but at most every min_eval_steps steps
-    min_eval_steps: int = 25
+    min_eval_steps: int = 10
     patience: int = 3
     dev_examples: int = 200  # dev pairs for the dev loss (table-to-text)
     summary_dev_examples: int = 100

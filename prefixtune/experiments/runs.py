@@ -124,7 +124,7 @@ class Run:
     max_epochs: float = 10.0  # the cap: max(max_epochs epochs, min_steps steps)
     min_steps: int = 600
     eval_epochs: float = 0.5  # evaluate every half epoch...
-    min_eval_steps: int = 25  # ...but not more often than every 25 steps
+    min_eval_steps: int = 10  # ...but not more often than every 10 steps
     patience: int = 3  # evaluations without a better selection score before stopping
     select: str = "dev_bleu"  # or "dev_loss"
     dev_score_examples: int = 100  # dev inputs decoded (greedy) for "dev_bleu"
