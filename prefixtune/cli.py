@@ -242,24 +242,50 @@ def cmd_experiment(args) -> int:
 
     import torch
 
-    from .experiments import LEARNING_RATES, NAMES, Scale, run_experiment
+    from .experiments import LR_GRID, NAMES, Scale, run_experiment, write_report
+    from .experiments import grid
 
     lrs = {}
     for item in args.lr:
         method, _, value = item.partition("=")
-        if method not in LEARNING_RATES or not value:
-            raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LEARNING_RATES)}, got {item!r}")
+        if method not in LR_GRID or not value:
+            raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LR_GRID)}, got {item!r}")
         lrs[method] = float(value)
-    fields = {f: getattr(args, f) for f in Scale.__dataclass_fields__ if f != "lr" and getattr(args, f, None) is not None}
+    fields = {f: getattr(args, f) for f in Scale.__dataclass_fields__ if f not in ("lr", "chosen_lr") and getattr(args, f, None) is not None}
     scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, lr=lrs)
     if args.threads:
         torch.set_num_threads(args.threads)
     # the command that trains the runs (a --report-only rewrite reports the same runs)
-    command = "prefixtune " + " ".join(shlex.quote(a) for a in args.argv if a != "--report-only")
+    command = "prefixtune " + " ".join(shlex.quote(a) for a in args.argv if a not in ("--report-only", "--status", "--commit"))
+    ledger_dir = f"{args.results_dir}/ledger"
+    if args.status:
+        state = grid.status(scale, args.runs_dir, ledger_dir)
+        for name in ("done", "running", "todo", "waiting"):
+            print(f"{name}: {len(state[name])}")
+        cost = grid.estimate(state, ledger_dir)
+        print(f"CPU hours (one thread per run): {cost['done_hours']:.1f} done; about {cost['left_hours']:.0f} left for the "
+              f"runs like finished ones" + (f", plus {cost['left_unknown_runs']} runs of kinds not run yet" if cost["left_unknown_runs"] else ""))
+        for run in state["running"] + state["todo"] + state["waiting"]:
+            kind = "running" if run in state["running"] else "waiting" if run.lr is None else "todo"
+            print(f"  {kind:8} {run.key()}  {run.label()}")
+        return 0
+    if args.name == "grid":
+        if args.report_only:
+            grid.write_reports(scale, args.results_dir, command=command)
+        else:
+            n = grid.run_grid(scale, args.runs_dir, args.results_dir, args.data, args.threads, commit=args.commit)
+            print(f"grid: this process finished {n} runs")
+            grid.write_reports(scale, args.results_dir, commit=args.commit, command=command)
+        return 0
     for name in (NAMES if args.name == "all" else [args.name]):
-        path = run_experiment(name, scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data=args.data,
-                              threads=args.threads, command=command, report_only=args.report_only)
+        if args.report_only:
+            path = write_report(name, scale, args.results_dir, command)
+        else:
+            path = run_experiment(name, scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data=args.data,
+                                  threads=args.threads, command=command, commit=args.commit)
         print(f"{name}: report written to {path}")
+    if args.name == "all" or args.report_only:
+        grid.update_readme(args.results_dir)
     return 0
 
 
@@ -418,47 +444,64 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .experiments import NAMES, Scale
 
-    x = sub.add_parser("experiment", help="run one of the paper's experiments and write its report",
+    x = sub.add_parser("experiment", help="run the paper's experiments (to convergence) and write their reports",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Train and score every run of one of the paper's experiments (or all), then write "
-                       "results/NAME.md (tables, the paper's numbers beside ours, which findings hold), results/NAME.json "
-                       "(every run) and PNG plots. Runs are cached under --runs-dir and shared between experiments: "
-                       "rerunning only does what is missing (an interrupted run resumes), and a failed run is reported "
-                       "without losing the others. The defaults are the reduced scale that fits 2 CPU cores; the flags "
-                       "scale every experiment up to the paper's (e.g. --steps 20000 --test-examples 0 --num-beams 5 "
-                       "--samplings 5 --seeds 2 on a GPU).")
-    x.add_argument("name", choices=list(NAMES) + ["all"], help="which experiment")
+                       description="Train and score every run of one of the paper's experiments (or all, or the whole "
+                       "grid in priority order), then write results/NAME.md (protocol, the paper's numbers beside ours "
+                       "with 95%% bootstrap intervals, verdicts, plots). Every run is trained to its best dev score "
+                       "(early stopping) and recorded in the ledger results/ledger/<run hash>/ as soon as it finishes; "
+                       "rerunning does only what the ledger lacks (an interrupted training resumes from runs/). "
+                       "Several processes (one per core) can work on the same grid: a run is held by an flock that dies "
+                       "with its process. Learning rates come from the lr-grid experiment (read from the ledger). "
+                       "See README, 'Experiments'.")
+    x.add_argument("name", choices=list(NAMES) + ["all", "grid"],
+                   help="which experiment; 'grid': every experiment's runs in priority order (LR grid first), for "
+                   "long background runs; 'all': each experiment in turn")
     default = Scale()
+    x.add_argument("--report-only", action="store_true",
+                   help="write the report(s) (and the README's verdict table) from the ledger alone, training nothing; "
+                   "the reports list the runs that are missing")
+    x.add_argument("--status", action="store_true", help="list the grid's runs that are done / running / to do / waiting, and exit")
+    x.add_argument("--commit", action="store_true", help="git-commit each run's ledger entry (and the reports) as it finishes")
     x.add_argument("--model", default=default.model, help="base model (embedded default, or a Hugging Face id / directory)")
-    x.add_argument("--dtype", default=default.dtype, choices=["float32", "bfloat16", "float16"], help="base model dtype")
     x.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
-    x.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    x.add_argument("--runs-dir", default="runs/experiments", help="where runs are trained and cached")
-    x.add_argument("--results-dir", default="results", help="where reports, JSON and plots go")
-    x.add_argument("--steps", type=int, default=default.steps, help="optimizer steps per table-to-text run")
+    x.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 per process on a shared machine)")
+    x.add_argument("--runs-dir", default="runs/experiments", help="training scratch (checkpoints, weights; git-ignored)")
+    x.add_argument("--results-dir", default="results", help="reports and plots; the ledger is RESULTS_DIR/ledger")
+    x.add_argument("--arithmetic", default=default.arithmetic, choices=["bf16-autocast", "float32"],
+                   help="bfloat16 autocast with float32 master weights for every method, or float32 throughout")
+    x.add_argument("--select", default=default.select, choices=["dev_bleu", "dev_loss"],
+                   help="what table-to-text runs are selected and stopped on (summarization: dev loss)")
+    x.add_argument("--patience", type=int, default=default.patience, help="evaluations without improvement before stopping")
+    x.add_argument("--max-epochs", type=float, default=default.max_epochs, help="cap: max(this many epochs, --min-steps)")
+    x.add_argument("--summary-max-epochs", type=float, default=default.summary_max_epochs, help="the same for summarization")
+    x.add_argument("--min-steps", type=int, default=default.min_steps, help="cap: at least this many steps")
+    x.add_argument("--eval-epochs", type=float, default=default.eval_epochs, help="evaluate every this many epochs...")
+    x.add_argument("--min-eval-steps", type=int, default=default.min_eval_steps, help="...but at most every this many steps")
+    x.add_argument("--dev-score-examples", type=int, default=default.dev_score_examples, help="dev inputs decoded for dev BLEU")
     x.add_argument("--batch-size", type=int, default=default.batch_size, help="table-to-text batch size")
-    x.add_argument("--summary-steps", type=int, default=default.summary_steps, help="optimizer steps per summarization run")
     x.add_argument("--summary-batch-size", type=int, default=default.summary_batch_size, help="summarization batch size")
     x.add_argument("--max-source-tokens", type=int, default=default.max_source_tokens, help="summarization sources are cut to this")
-    x.add_argument("--test-examples", type=int, default=default.test_examples, help="table-to-text test sample size (0 = all)")
-    x.add_argument("--summary-test-examples", type=int, default=default.summary_test_examples, help="summarization test sample (0 = all)")
-    x.add_argument("--num-beams", type=int, default=default.num_beams, help="beam size (1 = greedy; paper: 5)")
+    x.add_argument("--test-examples", type=int, default=default.test_examples, help="table-to-text test inputs (0 = all)")
+    x.add_argument("--summary-test-examples", type=int, default=default.summary_test_examples, help="summarization test documents")
+    x.add_argument("--num-beams", type=int, default=default.num_beams, help="beam size (0 = the paper's decoding per task)")
+    x.add_argument("--train-size", type=int, default=default.train_size, help="E2E size of the reference cell (LR grid, main table)")
     x.add_argument("--train-sizes", type=int, nargs="+", default=list(default.train_sizes), help="low-data E2E sizes")
-    x.add_argument("--summary-train-sizes", type=int, nargs="+", default=list(default.summary_train_sizes), help="low-data XSUM sizes")
     x.add_argument("--init-sizes", type=int, nargs="+", default=list(default.init_sizes), help="initialisation experiment sizes")
     x.add_argument("--init-texts", nargs="+", default=list(default.init_texts),
-                   help="word initialisations to compare with random (task words: table-to-text:, summarize)")
+                   help="word initialisations compared with random (task words: table-to-text:, summarize)")
     x.add_argument("--samplings", type=int, default=default.samplings, help="random training subsets per low-data size")
-    x.add_argument("--seeds", type=int, default=default.seeds, help="seeds per subset (and for prefix / fine-tuning in table-to-text)")
+    x.add_argument("--seeds", type=int, default=default.seeds, help="seeds per subset and cell")
+    x.add_argument("--webnlg-train-examples", type=int, default=default.webnlg_train_examples, help="WebNLG training subset")
+    x.add_argument("--dialogsum-train-examples", type=int, default=default.dialogsum_train_examples, help="DialogSum training subset")
     x.add_argument("--lengths", type=int, nargs="+", default=list(default.lengths), help="E2E prefix lengths")
     x.add_argument("--summary-lengths", type=int, nargs="+", default=list(default.summary_lengths), help="XSUM prefix lengths")
     x.add_argument("--summary-prefix-lengths", type=int, nargs="+", default=list(default.summary_prefix_lengths),
                    help="the two prefix sizes of the summarization experiment")
     x.add_argument("--methods", nargs="+", default=list(default.methods),
                    help="table-to-text methods (adapter-3 = adapters of 3%% of the model)")
-    x.add_argument("--lr", action="append", default=[], help="METHOD=VALUE: a method's peak learning rate (repeatable)")
-    x.add_argument("--report-only", action="store_true",
-                   help="write the report from the runs already cached (missing ones are listed), training nothing")
+    x.add_argument("--lr", action="append", default=[],
+                   help="METHOD=VALUE: fix a method's peak learning rate instead of the grid's choice (repeatable)")
     x.set_defaults(func=cmd_experiment)
 
     s = sub.add_parser("serve", help="serve many tenants' prefixes over HTTP with mixed-prefix batching",

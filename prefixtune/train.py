@@ -59,7 +59,14 @@ class TrainConfig:
     from 28% to 1.3% of the token slots at batch 8.
 
     Under N processes ``batch_size`` is still the global micro-batch (rows per micro-step over all
-    processes)."""
+    processes).
+
+    patience: early stopping (0 = off, the default): stop once ``patience`` evaluations in a row
+    brought no better selection score (dev loss, or the Trainer's ``dev_score`` hook); ``epochs`` /
+    ``max_steps`` is then a cap (the learning rate still decays over the cap). The best evaluation's
+    trained result is what the run directory keeps. autocast: run forwards in bfloat16 autocast
+    (torch.autocast), with the trained weights, their gradients and AdamW state in float32 (the
+    usual mixed-precision recipe; for methods that train the base model's own weights)."""
 
     epochs: float = 5.0
     max_steps: int | None = None
@@ -73,10 +80,12 @@ class TrainConfig:
     dev_batch_size: int = 16
     seed: int = 42
     bucket: int = 0
+    patience: int = 0
+    autocast: bool = False
 
 
 # run.json files written before a TrainConfig field existed ran with these values
-_LEGACY_TRAIN = {"bucket": 0}
+_LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False}
 
 
 def process_state(cpu: bool | None = None) -> PartialState:
@@ -178,10 +187,12 @@ def share(n: int, rank: int, world: int) -> slice:
 class Trainer:
     def __init__(self, model, tokenizer, train: list[Example], dev: list[Example] | None,
                  prefix_config: PrefixConfig, config: TrainConfig, out_dir: str | Path, progress: bool = True,
-                 method: MethodConfig | None = None):
+                 method: MethodConfig | None = None, dev_score=None):
         """``method``: what to train (default: a prefix, the paper's method); the baselines of
         prefixtune/methods.py train through the same loop, data and loss. ``prefix_config`` gives the
-        loss reduction for all of them, and the length/MLP of the prefix-like ones."""
+        loss reduction for all of them, and the length/MLP of the prefix-like ones. ``dev_score``:
+        ``f(trainer) -> float``, higher is better (e.g. dev BLEU of greedy outputs), computed at every
+        evaluation; when given, the best evaluation and early stopping follow it instead of dev loss."""
         if not train:
             raise ValueError("no training examples")
         if config.bucket < 0:
@@ -227,6 +238,9 @@ class Trainer:
         # train losses (and seconds) of the steps since the last evaluation: a checkpoint taken between
         # evaluations keeps them, so a resumed run logs the same interval means as a straight one
         self.pending: dict = {"losses": [], "seconds": 0.0}
+        self.dev_score = dev_score
+        if dev_score is not None and self.world > 1:
+            raise ValueError("a dev_score hook runs in one process only (it decodes with the whole model)")
 
     # --- data ----------------------------------------------------------------------------------
 
@@ -274,7 +288,7 @@ class Trainer:
         t0 = time.perf_counter() - self.pending["seconds"]
         with _StopAtStepEnd(active=self.world == 1) as stop:
             try:
-                while self.step < self.total_steps:
+                while self.step < self.total_steps and not self.stopped():
                     step_loss = self._train_step()
                     self.step += 1
                     self.pending["losses"].append(step_loss)
@@ -303,7 +317,7 @@ class Trainer:
         bar.close()
         if self.world > 1:
             self.state.wait_for_everyone()  # the run directory is complete when fit() returns anywhere
-        return {"steps": self.step, "best_dev_loss": self.best_dev, "history": self.history}
+        return {"steps": self.step, "best_dev_loss": self.best_dev, "history": self.history, **self.selection()}
 
     def _train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns its loss.
@@ -323,7 +337,8 @@ class Trainer:
             # weight 0: every process then makes the same collective calls (FSDP's gathers)
             batch = collate_train(self.model, [self.train_set[i] for i in mine or rows[-1:]], self.pad)
             # return_logits=False: the LM head runs on target positions only (same loss)
-            out = self.tuner(**{n: t.to(self.device) for n, t in batch.items()}, return_logits=False)
+            with autocast_context(self.config.autocast, self.device.type):
+                out = self.tuner(**{n: t.to(self.device) for n, t in batch.items()}, return_logits=False)
             loss = out.nll_sum / total if mine else out.nll_sum * 0.0
             loss.backward()
             step_loss += float(loss.detach())
@@ -349,27 +364,56 @@ class Trainer:
     def _evaluate_and_save(self, train_loss: float, seconds_per_step: float, bar) -> None:
         dev = self.dev_loss() if self.dev_set else None  # the same value in every process
         entry = {"step": self.step, "train_loss": train_loss, "dev_loss": dev, "seconds_per_step": seconds_per_step}
+        if self.dev_score is not None:
+            start = time.perf_counter()
+            entry["dev_score"] = float(self.dev_score(self))
+            entry["dev_score_seconds"] = time.perf_counter() - start
         self.history.append(entry)
         if self.is_main:
             self._append_log(entry)
-        # best by dev loss; without a dev set, the latest prefix is kept
-        if dev is None or dev < self.best_dev:
+        # best by the selection score (dev loss by default); without a dev set, the latest prefix is kept
+        if dev is None or self.selection()["best_step"] == self.step:
             self.best_dev = dev if dev is not None else self.best_dev
             if self.is_main:
                 self._save_prefix()
         self.save_checkpoint()
         if self.is_main:
-            bar.write(f"step {self.step}: train loss {train_loss:.4f}" + (f", dev loss {dev:.4f}" if dev is not None else ""))
+            bar.write(f"step {self.step}: train loss {train_loss:.4f}" + (f", dev loss {dev:.4f}" if dev is not None else "")
+                      + (f", dev score {entry['dev_score']:.2f}" if "dev_score" in entry else ""))
+
+    # --- selection and early stopping ----------------------------------------------------------
+    # Both are functions of self.history, which the checkpoint holds: a resumed run selects and
+    # stops exactly as an uninterrupted one.
+
+    def _selection_key(self) -> str:
+        return "dev_score" if self.dev_score is not None else "dev_loss"
+
+    def selection(self) -> dict:
+        """The best evaluation so far by the selection score (step 0, before training, excluded),
+        and whether early stopping has ended the run."""
+        key = self._selection_key()
+        evals = [h for h in self.history if h["step"] > 0 and h.get(key) is not None]
+        sign = 1 if key == "dev_score" else -1  # higher dev_score / lower dev_loss is better
+        best = max(evals, key=lambda h: sign * h[key], default=None)  # first of equals: the earliest
+        since = 0 if best is None else sum(h["step"] > best["step"] for h in evals)
+        return {"selected_by": key, "best_step": None if best is None else best["step"],
+                "best_dev_score": None if best is None else best.get("dev_score"), "evaluations_since_best": since,
+                "stopped_early": bool(self.config.patience and self.dev_set and since >= self.config.patience)}
+
+    def stopped(self) -> bool:
+        """Early stopping: ``patience`` evaluations in a row without a better selection score."""
+        return self.selection()["stopped_early"]
 
     @torch.no_grad()
     def dev_loss(self) -> float:
         """Mean negative log-likelihood per target token over the dev set (no dropout). Under N
         processes each takes every N-th length-sorted batch; the sums are gathered and added in rank
         order, so every process gets the same value (and the same "best")."""
-        if self.world == 1:
-            return mean_target_nll(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress)
-        sums = target_nll_sums(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress,
-                               shard=(self.rank, self.world))
+        with autocast_context(self.config.autocast, self.device.type):
+            if self.world == 1:
+                return mean_target_nll(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress)
+            sums = target_nll_sums(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress,
+                                   shard=(self.rank, self.world))
         parts = gather_object([sums])
         return sum(t for t, _ in parts) / max(1, sum(c for _, c in parts))
 
@@ -486,6 +530,14 @@ class Trainer:
         if ckpt is None:
             return None
         return load_file(str(ckpt / "state.safetensors")), json.loads((ckpt / "state.json").read_text())
+
+
+def autocast_context(enabled: bool, device_type: str = "cpu"):
+    """bfloat16 autocast on ``device_type`` when ``enabled`` (float32 weights stay the master copy),
+    else a no-op context."""
+    import contextlib
+
+    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 @torch.no_grad()
