@@ -272,10 +272,12 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         # GPU kernels need that); torch's CPU kernels take the groups directly, same result, ~3x faster.
         # With gradients, a bfloat16/float16 model's attention runs in float32 here: the CPU kernel's
         # low-precision backward is ~3x slower than its float32 one (and less exact)
+        # (and under bfloat16 autocast, whose CPU policy would cast it back to bfloat16)
         low = CPU_FP32_BACKWARD and query.dtype != torch.float32 and torch.is_grad_enabled()
         q, k, v = (t.float() for t in (query, key, value)) if low else (query, key, value)
-        out = nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"), enable_gqa=gqa)
+        with torch.autocast("cpu", enabled=not low and torch.is_autocast_enabled("cpu")):
+            out = nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"), enable_gqa=gqa)
         return out.to(query.dtype).transpose(1, 2).contiguous(), None
     return base(module, query, key, value, mask, **kwargs)
 
