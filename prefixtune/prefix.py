@@ -243,22 +243,34 @@ def make_batch(prefixes, device=None, separators=None) -> PrefixBatch | None:
     if all(p is prefixes[0] for p in prefixes):
         kv = {pl: prefixes[0].layer_kv(pl, t[None].to(device)) for pl, t in prefixes[0].kv.items()}
         return PrefixBatch(kv=kv, mask={pl: None for pl in kv}, visible_from=visible_from)
-    placements = {pl for p in prefixes if p is not None for pl in p.kv}
-    kv, mask = {}, {}
-    for pl in sorted(placements):
-        first = next(p for p in prefixes if p is not None and pl in p.kv)
-        shape = first.kv[pl].shape
-        longest = max(p.kv[pl].shape[3] for p in prefixes if p is not None and pl in p.kv)
-        rows = torch.zeros(len(prefixes), shape[0], 2, shape[2], longest, shape[4])
-        m = torch.zeros(len(prefixes), longest, dtype=torch.bool)
-        for i, p in enumerate(prefixes):
-            if p is not None and pl in p.kv:
-                n = p.kv[pl].shape[3]
-                rows[i, :, :, :, :n] = p.kv[pl]
-                m[i, :n] = True
-        kv[pl] = first.layer_kv(pl, rows.to(device))
-        mask[pl] = m.to(device)
-    return PrefixBatch(kv=kv, mask=mask, visible_from=visible_from)
+    first = next(p for p in prefixes if p is not None)
+    dims = {pl: tuple(first.meta.get("head_dims", {}).get(pl, (t.shape[-1], t.shape[-1]))) for pl, t in first.kv.items()}
+    return stack_prefixes([({pl: t.to(device) for pl, t in p.kv.items()} if p is not None else None, 1)
+                           for p in prefixes], dims, visible_from)
+
+
+def stack_prefixes(groups: list[tuple[dict[str, torch.Tensor] | None, int]], head_dims: dict[str, tuple[int, int]],
+                   visible_from: torch.Tensor | None = None) -> PrefixBatch:
+    """One :class:`PrefixBatch` for consecutive groups of rows, each group ``(P, rows)`` with its own
+    P (``{placement: [layers, 2, kv_heads, length, width]}``, or None for no prefix). Shorter prefixes
+    and rows without one get masked slots (exact: a masked key gets zero attention weight).
+    Differentiable: several trainable prefixes can share one batch (prefixtune/train_many.py)."""
+    placements = sorted({pl for kv, _ in groups if kv for pl in kv})
+    kv_out, mask = {}, {}
+    for pl in placements:
+        ref = next(kv[pl] for kv, _ in groups if kv and pl in kv)
+        longest = max(kv[pl].shape[3] for kv, _ in groups if kv and pl in kv)
+        parts, masks = [], []
+        for kv, n in groups:
+            t = kv.get(pl) if kv else None
+            length = 0 if t is None else t.shape[3]
+            t = ref.new_zeros(*ref.shape[:3], longest, ref.shape[4]) if t is None else \
+                nn.functional.pad(t, (0, 0, 0, longest - length))
+            parts.append(t[None].expand(n, *t.shape))
+            masks.append((torch.arange(longest, device=ref.device) < length)[None].expand(n, -1))
+        kv_out[pl] = split_layers(torch.cat(parts), *head_dims[pl])
+        mask[pl] = torch.cat(masks)
+    return PrefixBatch(kv=kv_out, mask=mask, visible_from=visible_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,13 +322,15 @@ class PrefixEncoder(nn.Module):
 
 @dataclass
 class PrefixTunerOutput(ModelOutput):
-    """``loss`` as configured; ``nll_sum`` (summed NLL of the target tokens) and ``n_targets`` (their
-    count) when labels are given; ``logits`` unless ``return_logits=False``."""
+    """``loss`` as configured; ``nll_sum`` (summed NLL of the target tokens), ``nll_rows`` (the same
+    per row) and ``n_targets`` (their count) when labels are given; ``logits`` unless
+    ``return_logits=False``."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     nll_sum: torch.Tensor | None = None
     n_targets: torch.Tensor | None = None
+    nll_rows: torch.Tensor | None = None
 
 
 class PrefixTuner(nn.Module):
@@ -455,15 +469,18 @@ def lm_forward(model, reduction: str, input_ids=None, attention_mask=None, label
         if labels is None:
             return PrefixTunerOutput(logits=logits)
         logp, mask = token_logprobs(logits, labels, shift=not seq2seq)
+        nll_rows = -logp.sum(-1)
     else:
         body, head = split
         hidden = body(**kwargs).last_hidden_state[:, :-1]  # the state at t predicts token t+1
         mask = labels[:, 1:] != -100
         logp = -nn.functional.cross_entropy(head(hidden[mask]).float(), labels[:, 1:][mask], reduction="none")
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+        nll_rows = torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, -logp)
         logits = None
     nll_sum, n_targets = -logp.sum(), mask.sum()
     loss = _reduce(nll_sum, n_targets, labels.shape[0], reduction)
-    return PrefixTunerOutput(loss=loss, logits=logits, nll_sum=nll_sum, n_targets=n_targets)
+    return PrefixTunerOutput(loss=loss, logits=logits, nll_sum=nll_sum, n_targets=n_targets, nll_rows=nll_rows)
 
 
 def decoder_inputs_from_labels(model, labels: torch.Tensor) -> torch.Tensor:

@@ -280,29 +280,17 @@ class Trainer:
     # --- loop ------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        self._check_run_config()
-        self.load_checkpoint()
-        if self.step == 0 and self.dev_set and not self.history:  # dev loss before training, for comparison
-            self.history.append({"step": 0, "train_loss": None, "dev_loss": self.dev_loss(), "seconds_per_step": None})
+        self.start()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
-        t0 = time.perf_counter() - self.pending["seconds"]
         with _StopAtStepEnd(active=self.world == 1) as stop:
             try:
-                while self.step < self.total_steps and not self.stopped():
+                while not self.finished():
+                    start = time.perf_counter()
                     step_loss = self._train_step()
-                    self.step += 1
-                    self.pending["losses"].append(step_loss)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                    if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                        losses = self.pending["losses"]
-                        self.pending = {"losses": [], "seconds": 0.0}
-                        self._evaluate_and_save(sum(losses) / len(losses), (time.perf_counter() - t0) / len(losses), bar)
-                        t0 = time.perf_counter()
-                    elif stop.requested:
-                        self.pending["seconds"] = time.perf_counter() - t0
-                        self.save_checkpoint(gather=False)
+                    saved = self.record_step(step_loss, time.perf_counter() - start, bar)
                     if stop.requested:
+                        if not saved:
+                            self.save_checkpoint(gather=False)
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
                 bar.close()
@@ -317,7 +305,29 @@ class Trainer:
         bar.close()
         if self.world > 1:
             self.state.wait_for_everyone()  # the run directory is complete when fit() returns anywhere
+        return self.result()
+
+    # The loop in pieces, so that one loop can also drive several trainers that share a model and
+    # batches (prefixtune/train_many.py): start, then per step the rows, the gradient, the update
+    # (apply_step) and the bookkeeping (record_step), until finished.
+
+    def start(self) -> None:
+        """Check or write run.json, resume from the checkpoint, take the dev loss before training."""
+        self._check_run_config()
+        self.load_checkpoint()
+        if self.step == 0 and self.dev_set and not self.history:  # dev loss before training, for comparison
+            self.history.append({"step": 0, "train_loss": None, "dev_loss": self.dev_loss(), "seconds_per_step": None})
+
+    def finished(self) -> bool:
+        return self.step >= self.total_steps or self.stopped()
+
+    def result(self) -> dict:
         return {"steps": self.step, "best_dev_loss": self.best_dev, "history": self.history, **self.selection()}
+
+    def step_rows(self) -> list[list[int]]:
+        """Row indices of the next step's micro-batches (all processes)."""
+        ga = self.config.grad_accum
+        return [self.micro_batch_rows(self.step * ga + k) for k in range(ga)]
 
     def _train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns its loss.
@@ -327,9 +337,8 @@ class Trainer:
         the same gradient: ``grad_accum`` and the number of processes only change memory and speed."""
         self.tuner.train()
         self.optimizer.zero_grad(set_to_none=True)
-        ga = self.config.grad_accum
-        step_rows = [self.micro_batch_rows(self.step * ga + k) for k in range(ga)]
-        total = max(1, sum(self._weight(rows) for rows in step_rows))
+        step_rows = self.step_rows()
+        total = self.loss_normaliser(sum(step_rows, []))
         step_loss = 0.0
         for rows in step_rows:
             mine = rows[share(len(rows), self.rank, self.world)]
@@ -344,10 +353,33 @@ class Trainer:
             step_loss += float(loss.detach())
         if self.world > 1:
             step_loss = self._sync_gradients(step_loss)
+        self.apply_step()
+        return step_loss
+
+    def loss_normaliser(self, rows: list[int]) -> int:
+        """What a step's summed NLL is divided by: its target tokens (token_mean) or rows (sequence_sum)."""
+        return max(1, self._weight(rows))
+
+    def apply_step(self) -> None:
+        """Clip the gradients, then the optimizer's and the scheduler's step."""
         torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
-        return step_loss
+
+    def record_step(self, step_loss: float, seconds: float, bar=None) -> bool:
+        """Count a finished step; evaluate and checkpoint when it is time. Returns whether it saved."""
+        self.step += 1
+        self.pending["losses"].append(step_loss)
+        self.pending["seconds"] += seconds
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        if self.step % self.eval_every == 0 or self.step == self.total_steps:
+            losses, spent = self.pending["losses"], self.pending["seconds"]
+            self.pending = {"losses": [], "seconds": 0.0}
+            self._evaluate_and_save(sum(losses) / len(losses), spent / len(losses), bar)
+            return True
+        return False
 
     def _sync_gradients(self, step_loss: float) -> float:
         """Sum the prefix gradients (and the step's loss) over processes: one all-reduce."""
@@ -377,7 +409,7 @@ class Trainer:
             if self.is_main:
                 self._save_prefix()
         self.save_checkpoint()
-        if self.is_main:
+        if self.is_main and bar is not None:
             bar.write(f"step {self.step}: train loss {train_loss:.4f}" + (f", dev loss {dev:.4f}" if dev is not None else "")
                       + (f", dev score {entry['dev_score']:.2f}" if "dev_score" in entry else ""))
 

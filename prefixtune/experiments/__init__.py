@@ -56,6 +56,7 @@ class Scale:
     dev_score_examples: int = 100  # dev tables decoded for the dev BLEU that selects table-to-text runs
     select: str = "dev_bleu"  # table-to-text selection: dev_bleu or dev_loss (summarization: always dev_loss)
     arithmetic: str = "bf16-autocast"  # or "float32"
+    decode_dtype: str = "bfloat16"  # test decoding (see results/perf.md, "bfloat16 decoding"); or "float32"
     test_examples: int = 0  # table-to-text test inputs (0 = all: 630 E2E, 1,862 WebNLG)
     summary_test_examples: int = 200
     num_beams: int = 0  # 0 = the paper's decoding per task (beam 5; summarization beam 6 with length limits)
@@ -87,6 +88,8 @@ class Scale:
                 raise ValueError(f"unknown method {name!r} in --methods; use {', '.join(METHODS)} (adapter-3 = 3%)")
         if self.arithmetic not in ("bf16-autocast", "float32"):
             raise ValueError(f"arithmetic must be bf16-autocast or float32, got {self.arithmetic!r}")
+        if self.decode_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"decode_dtype must be bfloat16 or float32, got {self.decode_dtype!r}")
         if self.select not in ("dev_bleu", "dev_loss"):
             raise ValueError(f"select must be dev_bleu or dev_loss, got {self.select!r}")
 
@@ -111,7 +114,10 @@ class Scale:
 
     def eval(self, task: str, summary: bool = False, **kw) -> Eval:
         n = self.summary_test_examples if summary else self.test_examples
-        base = dict(task=task, n=n or 10**9, num_beams=self.num_beams, max_source_tokens=self.max_source_tokens if summary else None)
+        base = dict(task=task, n=n or 10**9, num_beams=self.num_beams, max_source_tokens=self.max_source_tokens if summary else None,
+                    dtype=self.decode_dtype)
+        if kw.get("decoder") == "peft":  # PEFT's own generate: as it is, in float32
+            base["dtype"] = "float32"
         return Eval(**{**base, **kw})
 
     def test_sets(self) -> dict[str, str]:
@@ -123,8 +129,9 @@ class Scale:
                 "beams": f"beam {self.num_beams}" if self.num_beams else "the paper's decoding (beam 5)"}
 
     def describe_arithmetic(self) -> str:
-        return ("bfloat16 autocast for every method (float32 weights, gradients and AdamW state; matrix products in "
-                "bfloat16), decoding in float32" if self.arithmetic == "bf16-autocast" else "float32 throughout")
+        training = ("bfloat16 autocast for every method (float32 weights, gradients and AdamW state; matrix products "
+                    "in bfloat16)" if self.arithmetic == "bf16-autocast" else "float32 training")
+        return f"{training}; test decoding in {self.decode_dtype} (dev BLEU for selection in float32)"
 
 
 def split_name(name: str) -> tuple[str, float | None]:

@@ -83,6 +83,7 @@ class Eval:
     max_new_tokens: int | None = None
     max_source_tokens: int | None = None
     decoder: str = "ours"
+    dtype: str = "float32"  # of the model that decodes (the trained weights cast to it)
 
     @property
     def name(self) -> str:
@@ -90,7 +91,10 @@ class Eval:
         return tag + ("-peft-generate" if self.decoder == "peft" else "")
 
     def key(self) -> str:
-        return _hash(asdict(self))
+        d = asdict(self)
+        if d["dtype"] == "float32":  # (evaluations from before the field existed keep their keys)
+            del d["dtype"]
+        return _hash(d)
 
     def decoding(self) -> dict:
         from ..data import DECODING
@@ -169,9 +173,8 @@ class Run:
 
 DEV_BLEU_TASKS = ("e2e", "webnlg")
 # Test decoding batch: 48 inputs (x beam) per generate call. On 48 E2E test tables with a trained prefix, beam
-# 5, batch 48 gave the same 48 outputs as batch 16 in 0.90-0.98x the CPU time (two measurements); a bfloat16
-# base saved 10-24% but changed 9 of the 48 outputs, so decoding stays float32: benchmarks/decode_options.py,
-# results/perf/decode_options.json.
+# 5, batch 48 gave the same 48 outputs as batch 16 in 0.90-0.98x the CPU time (two measurements):
+# benchmarks/decode_options.py, results/perf/decode_options.json. The decoding dtype: Scale.decode_dtype.
 DECODE_BATCH = 48
 
 
@@ -374,12 +377,11 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
 
     method, prefix_config = read_run(out)
     results = {}
-    for decoder in ("ours", "peft"):
-        todo = [ev for ev in evals if ev.decoder == decoder]
-        if not todo:
-            continue
+    for decoder, dtype in sorted({(ev.decoder, ev.dtype) for ev in evals}):
+        todo = [ev for ev in evals if (ev.decoder, ev.dtype) == (decoder, dtype)]
         model, tokenizer = _load(run, threads)
         kwargs = load_trained(method, model, out, prefix_config) if decoder == "ours" else None
+        model.to(getattr(torch, dtype))
         for ev in todo:
             groups = truncate_sources(test_groups(ev, data), tokenizer, ev.max_source_tokens)
             decoding = ev.decoding()
