@@ -72,7 +72,7 @@ def train_configs(args):
     train_config = TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, eval_every=args.eval_every,
-        seed=args.seed, bucket=args.bucket, patience=args.patience,
+        seed=args.seed, bucket=args.bucket, patience=args.patience, compile=args.compile,
     )
     return prefix_config, train_config
 
@@ -411,6 +411,9 @@ def _training_options(t: argparse.ArgumentParser) -> None:
     o.add_argument("--patience", type=int, default=0,
                    help="early stopping: stop after this many evaluations without a better dev loss (0: off; "
                    "--epochs/--max-steps is then the cap)")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (minutes to compile once; then ~1.4x faster steps on CPU "
+                   "with a bfloat16 base, see results/perf.md)")
     o.add_argument("--bucket", type=int, default=0,
                    help="length bucketing, for speed: the rows of this many batches are sorted by length together, "
                    "then the batch order is shuffled (e.g. 50: E2E padding 28%% -> 1.3%%); 0: off, plain shuffled batches")

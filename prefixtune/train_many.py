@@ -42,7 +42,7 @@ from .train import TrainConfig, Trainer, _StopAtStepEnd, autocast_context
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PREFIX_FIELDS = {f.name for f in fields(PrefixConfig)} - {"placements", "gradient_checkpointing"}
-TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"grad_accum", "dev_batch_size", "autocast"}
+TRAIN_FIELDS = {f.name for f in fields(TrainConfig)} - {"grad_accum", "dev_batch_size", "autocast", "compile"}
 
 
 @dataclass
