@@ -72,7 +72,7 @@ def train_configs(args):
     train_config = TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, eval_every=args.eval_every,
-        seed=args.seed, bucket=args.bucket,
+        seed=args.seed, bucket=args.bucket, patience=args.patience, compile=args.compile,
     )
     return prefix_config, train_config
 
@@ -305,6 +305,38 @@ def cmd_serve(args) -> int:
     return serve(config)
 
 
+def cmd_train_many(args) -> int:
+    import resource
+    import time
+
+    import torch
+
+    from .train_many import ManyTrainer, read_jobs
+
+    prefix_config, train_config = train_configs(args)
+    jobs = read_jobs(args.jobs, prefix_config, train_config)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    state, device = _processes(args)
+    if state.num_processes > 1:
+        raise ValueError("train-many runs in one process (jobs share batches, not processes)")
+    model, tokenizer = _load_model(args, state, device)
+    trainer = ManyTrainer(model, tokenizer, jobs, args.out, rows_per_round=args.rows_per_round,
+                          autocast=args.autocast)
+    n_rows = sum(len(t.train_set) for t in trainer.trainers.values())
+    print(f"{len(jobs)} jobs, {n_rows:,} training pairs in all, up to {args.rows_per_round} rows per round; "
+          f"model {args.model}")
+    results = trainer.fit()
+    for name, r in results.items():
+        t = trainer.trainers[name]
+        print(f"  {name}: {r['steps']} steps" + (f", best dev loss {r['best_dev_loss']:.4f}" if t.dev_set else "")
+              + (" (stopped early)" if r.get("stopped_early") else "") + f" -> {t.out / 'prefix.safetensors'}")
+    print(f"{time.perf_counter() - start:.0f} s in all; peak memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB; {args.out}/train-many.json")
+    return 0
+
+
 def cmd_import_peft(args) -> int:
     from . import Prefix, load_base_model
 
@@ -334,14 +366,15 @@ def cmd_export_peft(args) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
-    p.add_argument("--task", default="jsonl", choices=TASKS,
-                   help="jsonl: your own {\"source\", \"target\"} files; others: the named dataset under --data "
-                   "(dart has no train split)")
-    p.add_argument("--data", default=None,
-                   help="data directory for named tasks (default: $PREFIXTUNE_DATA, else ../shared/data)")
+    if task:
+        p.add_argument("--task", default="jsonl", choices=TASKS,
+                       help="jsonl: your own {\"source\", \"target\"} files; others: the named dataset under --data "
+                       "(dart has no train split)")
+        p.add_argument("--data", default=None,
+                       help="data directory for named tasks (default: $PREFIXTUNE_DATA, else ../shared/data)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cuda (default: cpu); under accelerate launch each process gets its own "
                    "(--device cpu: CPU processes)")
@@ -349,6 +382,41 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the frozen base model; prefixes stay float32 (bfloat16: about 1.7x faster on CPUs "
                    "with avx512_bf16/AMX and on GPUs; see results/perf.md)")
+
+
+def _training_options(t: argparse.ArgumentParser) -> None:
+    """The prefix and optimisation options of `train` and `train-many` (train_configs reads them)."""
+    g = t.add_argument_group("prefix")
+    g.add_argument("--length", type=int, default=10, help="prefix length (positions per layer)")
+    g.add_argument("--mlp-hidden", type=int, default=512, help="hidden width of the reparameterisation MLP")
+    g.add_argument("--embed-dim", type=int, default=None, help="width d' of P' (default: the model's hidden size)")
+    g.add_argument("--flat", action="store_true", help="optimise P directly, without the MLP")
+    g.add_argument("--prefix-dropout", type=float, default=0.0, help="dropout on the prefix during training")
+    g.add_argument("--init", choices=["random", "words"], default="random", help="initialisation")
+    g.add_argument("--init-text", default=None, help="text whose activations start the prefix (--init words)")
+    g.add_argument("--init-steps", type=int, default=500, help="Adam steps fitting the MLP to those activations")
+    g.add_argument("--loss", choices=["token_mean", "sequence_sum"], default="token_mean",
+                   help="mean over target tokens, or the paper's sum per sequence")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=float, default=5.0, help="passes over the data (unless --max-steps)")
+    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps in total")
+    o.add_argument("--batch-size", type=int, default=5, help="rows per micro-batch (over all processes together)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (then linear decay to 0)")
+    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    o.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations/checkpoints (0: each epoch)")
+    o.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
+    o.add_argument("--patience", type=int, default=0,
+                   help="early stopping: stop after this many evaluations without a better dev loss (0: off; "
+                   "--epochs/--max-steps is then the cap)")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (minutes to compile once; then ~1.4x faster steps on CPU "
+                   "with a bfloat16 base, see results/perf.md)")
+    o.add_argument("--bucket", type=int, default=0,
+                   help="length bucketing, for speed: the rows of this many batches are sorted by length together, "
+                   "then the batch order is shuffled (e.g. 50: E2E padding 28%% -> 1.3%%); 0: off, plain shuffled batches")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,31 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (created; resumed if it holds a checkpoint)")
     t.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training pairs")
     t.add_argument("--max-dev-examples", type=int, default=None, help="use only the first N dev pairs")
-    g = t.add_argument_group("prefix")
-    g.add_argument("--length", type=int, default=10, help="prefix length (positions per layer)")
-    g.add_argument("--mlp-hidden", type=int, default=512, help="hidden width of the reparameterisation MLP")
-    g.add_argument("--embed-dim", type=int, default=None, help="width d' of P' (default: the model's hidden size)")
-    g.add_argument("--flat", action="store_true", help="optimise P directly, without the MLP")
-    g.add_argument("--prefix-dropout", type=float, default=0.0, help="dropout on the prefix during training")
-    g.add_argument("--init", choices=["random", "words"], default="random", help="initialisation")
-    g.add_argument("--init-text", default=None, help="text whose activations start the prefix (--init words)")
-    g.add_argument("--init-steps", type=int, default=500, help="Adam steps fitting the MLP to those activations")
-    g.add_argument("--loss", choices=["token_mean", "sequence_sum"], default="token_mean",
-                   help="mean over target tokens, or the paper's sum per sequence")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    o = t.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=float, default=5.0, help="passes over the data (unless --max-steps)")
-    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps in total")
-    o.add_argument("--batch-size", type=int, default=5, help="rows per micro-batch (over all processes together)")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (then linear decay to 0)")
-    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    o.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations/checkpoints (0: each epoch)")
-    o.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
-    o.add_argument("--bucket", type=int, default=0,
-                   help="length bucketing, for speed: the rows of this many batches are sorted by length together, "
-                   "then the batch order is shuffled (e.g. 50: E2E padding 28%% -> 1.3%%); 0: off, plain shuffled batches")
+    _training_options(t)
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("generate", help="decode with one or more prefixes", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -536,6 +580,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the frozen base model")
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("train-many", help="train many prefixes (one per user) together on one frozen model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train the jobs of --jobs (a JSONL file, one job per line: {\"name\", \"train\": "
+                       "FILE.jsonl, \"dev\": FILE.jsonl?, any setting of the options below by its field name, e.g. "
+                       "\"length\": 20, \"lr\": 0.001, \"max_steps\": 300, \"patience\": 3}) on one copy of the "
+                       "model: every step batches rows of several jobs, each row with its own job's prefix. Each job "
+                       "gets its own run directory OUT/jobs/NAME (prefix.safetensors, checkpoint, log), ends as if "
+                       "trained alone (see prefixtune/train_many.py), and the same command resumes all of them.")
+    _common(m, task=False)
+    m.add_argument("--jobs", required=True, help="the jobs file (JSONL; train/dev paths relative to it)")
+    m.add_argument("--out", required=True, help="output directory (jobs/NAME per job, train-many.json)")
+    m.add_argument("--rows-per-round", type=int, default=32, help="rows of all jobs together per forward/backward")
+    m.add_argument("--autocast", action="store_true", help="bfloat16 autocast (float32 prefixes and AdamW state)")
+    _training_options(m)
+    m.set_defaults(func=cmd_train_many)
 
     peft_doc = ("Rotary models convert exactly both ways (keys rotated by the prefix length, since PEFT shifts the "
                 "input positions); models with absolute positions cannot be made equal (see prefixtune/peft_io.py).")

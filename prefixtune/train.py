@@ -66,7 +66,10 @@ class TrainConfig:
     ``max_steps`` is then a cap (the learning rate still decays over the cap). The best evaluation's
     trained result is what the run directory keeps. autocast: run forwards in bfloat16 autocast
     (torch.autocast), with the trained weights, their gradients and AdamW state in float32 (the
-    usual mixed-precision recipe; for methods that train the base model's own weights)."""
+    usual mixed-precision recipe; for methods that train the base model's own weights). compile:
+    the training forward under ``torch.compile(dynamic=True)`` (fuses the elementwise work of forward
+    and backward: a bfloat16 step on CPU goes from ~3x to ~2x a no-grad forward; compiling takes
+    minutes once per process, so it pays off on runs of a few hundred steps and more)."""
 
     epochs: float = 5.0
     max_steps: int | None = None
@@ -82,10 +85,11 @@ class TrainConfig:
     bucket: int = 0
     patience: int = 0
     autocast: bool = False
+    compile: bool = False
 
 
 # run.json files written before a TrainConfig field existed ran with these values
-_LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False}
+_LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False, "compile": False}
 
 
 def process_state(cpu: bool | None = None) -> PartialState:
@@ -238,6 +242,7 @@ class Trainer:
         # train losses (and seconds) of the steps since the last evaluation: a checkpoint taken between
         # evaluations keeps them, so a resumed run logs the same interval means as a straight one
         self.pending: dict = {"losses": [], "seconds": 0.0}
+        self._compiled = None  # see _forward
         self.dev_score = dev_score
         if dev_score is not None and self.world > 1:
             raise ValueError("a dev_score hook runs in one process only (it decodes with the whole model)")
@@ -345,16 +350,25 @@ class Trainer:
             # an empty share (a last batch with fewer rows than processes) runs one row with
             # weight 0: every process then makes the same collective calls (FSDP's gathers)
             batch = collate_train(self.model, [self.train_set[i] for i in mine or rows[-1:]], self.pad)
-            # return_logits=False: the LM head runs on target positions only (same loss)
             with autocast_context(self.config.autocast, self.device.type):
-                out = self.tuner(**{n: t.to(self.device) for n, t in batch.items()}, return_logits=False)
-            loss = out.nll_sum / total if mine else out.nll_sum * 0.0
+                nll_sum = self._forward(**{n: t.to(self.device) for n, t in batch.items()})
+            loss = nll_sum / total if mine else nll_sum * 0.0
             loss.backward()
             step_loss += float(loss.detach())
         if self.world > 1:
             step_loss = self._sync_gradients(step_loss)
         self.apply_step()
         return step_loss
+
+    def _forward(self, **batch) -> torch.Tensor:
+        """Summed NLL of a batch's target tokens (return_logits=False: the LM head runs on target
+        positions only, same loss); compiled once when ``TrainConfig.compile``."""
+        if self._compiled is None:
+            def forward(**b):
+                return self.tuner(**b, return_logits=False).nll_sum
+
+            self._compiled = torch.compile(forward, dynamic=True) if self.config.compile else forward
+        return self._compiled(**batch)
 
     def loss_normaliser(self, rows: list[int]) -> int:
         """What a step's summed NLL is divided by: its target tokens (token_mean) or rows (sequence_sum)."""

@@ -229,3 +229,16 @@ def test_gradient_accumulation_is_a_memory_knob(tmp_path, tokenizer, loss):
     for g, p in zip(grads[1:], params[1:]):
         assert torch.allclose(grads[0], g, atol=1e-7, rtol=1e-5), (grads[0] - g).abs().max()
         assert torch.allclose(params[0], p, atol=1e-3), (params[0] - p).abs().max()  # Adam amplifies rounding
+
+
+def test_compiled_training_equals_eager(tmp_path, tokenizer):
+    """TrainConfig.compile: the same steps (within float rounding of fused kernels), lengths varying."""
+    params = []
+    for compile_ in (False, True):
+        trainer = Trainer(tiny_model("llama-gqa", init_range=0.2), tokenizer, PAIRS, None,
+                          pt.PrefixConfig(length=3, mlp_hidden=16),
+                          TrainConfig(max_steps=3, batch_size=4, lr=5e-2, seed=0, compile=compile_),
+                          tmp_path / f"c{compile_}", progress=False)
+        trainer.fit()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.tuner.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-4, rtol=1e-4), (params[0] - params[1]).abs().max()
