@@ -14,6 +14,20 @@ The prefixes of a batch travel as one forward keyword argument, ``prefix_batch``
 function (and through ``generate`` and gradient checkpointing), so nothing is stored on the
 model between calls and concurrent callers cannot see each other's prefixes.
 
+Masks: every model builds its mask through transformers' mask interface for its attention
+implementation. Ours dispatches to the mask function of the implementation the model had (sdpa:
+boolean or None; eager: additive float; flash: the 2-D padding mask), so a call without a prefix
+gets exactly the mask and function it had before. A call with a prefix turns that mask into a
+boolean one, widens it by the prefix slots and runs sdpa or the modeling file's eager function.
+
+Which models: :func:`enable` does not trust class names. It runs a 2-row probe before and after
+switching the model to our function: every attention module the forward calls must receive our
+keyword arguments, and the logits without a prefix must not change. Otherwise the switch is undone
+and :class:`UnsupportedModelError` names the architecture and the reason (e.g. StableLM's decoder
+layer does not pass keyword arguments to attention; Bloom and GPT-Neo compute attention outside
+the interface). Attention modules the text forward never calls (a multimodal model's vision tower)
+get no prefix.
+
 Positions: a prefix has no position. Real tokens keep positions 0..n-1 exactly as without a
 prefix (no shift), in training, scoring and generation alike, so no input can overflow the
 model's maximum positions because of the prefix. Keys of a prefix are used as they are (for
@@ -23,20 +37,28 @@ RoPE models they are post-rotation keys, learned directly).
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask, \
+    flash_attention_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import TransformersKwargs
+
+log = logging.getLogger("prefixtune")
 
 IMPLEMENTATION = "prefixtune"
 # The three places a prefix can sit. Decoder-only models only have "self".
 PLACEMENTS_CAUSAL = ("self",)
 PLACEMENTS_SEQ2SEQ = ("encoder", "decoder", "cross")
+
+
+class UnsupportedModelError(ValueError):
+    """A model (or setting) prefixtune cannot put a prefix on; the message names it and says why."""
 
 
 @dataclass
@@ -81,16 +103,44 @@ class PrefixBatch:
 
 @dataclass(frozen=True)
 class PrefixShapes:
-    """What a prefix must look like for one base model: per placement, layers x kv_heads x head_dim."""
+    """What a prefix must look like for one base model, per placement.
 
-    placements: dict[str, tuple[int, int, int]]  # placement -> (layers, kv_heads, head_dim)
+    ``placements[p] = (layers, kv_heads, head_dim)``: head_dim is the width a prefix file stores,
+    the larger of the key and value head sizes. ``head_dims[p] = (key, value)`` head sizes; they
+    differ only for multi-head latent attention (DeepSeek-V2/V3: keys 192, values 128), where the
+    narrower one uses the first columns of the stored width.
+    """
 
-    def width(self, placement: str) -> int:
-        layers, heads, dim = self.placements[placement]
-        return layers * 2 * heads * dim
+    placements: dict[str, tuple[int, int, int]]
+    head_dims: dict[str, tuple[int, int]]
 
-    def to_json(self) -> dict:
-        return {p: list(s) for p, s in self.placements.items()}
+
+@dataclass
+class _Hook:
+    """Per attention module: where its prefix comes from and which functions run it.
+
+    ``plain``: the function the model had (what runs without a prefix); ``with_prefix``: what runs
+    with one (the modeling file's eager function, or sdpa); ``mask_kind``: the form of the mask the
+    model builds for ``plain`` ("bool", "additive" or "padding")."""
+
+    slot: tuple[str, int] | None
+    plain: object
+    with_prefix: object
+    mask_kind: str
+
+
+@dataclass
+class _ModelState:
+    """What prefixtune keeps on a model it enabled (one attribute, ``model._prefixtune``)."""
+
+    original: str
+    slots: dict[str, list[nn.Module]]
+    shapes: PrefixShapes
+    identity: tuple[int, dict] | None = None  # (weights version, identity): see model_identity
+
+
+# Attention implementations whose masks we know how to widen: name of their mask function -> kind.
+_MASK_KINDS = {sdpa_mask: "bool", eager_mask: "additive", flash_attention_mask: "padding"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,21 +159,28 @@ def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t.repeat_interleave(rows // t.shape[0], dim=0)
 
 
-def _full_mask(module, kwargs, query, key, attention_mask):
-    """The boolean [B, 1, Q, K] mask that ``attention_mask`` stands for (None means causal or full)."""
+def _full_mask(module, kwargs, query, key, attention_mask, kind: str):
+    """The boolean [B, 1, Q, K] mask that ``attention_mask`` stands for: a boolean or additive 4-D
+    mask, or None (causal or full); for ``kind`` "padding" (flash implementations) a 2-D padding
+    mask or None, with causality and the sliding window left to the kernel (module, keyword args)."""
     b, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
-    if attention_mask is not None:
+    if attention_mask is not None and attention_mask.ndim == 4:
         if attention_mask.dtype != torch.bool:
             attention_mask = attention_mask == 0  # additive float mask: 0 = attend, very negative = not
         return attention_mask[:, :, :, :k_len].expand(b, 1, q_len, k_len)
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
-    if causal and q_len > 1:
-        # queries are the last q_len positions of the keys (cache in front)
-        i = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
-        j = torch.arange(k_len, device=query.device)[None, :]
-        return (j <= i).expand(b, 1, q_len, k_len)
-    return torch.ones(b, 1, q_len, k_len, dtype=torch.bool, device=query.device)
+    # queries are the last q_len positions of the keys (cache in front)
+    i = torch.arange(q_len, device=query.device)[:, None] + (k_len - q_len)
+    j = torch.arange(k_len, device=query.device)[None, :]
+    mask = (j <= i) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
+    window = kwargs.get("sliding_window")
+    if window and kind == "padding":  # other implementations have the window in their mask already
+        mask = mask & (i - j < window)
+    mask = mask.expand(b, 1, q_len, k_len)
+    if attention_mask is not None:  # [B, K] padding, True/1 = a real token
+        mask = mask & attention_mask[:, None, None, -k_len:].bool()
+    return mask
 
 
 def _decode_step_attention(module, query, key, value, mask, pk, pv, pmask, kwargs):
@@ -136,7 +193,7 @@ def _decode_step_attention(module, query, key, value, mask, pk, pv, pmask, kwarg
     shared prefix is never copied per row. Returns what sdpa_attention_forward returns.
     """
     rows, heads, _, dim = query.shape
-    kv_heads, dtype = key.shape[1], key.dtype
+    kv_heads, dtype, vdim = key.shape[1], key.dtype, value.shape[-1]
     g = heads // kv_heads
     scale = kwargs.get("scaling") or dim**-0.5
     # matmuls in the model's dtype (no copy of the cache), softmax in float32
@@ -157,26 +214,27 @@ def _decode_step_attention(module, query, key, value, mask, pk, pv, pmask, kwarg
     total = scores.sum(-1, keepdim=True) + pscores.sum(-1, keepdim=True)
     scores, pscores = scores.to(dtype), pscores.to(dtype)
     if pv.shape[0] == 1:
-        pout = (pscores.transpose(0, 1).reshape(kv_heads, rows * g, -1) @ pv[0]).view(kv_heads, rows, g, dim).transpose(0, 1)
+        pout = (pscores.transpose(0, 1).reshape(kv_heads, rows * g, -1) @ pv[0]).view(kv_heads, rows, g, vdim).transpose(0, 1)
     else:
         pout = pscores @ pv
-    out = ((scores @ value).float() + pout.float()) / total  # [rows, kv_heads, g, dim]
-    return out.reshape(rows, 1, heads, dim).to(query.dtype), None
+    out = ((scores @ value).float() + pout.float()) / total  # [rows, kv_heads, g, vdim]
+    return out.reshape(rows, 1, heads, vdim).to(query.dtype), None
 
 
 def prefix_attention(module, query, key, value, attention_mask, **kwargs):
-    base = module._prefixtune_base
+    hook = _hook(module)
     batch: PrefixBatch | None = kwargs.pop("prefix_batch", None)
-    slot = getattr(module, "_prefixtune_slot", None)
     record = kwargs.pop("prefix_record", None)
-    if record is not None and slot is not None:  # see record_kv
-        record.setdefault(slot[0], {})[slot[1]] = (key.detach(), value.detach())
+    if record is not None:  # see _probe and record_kv
+        record[module] = (key.detach(), value.detach())
+    slot = hook.slot
     if batch is None or slot is None or slot[0] not in batch.kv:
-        return base(module, query, key, value, attention_mask, **kwargs)
+        return hook.plain(module, query, key, value, attention_mask, **kwargs)
     placement, layer = slot
+    base = hook.with_prefix
     pk, pv = batch.kv[placement][layer]
     rows, length = query.shape[0], pk.shape[2]
-    mask = _full_mask(module, kwargs, query, key, attention_mask)
+    mask = _full_mask(module, kwargs, query, key, attention_mask, hook.mask_kind)
     pmask = batch.slot_mask(placement, rows, length, query.device)
     q_len, k_len = query.shape[2], key.shape[2]
     if batch.visible_from is not None:  # infix: queries before the infix do not see it
@@ -196,7 +254,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     if batch.visible_from is not None:
         pmask = pmask & seen[:, None, :, None]
     mask = torch.cat([pmask, mask], dim=-1)
-    if module._prefixtune_additive_mask:
+    if base is not _SDPA:  # the modeling file's eager function adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~mask, torch.finfo(query.dtype).min
         )
@@ -205,42 +263,95 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         pad = bias.new_zeros(*bias.shape[:-1], length)
         kwargs["position_bias"] = torch.cat([pad, bias], dim=-1)
     kwargs["is_causal"] = False  # the explicit mask carries causality
+    kwargs.pop("sliding_window", None)  # and the window
     key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
-    if (CPU_GQA and base is _SDPA and query.device.type == "cpu" and key.shape[1] != query.shape[1] and bias is None
-            and kwargs.get("softcap") is None):
+    gqa = key.shape[1] != query.shape[1]
+    if base is _SDPA and query.device.type == "cpu" and bias is None and kwargs.get("softcap") is None and (
+            CPU_GQA or not gqa):
         # grouped-query attention with a mask: transformers repeats the key/value heads first (its
-        # GPU kernels need that); torch's CPU kernels take the groups directly, same result, ~3x faster
-        out = nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"),
-            enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
+        # GPU kernels need that); torch's CPU kernels take the groups directly, same result, ~3x faster.
+        # With gradients, a bfloat16/float16 model's attention runs in float32 here: the CPU kernel's
+        # low-precision backward is ~3x slower than its float32 one (and less exact)
+        # (and under bfloat16 autocast, whose CPU policy would cast it back to bfloat16)
+        low = CPU_FP32_BACKWARD and query.dtype != torch.float32 and torch.is_grad_enabled()
+        q, k, v = (t.float() for t in (query, key, value)) if low else (query, key, value)
+        with torch.autocast("cpu", enabled=not low and torch.is_autocast_enabled("cpu")):
+            out = nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=kwargs.get("dropout", 0.0), scale=kwargs.get("scaling"), enable_gqa=gqa)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
     return base(module, query, key, value, mask, **kwargs)
+
+
+def _prefix_mask(*args, config=None, **kwargs):
+    """Our mask interface: the mask the model's own implementation would get (see module doc)."""
+    original = getattr(config, "_prefixtune_original", None) or "sdpa"
+    return ALL_MASK_ATTENTION_FUNCTIONS[original](*args, config=config, **kwargs)
 
 
 _SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
 # Decoding steps use _decode_step_attention (no prefix re-concatenation); False = always concatenate.
 FAST_DECODE = True
 # Grouped-query attention with a prefix mask on CPU calls torch's kernel with enable_gqa; False =
-# transformers' sdpa function (which repeats the key/value heads). Both switches exist for tests.
+# transformers' sdpa function (which repeats the key/value heads). Training a low-precision model on
+# CPU runs the prefixed attention in float32 (see prefix_attention); False = in the model's dtype.
+# The switches exist for tests and benchmarks.
 CPU_GQA = True
+CPU_FP32_BACKWARD = True
 AttentionInterface.register(IMPLEMENTATION, prefix_attention)
 # generate() rejects keyword arguments that are neither in forward's signature nor declared
 # transformers kwargs (those travel down to attention); declare ours as one.
 TransformersKwargs.__optional_keys__ = frozenset(TransformersKwargs.__optional_keys__ | {"prefix_batch", "prefix_record"})
-# Masks for our function are built the way sdpa builds them (boolean, or None when causal).
-AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+AttentionMaskInterface.register(IMPLEMENTATION, _prefix_mask)
+
+
+def _hook(module) -> _Hook:
+    """The module's hook, made on its first call: the functions follow the implementation its
+    config had before :func:`enable` switched it."""
+    hook = module.__dict__.get("_prefixtune_hook")
+    if hook is None:
+        original = getattr(getattr(module, "config", None), "_prefixtune_original", None)
+        if original is None:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} calls the attention interface without a config prefixtune switched; "
+                "prefixtune cannot tell which implementation it had")
+        kind = _MASK_KINDS[ALL_MASK_ATTENTION_FUNCTIONS[original]]
+        plain = with_prefix = _SDPA
+        if original == "eager":
+            # each modeling file has its own eager function (T5's adds a position bias)
+            plain = with_prefix = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+            if plain is None:
+                raise UnsupportedModelError(f"{type(module).__name__}: its modeling file has no eager_attention_forward")
+        elif original != "sdpa":
+            plain = ALL_ATTENTION_FUNCTIONS[original]
+        hook = module.__dict__["_prefixtune_hook"] = _Hook(None, plain, with_prefix, kind)
+    return hook
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding the attention layers of a model
+# Switching a model to prefixtune: which modules, checked by a probe
 
 
-def _is_attention(module: nn.Module) -> bool:
-    # innermost module whose class is an "...Attention": LlamaAttention, GPT2Attention,
-    # BartAttention, T5Attention (not T5LayerSelfAttention, which wraps one)
-    if not type(module).__name__.endswith("Attention"):
-        return False
-    return not any(type(c).__name__.endswith("Attention") for c in module.modules() if c is not module)
+def is_seq2seq(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def placements_of(model) -> tuple[str, ...]:
+    return PLACEMENTS_SEQ2SEQ if is_seq2seq(model) else PLACEMENTS_CAUSAL
+
+
+def attention_modules(model) -> dict[str, list[nn.Module]]:
+    """Every innermost ``...Attention`` module per placement, in model order, by class name (what
+    adapters attach to; :func:`attention_slots` has the ones that get a prefix)."""
+    s2s = is_seq2seq(model)
+    found: dict[str, list[nn.Module]] = {p: [] for p in placements_of(model)}
+    seen = set()
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if cls.endswith("Attention") and id(module) not in seen and not any(
+                type(c).__name__.endswith("Attention") for c in module.modules() if c is not module):
+            seen.add(id(module))  # the shared encoder of some seq2seq models appears under two names
+            found[_placement(name, s2s)].append(module)
+    return found
 
 
 def _placement(name: str, is_seq2seq: bool) -> str:
@@ -252,111 +363,297 @@ def _placement(name: str, is_seq2seq: bool) -> str:
     return "cross" if any(c in name for c in cross) else "decoder"
 
 
-def is_seq2seq(model) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+def _configs(model) -> list:
+    """Every config object of the model and its submodules (some sub-stacks hold their own copy,
+    multimodal models a text and a vision config), each one before its sub-configs."""
+    found = {}
+    for c in [model.config] + [getattr(m, "config", None) for m in model.modules()]:
+        stack = [c]
+        while stack:
+            c = stack.pop()
+            if c is None or id(c) in found or not hasattr(c, "_attn_implementation"):
+                continue
+            found[id(c)] = c
+            stack += [getattr(c, k, None) for k in getattr(c, "sub_configs", {}) or {}]
+    return list(found.values())
 
 
-def placements_of(model) -> tuple[str, ...]:
-    return PLACEMENTS_SEQ2SEQ if is_seq2seq(model) else PLACEMENTS_CAUSAL
+def _state(model) -> _ModelState | None:
+    return getattr(model, "_prefixtune", None)
 
 
-def attention_slots(model) -> dict[str, list[nn.Module]]:
-    """Attention modules of the model, per placement, in layer order."""
-    slots: dict[str, list[nn.Module]] = {p: [] for p in placements_of(model)}
-    s2s = is_seq2seq(model)
-    for name, module in model.named_modules():
-        if _is_attention(module):
-            # the shared encoder of some seq2seq models appears under two names; count it once
-            placed = slots[_placement(name, s2s)]
-            if all(m is not module for m in placed):
-                placed.append(module)
-    empty = [p for p, mods in slots.items() if not mods]
-    if empty:
-        raise ValueError(
-            f"{type(model).__name__}: found no attention layers for placement(s) {empty}; "
-            "prefixtune supports models whose attention goes through transformers' attention interface"
-        )
-    return slots
+def _probe_inputs(model) -> dict:
+    """Two rows of 4 tokens, the second right-padded by one, so the probe exercises the padding mask."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]], device=device) % vocab
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], device=device)
+    kw = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    if is_seq2seq(model):
+        kw["decoder_input_ids"] = ids.flip(-1)
+    return kw
+
+
+@torch.no_grad()
+def _run(model, **kwargs):
+    was_training = model.training
+    model.eval()
+    try:
+        return model(**kwargs)
+    finally:
+        model.train(was_training)
 
 
 def enable(model) -> None:
     """Route the model's attention through :func:`prefix_attention`. Idempotent.
 
-    Without a ``prefix_batch`` argument the model computes exactly what it did before (the
-    original implementation is called unchanged); its weights are never touched.
+    Without a ``prefix_batch`` argument the model computes exactly what it did before (its own
+    implementation is called with the mask it built for it); its weights are never touched. A model
+    that cannot take a prefix (see the module doc) is left as it was and
+    :class:`UnsupportedModelError` says why.
     """
-    config = model.config
-    if config._attn_implementation == IMPLEMENTATION:
+    if _state(model) is not None:
         return
-    original = config._attn_implementation or "eager"
-    for placement, modules in attention_slots(model).items():
-        for layer, module in enumerate(modules):
-            if original == "eager":
-                # each modeling file has its own eager function (T5's adds a position bias)
-                base = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
-            else:
-                base = _SDPA
-            module._prefixtune_base = base
-            module._prefixtune_additive_mask = original == "eager"
-            module._prefixtune_slot = (placement, layer)
-    model._prefixtune_original_attn = original
-    # some models give sub-stacks their own config copy (T5's encoder and decoder): switch them all
-    for sub in {id(c): c for c in (getattr(m, "config", None) for m in model.modules()) if c is not None}.values():
-        if hasattr(sub, "_attn_implementation"):
-            sub._attn_implementation = IMPLEMENTATION
+    arch = type(model).__name__
+    configs = _configs(model)
+    original = model.config._attn_implementation or "eager"
+    for c in configs:
+        impl = c._attn_implementation or "eager"
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(impl)
+        if mask_fn not in _MASK_KINDS:
+            raise UnsupportedModelError(
+                f"{arch} uses attn_implementation={impl!r}, whose masks prefixtune cannot widen by prefix slots; "
+                "load the model with attn_implementation='sdpa' (or 'eager')")
+    inputs = _probe_inputs(model)
+    try:
+        before = _run(model, **inputs).logits.float()
+    except Exception as e:
+        raise UnsupportedModelError(f"{arch}: a plain forward on token ids failed ({type(e).__name__}: {e}); "
+                                    "prefixtune supports text-only causal and encoder-decoder LMs") from e
+    originals = [c._attn_implementation or "eager" for c in configs]  # before any switch: a config's
+    for c, impl in zip(configs, originals):  # setter also switches its sub-configs
+        c._prefixtune_original = impl
+        c._attn_implementation = IMPLEMENTATION
+    try:
+        slots, shapes = _probe(model, inputs, before)
+    except Exception:
+        disable(model)
+        raise
+    if _MASK_KINDS[ALL_MASK_ATTENTION_FUNCTIONS[original]] == "padding":
+        log.warning("%s: attention with a prefix runs sdpa with an explicit mask (%s kernels take no such mask); "
+                    "calls without a prefix keep %s", arch, original, original)
+    model._prefixtune = _ModelState(original=original, slots=slots, shapes=shapes)
+
+
+def disable(model) -> None:
+    """Undo :func:`enable` (the model's configs and modules as they were)."""
+    for c in _configs(model):
+        original = c.__dict__.pop("_prefixtune_original", None)
+        if original is not None:
+            c._attn_implementation = original
+    for m in model.modules():
+        m.__dict__.pop("_prefixtune_hook", None)
+    model.__dict__.pop("_prefixtune", None)
+
+
+def _probe(model, inputs: dict, before: torch.Tensor) -> tuple[dict[str, list[nn.Module]], PrefixShapes]:
+    """Which attention modules get a prefix, and their shapes; raises UnsupportedModelError (see enable)."""
+    arch = type(model).__name__
+    named = [m for mods in attention_modules(model).values() for m in mods]
+    called: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda m, *_: called.append(m)) for m in named]
+    record: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        after = _run(model, **inputs, prefix_record=record).logits.float()
+    except Exception as e:
+        raise UnsupportedModelError(f"{arch}: a forward through prefixtune's attention function failed "
+                                    f"({type(e).__name__}: {e})") from e
+    finally:
+        for h in handles:
+            h.remove()
+    missed = [type(m).__name__ for m in dict.fromkeys(called) if m not in record]
+    if missed and any(m in record for m in called):
+        raise UnsupportedModelError(
+            f"{arch}: {len(missed)} of its attention modules ({missed[0]}, ...) do not reach transformers' attention "
+            "interface with the forward's keyword arguments, so a prefix cannot reach them")
+    if missed:
+        raise UnsupportedModelError(
+            f"{arch}: its attention modules ({missed[0]}) do not receive the forward's keyword arguments (its "
+            "layers do not pass **kwargs down to attention, or compute attention in their own code), so a prefix "
+            "cannot reach them")
+    if not record:
+        raise UnsupportedModelError(
+            f"{arch}: none of its layers goes through transformers' attention interface with the forward's keyword "
+            "arguments, so a prefix cannot reach them")
+    scale = 1e-4 * (1.0 + before.abs().max())
+    if before.shape != after.shape or not torch.allclose(before, after, rtol=1e-4, atol=float(scale)):
+        diff = (before - after).abs().max() if before.shape == after.shape else "shape"
+        raise UnsupportedModelError(
+            f"{arch}: switching its attention to prefixtune changes its output without a prefix (max logit "
+            f"difference {float(diff):.3g}): its code takes another path when the attention implementation is "
+            "not its own")
+    # the modules that got our arguments, per placement, in model order (by name: some classes that
+    # call the interface are not named "...Attention")
+    s2s = is_seq2seq(model)
+    slots: dict[str, list[nn.Module]] = {p: [] for p in placements_of(model)}
+    seen = set()
+    for name, module in model.named_modules():
+        if module in record and id(module) not in seen:
+            seen.add(id(module))
+            slots[_placement(name, s2s)].append(module)
+    empty = [p for p, mods in slots.items() if not mods]
+    if empty:
+        raise UnsupportedModelError(f"{arch}: found no attention layers for placement(s) {empty}")
+    placements, head_dims = {}, {}
+    for p, mods in slots.items():
+        k, v = record[mods[0]]
+        for layer, m in enumerate(mods):
+            km, vm = record[m]
+            if km.shape[1] != k.shape[1] or km.shape[3] != k.shape[3] or vm.shape[3] != v.shape[3]:
+                raise UnsupportedModelError(
+                    f"{arch}: its {p} attention layers differ in key/value heads or head size (layer 0: "
+                    f"{k.shape[1]} heads of {k.shape[3]}/{v.shape[3]}, layer {layer}: {km.shape[1]} of "
+                    f"{km.shape[3]}/{vm.shape[3]}); a prefix file has one shape per placement")
+            _hook(m).slot = (p, layer)
+        placements[p] = (len(mods), k.shape[1], max(k.shape[3], v.shape[3]))
+        head_dims[p] = (k.shape[3], v.shape[3])
+    return slots, PrefixShapes(placements, head_dims)
+
+
+def attention_slots(model) -> dict[str, list[nn.Module]]:
+    """Attention modules that get a prefix, per placement, in layer order (enables the model)."""
+    enable(model)
+    return _state(model).slots
+
+
+def prefix_shapes(model) -> PrefixShapes:
+    """Per placement (layers, kv_heads, head_dim), as the probe of :func:`enable` measured them."""
+    enable(model)
+    return _state(model).shapes
 
 
 # ---------------------------------------------------------------------------------------------
-# Recording keys/values: shapes of a model, and activations of real words for initialisation
+# Recording keys/values: activations of real words for initialisation
 
 
 @torch.no_grad()
-def record_kv(model, input_ids: torch.Tensor) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Keys/values ``[1, kv_heads, T, head_dim]`` that each attention layer computes for ``input_ids`` [1, T].
+def record_kv(model, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+              ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Keys/values ``[1, kv_heads, T, head_dim]`` that each prefixed attention layer computes for
+    ``input_ids`` [1, T] (at ``position_ids``, default 0..T-1).
 
     For seq2seq models the same ids feed the encoder and the decoder, so "cross" holds the
     projections of the encoder's output for them.
     """
     enable(model)
-    record: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    record: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
     kwargs = dict(input_ids=input_ids, use_cache=False, prefix_record=record)
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     if is_seq2seq(model):
         kwargs["decoder_input_ids"] = input_ids
-    was_training = model.training
-    model.eval()
-    try:
-        model(**kwargs)
-    finally:
-        model.train(was_training)
-    return {p: [layers[i] for i in range(len(layers))] for p, layers in record.items()}
+    _run(model, **kwargs)
+    return {p: [record[m] for m in mods] for p, mods in _state(model).slots.items()}
 
 
-def prefix_shapes(model) -> PrefixShapes:
-    """Per placement (layers, kv_heads, head_dim), measured on a 2-token forward (exact for any architecture)."""
-    cached = getattr(model, "_prefixtune_shapes", None)
-    if cached is not None:
-        return cached
-    device = next(model.parameters()).device
-    ids = torch.tensor([[1, 2]], device=device)
-    kv = record_kv(model, ids)
-    shapes = PrefixShapes({p: (len(layers), layers[0][0].shape[1], layers[0][0].shape[3]) for p, layers in kv.items()})
-    model._prefixtune_shapes = shapes
-    return shapes
+# ---------------------------------------------------------------------------------------------
+# Which model a prefix belongs to
 
 
-def model_identity(model) -> dict:
-    """Name, architecture and a fingerprint of the weights (a hash of part of the input embeddings)."""
-    cached = getattr(model, "_prefixtune_identity", None)
-    if cached is not None:
-        return cached
-    emb = model.get_input_embeddings().weight.detach()
-    # rounded to bfloat16 so that the same weights loaded in float32, float16 or bfloat16 match
-    sample = emb[: min(64, emb.shape[0])].to(torch.bfloat16).float().cpu().contiguous()
-    digest = hashlib.sha256(sample.numpy().tobytes() + str(tuple(emb.shape)).encode()).hexdigest()[:16]
+FINGERPRINT_RULE = "weights-sample/2"
+
+
+def model_identity(model, pin: bool = False) -> dict:
+    """Name, architecture and a fingerprint of the weights (see :func:`fingerprint`).
+
+    Kept on an enabled model until a weight is replaced or changed in place (a copy, a fine-tune).
+    ``pin``: keep it regardless (taken from the full weights before FSDP shards them)."""
+    state = _state(model)
+    version = -1 if state is not None and state.identity and state.identity[0] == -1 else _weights_version(model)
+    if state is not None and state.identity is not None and state.identity[0] == version:
+        return state.identity[1]
     identity = {
         "name": getattr(model, "_prefixtune_name", None) or model.config.name_or_path,
         "architecture": type(model).__name__,
-        "fingerprint": digest,
+        "fingerprint": fingerprint(model),
+        "fingerprint_rule": FINGERPRINT_RULE,
     }
-    model._prefixtune_identity = identity
+    if state is not None:
+        state.identity = (-1 if pin else version, identity)
     return identity
+
+
+def _weights_version(model) -> int:
+    """Changes when a parameter is replaced or modified in place (torch counts in-place writes)."""
+    return hash(tuple((id(p), p._version) for p in model.parameters()))
+
+
+@torch.no_grad()
+def fingerprint(model, rule: str = FINGERPRINT_RULE) -> str:
+    """A hash of the weights, the same whether they are loaded in float32, float16 or bfloat16.
+
+    ``weights-sample/2``: every parameter tensor's name and shape and 64 of its values, taken at
+    evenly spaced flat positions and rounded to bfloat16. A fine-tune, a merged LoRA or another
+    checkpoint of the same architecture changes sampled values in almost every tensor, so it
+    differs; what it cannot see is a change smaller than bfloat16's rounding (about 0.4% of a
+    weight) at every sampled position, or a change confined to unsampled positions.
+    ``embeddings/1`` (files written before 0.1.1): the first 64 rows of the input embeddings.
+    """
+    h = hashlib.sha256()
+    if rule == "embeddings/1":
+        emb = model.get_input_embeddings().weight.detach()
+        sample = emb[: min(64, emb.shape[0])].to(torch.bfloat16).float().cpu().contiguous()
+        h.update(sample.numpy().tobytes() + str(tuple(emb.shape)).encode())
+        return h.hexdigest()[:16]
+    if rule != FINGERPRINT_RULE:
+        raise ValueError(f"unknown fingerprint rule {rule!r}")
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        flat = p.detach().reshape(-1)
+        k = min(64, flat.numel())
+        idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(1, k - 1)  # exact in int64
+        values = flat[idx].to(torch.bfloat16).float().cpu().contiguous()
+        h.update(name.encode() + str(tuple(p.shape)).encode() + values.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def words_kv(model, ids: list[int]) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], bool]:
+    """Keys/values of the words ``ids`` for a words-initialised prefix, and whether they are exactly
+    "the words in front of the input".
+
+    The input keeps positions 0..; words in front of it sit at -n..-1. Decoder-only models whose
+    positions are relative (RoPE) see only differences of positions, so recording the words at
+    -n..-1 makes the prefix equal to running [words; x] as one text. That is checked here on a probe
+    input (a model may look positions up in a table, where -1 is not a position: GPT-J, CodeGen) and
+    used only if it holds; otherwise, and for absolute positions and encoder-decoder models, the
+    words are recorded at 0..n-1, as the paper's code does (logged).
+    """
+    device = next(model.parameters()).device
+    words = torch.tensor([ids], device=device)
+    at_start = record_kv(model, words)
+    if is_seq2seq(model):
+        return at_start, False
+    n = len(ids)
+    try:
+        in_front = record_kv(model, words, torch.arange(-n, 0, device=device)[None])
+    except Exception:  # e.g. absolute position embeddings cannot look up -1
+        in_front = None
+    if in_front is not None:
+        x = _probe_inputs(model)["input_ids"][:1]
+        joint = _run(model, input_ids=torch.cat([words, x], 1), use_cache=False).logits[:, n:].float()
+
+        def error(kv):
+            batch = PrefixBatch(kv={"self": kv["self"]}, mask={"self": None})
+            return float((_run(model, input_ids=x, use_cache=False, prefix_batch=batch).logits.float() - joint).abs().max())
+
+        err_front, err_start = error(in_front), error(at_start)
+        # float32 rounding, or (lower precision) far closer than the words at 0..n-1
+        if err_front <= 1e-5 * (1.0 + float(joint.abs().max())) or err_front < 0.1 * err_start:
+            return in_front, True
+    log.warning("%s: the words prefix is recorded at positions 0..%d, not in front of the input (its positions "
+                "are not relative, or not defined below 0)", type(model).__name__, n - 1)
+    return at_start, False

@@ -1,4 +1,5 @@
-"""Command line: ``prefixtune train``, ``generate`` and ``evaluate`` (see ``--help`` of each).
+"""Command line: ``prefixtune train``, ``generate``, ``evaluate``, ``experiment``, ``serve``,
+``import-peft`` and ``export-peft`` (see ``--help`` of each).
 
 ``train`` and ``generate`` also run unchanged as N processes under ``accelerate launch`` (or
 ``torchrun``), e.g. ``accelerate launch --num_processes 8 -m prefixtune.cli train ...``: training is
@@ -71,7 +72,7 @@ def train_configs(args):
     train_config = TrainConfig(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, eval_every=args.eval_every,
-        seed=args.seed, bucket=args.bucket,
+        seed=args.seed, bucket=args.bucket, patience=args.patience, compile=args.compile,
     )
     return prefix_config, train_config
 
@@ -241,24 +242,50 @@ def cmd_experiment(args) -> int:
 
     import torch
 
-    from .experiments import LEARNING_RATES, NAMES, Scale, run_experiment
+    from .experiments import LR_GRID, NAMES, Scale, run_experiment, write_report
+    from .experiments import grid
 
     lrs = {}
     for item in args.lr:
         method, _, value = item.partition("=")
-        if method not in LEARNING_RATES or not value:
-            raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LEARNING_RATES)}, got {item!r}")
+        if method not in LR_GRID or not value:
+            raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LR_GRID)}, got {item!r}")
         lrs[method] = float(value)
-    fields = {f: getattr(args, f) for f in Scale.__dataclass_fields__ if f != "lr" and getattr(args, f, None) is not None}
+    fields = {f: getattr(args, f) for f in Scale.__dataclass_fields__ if f not in ("lr", "chosen_lr") and getattr(args, f, None) is not None}
     scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, lr=lrs)
     if args.threads:
         torch.set_num_threads(args.threads)
     # the command that trains the runs (a --report-only rewrite reports the same runs)
-    command = "prefixtune " + " ".join(shlex.quote(a) for a in args.argv if a != "--report-only")
+    command = "prefixtune " + " ".join(shlex.quote(a) for a in args.argv if a not in ("--report-only", "--status", "--commit"))
+    ledger_dir = f"{args.results_dir}/ledger"
+    if args.status:
+        state = grid.status(scale, args.runs_dir, ledger_dir)
+        for name in ("done", "running", "todo", "waiting"):
+            print(f"{name}: {len(state[name])}")
+        cost = grid.estimate(state, ledger_dir)
+        print(f"CPU hours (one thread per run): {cost['done_hours']:.1f} done; about {cost['left_hours']:.0f} left for the "
+              f"runs like finished ones" + (f", plus {cost['left_unknown_runs']} runs of kinds not run yet" if cost["left_unknown_runs"] else ""))
+        for run in state["running"] + state["todo"] + state["waiting"]:
+            kind = "running" if run in state["running"] else "waiting" if run.lr is None else "todo"
+            print(f"  {kind:8} {run.key()}  {run.label()}")
+        return 0
+    if args.name == "grid":
+        if args.report_only:
+            grid.write_reports(scale, args.results_dir, command=command)
+        else:
+            n = grid.run_grid(scale, args.runs_dir, args.results_dir, args.data, args.threads, commit=args.commit)
+            print(f"grid: this process finished {n} runs")
+            grid.write_reports(scale, args.results_dir, commit=args.commit, command=command)
+        return 0
     for name in (NAMES if args.name == "all" else [args.name]):
-        path = run_experiment(name, scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data=args.data,
-                              threads=args.threads, command=command, report_only=args.report_only)
+        if args.report_only:
+            path = write_report(name, scale, args.results_dir, command)
+        else:
+            path = run_experiment(name, scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data=args.data,
+                                  threads=args.threads, command=command, commit=args.commit)
         print(f"{name}: report written to {path}")
+    if args.name == "all" or args.report_only:
+        grid.update_readme(args.results_dir)
     return 0
 
 
@@ -279,14 +306,76 @@ def cmd_serve(args) -> int:
     return serve(config)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def cmd_train_many(args) -> int:
+    import resource
+    import time
+
+    import torch
+
+    from .train_many import ManyTrainer, read_jobs
+
+    prefix_config, train_config = train_configs(args)
+    jobs = read_jobs(args.jobs, prefix_config, train_config)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    state, device = _processes(args)
+    if state.num_processes > 1:
+        raise ValueError("train-many runs in one process (jobs share batches, not processes)")
+    model, tokenizer = _load_model(args, state, device)
+    trainer = ManyTrainer(model, tokenizer, jobs, args.out, rows_per_round=args.rows_per_round,
+                          autocast=args.autocast)
+    n_rows = sum(len(t.train_set) for t in trainer.trainers.values())
+    print(f"{len(jobs)} jobs, {n_rows:,} training pairs in all, up to {args.rows_per_round} rows per round; "
+          f"model {args.model}")
+    results = trainer.fit()
+    for name, r in results.items():
+        t = trainer.trainers[name]
+        print(f"  {name}: {r['steps']} steps" + (f", best dev loss {r['best_dev_loss']:.4f}" if t.dev_set else "")
+              + (" (stopped early)" if r.get("stopped_early") else "") + f" -> {t.out / 'prefix.safetensors'}")
+    print(f"{time.perf_counter() - start:.0f} s in all; peak memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB; {args.out}/train-many.json")
+    return 0
+
+
+def cmd_import_peft(args) -> int:
+    from . import Prefix, load_base_model
+
+    model, _ = load_base_model(args.model)
+    prefix = Prefix.from_peft(args.directory, model, allow_position_shift=args.allow_position_shift)
+    print(f"wrote {prefix.save(args.out)}: {prefix.length} positions x {prefix.num_parameters // prefix.length} "
+          f"values from PEFT's {args.directory}")
+    return 0
+
+
+def cmd_export_peft(args) -> int:
+    from . import Prefix, load_base_model
+    from .peft_io import has_rotary
+
+    prefix = Prefix.load(args.prefix)
+    name = args.model or prefix.meta.get("base_model", {}).get("name")
+    if not name:
+        raise ValueError(f"{args.prefix} does not name its base model: pass --model")
+    model, _ = load_base_model(name)
+    out = prefix.to_peft(model, args.out)
+    if not has_rotary(model):
+        print(f"note: {type(model).__name__} has absolute positions: PEFT runs the input at positions "
+              f"{prefix.length}.., so its outputs differ from prefixtune's (see prefixtune/peft_io.py)")
+    print(f"wrote {out} (adapter_config.json, adapter_model.safetensors): load it with "
+          f"PeftModel.from_pretrained(model, {str(out)!r}); decode with prefixtune.generate, since PEFT 0.21's "
+          "generate drops the prefix on transformers 5.x")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
-    p.add_argument("--task", default="jsonl", choices=TASKS,
-                   help="jsonl: your own {\"source\", \"target\"} files; others: the named dataset under --data "
-                   "(dart has no train split)")
-    p.add_argument("--data", default=None,
-                   help="data directory for named tasks (default: $PREFIXTUNE_DATA, else ../shared/data)")
+    if task:
+        p.add_argument("--task", default="jsonl", choices=TASKS,
+                       help="jsonl: your own {\"source\", \"target\"} files; others: the named dataset under --data "
+                       "(dart has no train split)")
+        p.add_argument("--data", default=None,
+                       help="data directory for named tasks (default: $PREFIXTUNE_DATA, else ../shared/data)")
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cuda (default: cpu); under accelerate launch each process gets its own "
                    "(--device cpu: CPU processes)")
@@ -294,6 +383,41 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the frozen base model; prefixes stay float32 (bfloat16: about 1.7x faster on CPUs "
                    "with avx512_bf16/AMX and on GPUs; see results/perf.md)")
+
+
+def _training_options(t: argparse.ArgumentParser) -> None:
+    """The prefix and optimisation options of `train` and `train-many` (train_configs reads them)."""
+    g = t.add_argument_group("prefix")
+    g.add_argument("--length", type=int, default=10, help="prefix length (positions per layer)")
+    g.add_argument("--mlp-hidden", type=int, default=512, help="hidden width of the reparameterisation MLP")
+    g.add_argument("--embed-dim", type=int, default=None, help="width d' of P' (default: the model's hidden size)")
+    g.add_argument("--flat", action="store_true", help="optimise P directly, without the MLP")
+    g.add_argument("--prefix-dropout", type=float, default=0.0, help="dropout on the prefix during training")
+    g.add_argument("--init", choices=["random", "words"], default="random", help="initialisation")
+    g.add_argument("--init-text", default=None, help="text whose activations start the prefix (--init words)")
+    g.add_argument("--init-steps", type=int, default=500, help="Adam steps fitting the MLP to those activations")
+    g.add_argument("--loss", choices=["token_mean", "sequence_sum"], default="token_mean",
+                   help="mean over target tokens, or the paper's sum per sequence")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--epochs", type=float, default=5.0, help="passes over the data (unless --max-steps)")
+    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps in total")
+    o.add_argument("--batch-size", type=int, default=5, help="rows per micro-batch (over all processes together)")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (then linear decay to 0)")
+    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    o.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations/checkpoints (0: each epoch)")
+    o.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
+    o.add_argument("--patience", type=int, default=0,
+                   help="early stopping: stop after this many evaluations without a better dev loss (0: off; "
+                   "--epochs/--max-steps is then the cap)")
+    o.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (minutes to compile once; then ~1.4x faster steps on CPU "
+                   "with a bfloat16 base, see results/perf.md)")
+    o.add_argument("--bucket", type=int, default=0,
+                   help="length bucketing, for speed: the rows of this many batches are sorted by length together, "
+                   "then the batch order is shuffled (e.g. 50: E2E padding 28%% -> 1.3%%); 0: off, plain shuffled batches")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,31 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="run directory (created; resumed if it holds a checkpoint)")
     t.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training pairs")
     t.add_argument("--max-dev-examples", type=int, default=None, help="use only the first N dev pairs")
-    g = t.add_argument_group("prefix")
-    g.add_argument("--length", type=int, default=10, help="prefix length (positions per layer)")
-    g.add_argument("--mlp-hidden", type=int, default=512, help="hidden width of the reparameterisation MLP")
-    g.add_argument("--embed-dim", type=int, default=None, help="width d' of P' (default: the model's hidden size)")
-    g.add_argument("--flat", action="store_true", help="optimise P directly, without the MLP")
-    g.add_argument("--prefix-dropout", type=float, default=0.0, help="dropout on the prefix during training")
-    g.add_argument("--init", choices=["random", "words"], default="random", help="initialisation")
-    g.add_argument("--init-text", default=None, help="text whose activations start the prefix (--init words)")
-    g.add_argument("--init-steps", type=int, default=500, help="Adam steps fitting the MLP to those activations")
-    g.add_argument("--loss", choices=["token_mean", "sequence_sum"], default="token_mean",
-                   help="mean over target tokens, or the paper's sum per sequence")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    o = t.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=float, default=5.0, help="passes over the data (unless --max-steps)")
-    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps in total")
-    o.add_argument("--batch-size", type=int, default=5, help="rows per micro-batch (over all processes together)")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (then linear decay to 0)")
-    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    o.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations/checkpoints (0: each epoch)")
-    o.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
-    o.add_argument("--bucket", type=int, default=0,
-                   help="length bucketing, for speed: the rows of this many batches are sorted by length together, "
-                   "then the batch order is shuffled (e.g. 50: E2E padding 28%% -> 1.3%%); 0: off, plain shuffled batches")
+    _training_options(t)
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("generate", help="decode with one or more prefixes", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -389,47 +489,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .experiments import NAMES, Scale
 
-    x = sub.add_parser("experiment", help="run one of the paper's experiments and write its report",
+    x = sub.add_parser("experiment", help="run the paper's experiments (to convergence) and write their reports",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Train and score every run of one of the paper's experiments (or all), then write "
-                       "results/NAME.md (tables, the paper's numbers beside ours, which findings hold), results/NAME.json "
-                       "(every run) and PNG plots. Runs are cached under --runs-dir and shared between experiments: "
-                       "rerunning only does what is missing (an interrupted run resumes), and a failed run is reported "
-                       "without losing the others. The defaults are the reduced scale that fits 2 CPU cores; the flags "
-                       "scale every experiment up to the paper's (e.g. --steps 20000 --test-examples 0 --num-beams 5 "
-                       "--samplings 5 --seeds 2 on a GPU).")
-    x.add_argument("name", choices=list(NAMES) + ["all"], help="which experiment")
+                       description="Train and score every run of one of the paper's experiments (or all, or the whole "
+                       "grid in priority order), then write results/NAME.md (protocol, the paper's numbers beside ours "
+                       "with 95%% bootstrap intervals, verdicts, plots). Every run is trained to its best dev score "
+                       "(early stopping) and recorded in the ledger results/ledger/<run hash>/ as soon as it finishes; "
+                       "rerunning does only what the ledger lacks (an interrupted training resumes from runs/). "
+                       "Several processes (one per core) can work on the same grid: a run is held by an flock that dies "
+                       "with its process. Learning rates come from the lr-grid experiment (read from the ledger). "
+                       "See README, 'Experiments'.")
+    x.add_argument("name", choices=list(NAMES) + ["all", "grid"],
+                   help="which experiment; 'grid': every experiment's runs in priority order (LR grid first), for "
+                   "long background runs; 'all': each experiment in turn")
     default = Scale()
+    x.add_argument("--report-only", action="store_true",
+                   help="write the report(s) (and the README's verdict table) from the ledger alone, training nothing; "
+                   "the reports list the runs that are missing")
+    x.add_argument("--status", action="store_true", help="list the grid's runs that are done / running / to do / waiting, and exit")
+    x.add_argument("--commit", action="store_true", help="git-commit each run's ledger entry (and the reports) as it finishes")
     x.add_argument("--model", default=default.model, help="base model (embedded default, or a Hugging Face id / directory)")
-    x.add_argument("--dtype", default=default.dtype, choices=["float32", "bfloat16", "float16"], help="base model dtype")
     x.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
-    x.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    x.add_argument("--runs-dir", default="runs/experiments", help="where runs are trained and cached")
-    x.add_argument("--results-dir", default="results", help="where reports, JSON and plots go")
-    x.add_argument("--steps", type=int, default=default.steps, help="optimizer steps per table-to-text run")
+    x.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 per process on a shared machine)")
+    x.add_argument("--runs-dir", default="runs/experiments", help="training scratch (checkpoints, weights; git-ignored)")
+    x.add_argument("--results-dir", default="results", help="reports and plots; the ledger is RESULTS_DIR/ledger")
+    x.add_argument("--arithmetic", default=default.arithmetic, choices=["bf16-autocast", "float32"],
+                   help="bfloat16 autocast with float32 master weights for every method, or float32 throughout")
+    x.add_argument("--decode-dtype", default=default.decode_dtype, choices=["bfloat16", "float32"],
+                   help="dtype of test decoding (bfloat16: ~2x faster on CPUs with AMX/avx512_bf16; E2E BLEU within "
+                   "0.3 of float32 on the validation cell, see results/perf.md)")
+    x.add_argument("--select", default=default.select, choices=["dev_bleu", "dev_loss"],
+                   help="what table-to-text runs are selected and stopped on (summarization: dev loss)")
+    x.add_argument("--patience", type=int, default=default.patience, help="evaluations without improvement before stopping")
+    x.add_argument("--max-epochs", type=float, default=default.max_epochs, help="cap: max(this many epochs, --min-steps)")
+    x.add_argument("--summary-max-epochs", type=float, default=default.summary_max_epochs, help="the same for summarization")
+    x.add_argument("--min-steps", type=int, default=default.min_steps, help="cap: at least this many steps")
+    x.add_argument("--eval-epochs", type=float, default=default.eval_epochs, help="evaluate every this many epochs...")
+    x.add_argument("--min-eval-steps", type=int, default=default.min_eval_steps, help="...but at most every this many steps")
+    x.add_argument("--dev-score-examples", type=int, default=default.dev_score_examples, help="dev inputs decoded for dev BLEU")
     x.add_argument("--batch-size", type=int, default=default.batch_size, help="table-to-text batch size")
-    x.add_argument("--summary-steps", type=int, default=default.summary_steps, help="optimizer steps per summarization run")
     x.add_argument("--summary-batch-size", type=int, default=default.summary_batch_size, help="summarization batch size")
     x.add_argument("--max-source-tokens", type=int, default=default.max_source_tokens, help="summarization sources are cut to this")
-    x.add_argument("--test-examples", type=int, default=default.test_examples, help="table-to-text test sample size (0 = all)")
-    x.add_argument("--summary-test-examples", type=int, default=default.summary_test_examples, help="summarization test sample (0 = all)")
-    x.add_argument("--num-beams", type=int, default=default.num_beams, help="beam size (1 = greedy; paper: 5)")
+    x.add_argument("--test-examples", type=int, default=default.test_examples, help="table-to-text test inputs (0 = all)")
+    x.add_argument("--summary-test-examples", type=int, default=default.summary_test_examples, help="summarization test documents")
+    x.add_argument("--num-beams", type=int, default=default.num_beams, help="beam size (0 = the paper's decoding per task)")
+    x.add_argument("--train-size", type=int, default=default.train_size, help="E2E size of the reference cell (LR grid, main table)")
     x.add_argument("--train-sizes", type=int, nargs="+", default=list(default.train_sizes), help="low-data E2E sizes")
-    x.add_argument("--summary-train-sizes", type=int, nargs="+", default=list(default.summary_train_sizes), help="low-data XSUM sizes")
     x.add_argument("--init-sizes", type=int, nargs="+", default=list(default.init_sizes), help="initialisation experiment sizes")
     x.add_argument("--init-texts", nargs="+", default=list(default.init_texts),
-                   help="word initialisations to compare with random (task words: table-to-text:, summarize)")
+                   help="word initialisations compared with random (task words: table-to-text:, summarize)")
     x.add_argument("--samplings", type=int, default=default.samplings, help="random training subsets per low-data size")
-    x.add_argument("--seeds", type=int, default=default.seeds, help="seeds per subset (and for prefix / fine-tuning in table-to-text)")
+    x.add_argument("--seeds", type=int, default=default.seeds, help="seeds per subset and cell")
+    x.add_argument("--webnlg-train-examples", type=int, default=default.webnlg_train_examples, help="WebNLG training subset")
+    x.add_argument("--dialogsum-train-examples", type=int, default=default.dialogsum_train_examples, help="DialogSum training subset")
     x.add_argument("--lengths", type=int, nargs="+", default=list(default.lengths), help="E2E prefix lengths")
     x.add_argument("--summary-lengths", type=int, nargs="+", default=list(default.summary_lengths), help="XSUM prefix lengths")
     x.add_argument("--summary-prefix-lengths", type=int, nargs="+", default=list(default.summary_prefix_lengths),
                    help="the two prefix sizes of the summarization experiment")
     x.add_argument("--methods", nargs="+", default=list(default.methods),
                    help="table-to-text methods (adapter-3 = adapters of 3%% of the model)")
-    x.add_argument("--lr", action="append", default=[], help="METHOD=VALUE: a method's peak learning rate (repeatable)")
-    x.add_argument("--report-only", action="store_true",
-                   help="write the report from the runs already cached (missing ones are listed), training nothing")
+    x.add_argument("--lr", action="append", default=[],
+                   help="METHOD=VALUE: fix a method's peak learning rate instead of the grid's choice (repeatable)")
     x.set_defaults(func=cmd_experiment)
 
     s = sub.add_parser("serve", help="serve many tenants' prefixes over HTTP with continuous batching across prefixes",
@@ -466,6 +586,44 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the frozen base model")
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
     s.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("train-many", help="train many prefixes (one per user) together on one frozen model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Train the jobs of --jobs (a JSONL file, one job per line: {\"name\", \"train\": "
+                       "FILE.jsonl, \"dev\": FILE.jsonl?, any setting of the options below by its field name, e.g. "
+                       "\"length\": 20, \"lr\": 0.001, \"max_steps\": 300, \"patience\": 3}) on one copy of the "
+                       "model: every step batches rows of several jobs, each row with its own job's prefix. Each job "
+                       "gets its own run directory OUT/jobs/NAME (prefix.safetensors, checkpoint, log), ends as if "
+                       "trained alone (see prefixtune/train_many.py), and the same command resumes all of them.")
+    _common(m, task=False)
+    m.add_argument("--jobs", required=True, help="the jobs file (JSONL; train/dev paths relative to it)")
+    m.add_argument("--out", required=True, help="output directory (jobs/NAME per job, train-many.json)")
+    m.add_argument("--rows-per-round", type=int, default=32, help="rows of all jobs together per forward/backward")
+    m.add_argument("--autocast", action="store_true", help="bfloat16 autocast (float32 prefixes and AdamW state)")
+    _training_options(m)
+    m.set_defaults(func=cmd_train_many)
+
+    peft_doc = ("Rotary models convert exactly both ways (keys rotated by the prefix length, since PEFT shifts the "
+                "input positions); models with absolute positions cannot be made equal (see prefixtune/peft_io.py).")
+    i = sub.add_parser("import-peft", help="convert a PEFT prefix-tuning checkpoint to a prefixtune prefix file",
+                       description="Read a PEFT prefix-tuning directory (adapter_config.json + adapter_model."
+                       "safetensors, with or without prefix_projection) and write a prefixtune .safetensors prefix "
+                       "for --model. " + peft_doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    i.add_argument("directory", help="the PEFT adapter directory (as save_pretrained writes it)")
+    i.add_argument("--model", default=DEFAULT_MODEL, help="the base model the PEFT prefix was trained on")
+    i.add_argument("--out", required=True, help="prefix file to write (.safetensors)")
+    i.add_argument("--allow-position-shift", action="store_true",
+                   help="convert a prefix of a model with absolute positions anyway (it then runs with unshifted "
+                   "positions, unlike under PEFT)")
+    i.set_defaults(func=cmd_import_peft)
+    x = sub.add_parser("export-peft", help="write a prefixtune prefix as a PEFT prefix-tuning checkpoint",
+                       description="Write a directory that PeftModel.from_pretrained(model, DIR) loads, whose "
+                       "forward gives prefixtune's logits. " + peft_doc,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    x.add_argument("prefix", help="prefix file (.safetensors) written by prefixtune")
+    x.add_argument("--out", required=True, help="directory to write")
+    x.add_argument("--model", default=None, help="the prefix's base model (default: the one its metadata names)")
+    x.set_defaults(func=cmd_export_peft)
     return parser
 
 

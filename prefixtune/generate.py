@@ -14,8 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attach
-from .prefix import Prefix, make_batch, token_logprobs
+from .prefix import Prefix, decoder_inputs_from_labels, make_batch, token_logprobs
 from .template import collate_prompts, collate_train, encode, prepend_soft_prompt, special_ids
+
+
+# See _contiguous_lm_head_input; False = as before (the switch exists for benchmarks).
+CONTIGUOUS_LM_HEAD = True
 
 
 def _per_row(prefixes, n: int) -> list[Prefix | None]:
@@ -108,6 +112,7 @@ def generate(
     prompts = [list(s) if not isinstance(s, str) else encode(model, tokenizer, s).prompt for s in sources]
     order = sorted(range(len(sources)), key=lambda i: len(prompts[i]))
     results: list = [None] * len(sources)
+    head = _contiguous_lm_head_input(model)
     try:
         for rows in tqdm(list(_chunks(order, batch_size)), desc="generate", disable=not progress):
             batch = {k: v.to(device) for k, v in collate_prompts(model, [prompts[i] for i in rows], pad).items()}
@@ -135,6 +140,8 @@ def generate(
                 results[i] = group[0] if n_return == 1 else group
     finally:
         model.train(was_training)
+        if head is not None:
+            head.remove()
     return results
 
 
@@ -147,6 +154,18 @@ def _generation(row: torch.Tensor, eos, logits: torch.Tensor | None, k: int | No
         return Generation(tokens)
     chosen, top = token_logprobs_at(logits[: len(tokens)], row[: len(tokens)], k)
     return Generation(tokens, list(zip(chosen, top)))
+
+
+def _contiguous_lm_head_input(model):
+    """On CPU, a bfloat16/float16 LM head given the last position's hidden states (a strided slice,
+    what generate's first step passes) runs as a batched matmul that copies the whole head weight
+    once per row (16 x 57 MB for SmolLM2 at batch 16: half of a 32-token decode). A contiguous input
+    takes the plain matmul. Returns the hook's handle (None when not needed)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not CONTIGUOUS_LM_HEAD or weight is None or weight.device.type != "cpu" or weight.dtype == torch.float32:
+        return None
+    return head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
 
 
 @torch.no_grad()
@@ -180,7 +199,7 @@ def score(
             batch = {k: v.to(device) for k, v in collate_train(model, [encoded[i] for i in rows], pad).items()}
             labels = batch.pop("labels")
             if seq2seq:
-                batch["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+                batch["decoder_input_ids"] = decoder_inputs_from_labels(model, labels)
             shift = 0 if soft_prompt is None else soft_prompt.shape[0]
             prefix_batch = make_batch([prefixes[i] for i in rows], device,
                                       separators=[shift + len(encoded[i].prompt) - 1 for i in rows])

@@ -93,6 +93,22 @@ def load_trained(config: MethodConfig, model, run_dir: str | Path, prefix_config
     return {}
 
 
+def decoding_kwargs(tuner) -> dict:
+    """What :func:`prefixtune.generate` needs to decode with ``tuner``'s current (in-training) weights,
+    as :func:`load_trained` gives it for a finished run: the exported prefix (prefix, infix,
+    peft-prefix), the soft prompt (prompt), or nothing (the weights are in the model)."""
+    import torch
+
+    from .baselines.prompt import PromptModel
+
+    if isinstance(tuner, PromptModel):
+        with torch.no_grad():
+            return {"soft_prompt": tuner.soft_prompt().detach().float()}
+    if hasattr(tuner, "export"):
+        return {"prefixes": tuner.export()}
+    return {}
+
+
 def describe(config: MethodConfig) -> str:
     extra = {"adapter": f" (bottleneck {config.bottleneck})", "lora": f" (rank {config.rank})",
              "ft-top2": f" (top {config.top_layers} blocks)"}.get(config.method, "")

@@ -21,7 +21,7 @@ from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from . import __version__, attach
-from .attach import PrefixBatch, PrefixShapes
+from .attach import PrefixBatch, PrefixShapes  # noqa: F401  (PrefixShapes: re-export)
 
 FORMAT = "prefixtune.prefix/1"
 POSITIONS = "unshifted"  # real tokens keep positions 0..n-1; a prefix has none (see attach.py)
@@ -42,9 +42,10 @@ class PrefixConfig:
         The text is tokenised without special tokens and its tokens are repeated cyclically, then
         cut, to exactly ``length`` tokens (so "table-to-text:" fills a length-10 prefix by
         repeating itself, and a long text keeps its first ``length`` tokens); the model is run on
-        that token sequence and its per-layer keys/values become P. With the MLP, the MLP (and
-        P') are first fitted to those activations by ``init_steps`` Adam steps of MSE, as the
-        original code does; without it, they are copied.
+        that token sequence and its per-layer keys/values become P: the words in front of the
+        input where the model's positions are relative (see attach.words_kv). With the MLP, the
+        MLP (and P') are first fitted to those activations by ``init_steps`` Adam steps of MSE (in
+        eval mode, without prefix dropout), as the original code does; without it, they are copied.
     loss: "token_mean" (mean log-likelihood over all target tokens of the batch) or
         "sequence_sum" (the paper's objective: sum over each target's tokens, mean over rows).
     gradient_checkpointing: recompute the frozen model's activations in backward (less memory).
@@ -135,15 +136,42 @@ class Prefix:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: unsupported prefix format {meta.get('format')!r}, expected {FORMAT!r}")
         prefix = cls(kv=kv, meta=meta)
+        if not kv:
+            raise ValueError(f"{path}: holds no prefix tensor")
         for p, t in kv.items():
             shape = meta["shapes"].get(p)
             if shape is None or t.ndim != 5 or [t.shape[0], t.shape[2], t.shape[4]] != shape or t.shape[1] != 2:
                 raise ValueError(f"{path}: tensor {p!r} has shape {tuple(t.shape)}, metadata says {shape}")
-            if t.shape[3] < 1:  # attention over zero prefix positions is undefined (and would crash decoding)
-                raise ValueError(f"{path}: tensor {p!r} has prefix length 0; a prefix needs at least one position")
+            if t.shape[3] < 1:
+                raise ValueError(f"{path}: tensor {p!r} has prefix length {t.shape[3]}; a prefix needs at least 1 position")
             if not t.is_floating_point():
                 raise ValueError(f"{path}: tensor {p!r} has dtype {t.dtype}, expected a floating-point type")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{path}: tensor {p!r} holds NaN or infinite values")
+            dims = meta.get("head_dims", {}).get(p, [shape[2], shape[2]])
+            if len(dims) != 2 or max(dims) != shape[2] or min(dims) < 1:
+                raise ValueError(f"{path}: head_dims {dims} of {p!r} do not fit its stored width {shape[2]}")
         return prefix
+
+    def layer_kv(self, placement: str, tensor: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values), each ``[rows, kv_heads, length, head size]``, of ``tensor``
+        (default: this prefix's, as one row) laid out as ``[rows, layers, 2, kv_heads, length, width]``."""
+        t = self.kv[placement][None] if tensor is None else tensor
+        kd, vd = self.meta.get("head_dims", {}).get(placement, (t.shape[-1], t.shape[-1]))
+        return split_layers(t, kd, vd)
+
+    @classmethod
+    def from_peft(cls, path: str | Path, model, allow_position_shift: bool = False) -> "Prefix":
+        """A PEFT prefix-tuning checkpoint directory as a prefix for ``model`` (prefixtune/peft_io.py)."""
+        from .peft_io import from_peft
+
+        return from_peft(path, model, allow_position_shift)
+
+    def to_peft(self, model, out_dir: str | Path) -> Path:
+        """Write this prefix as a PEFT prefix-tuning checkpoint directory (prefixtune/peft_io.py)."""
+        from .peft_io import to_peft
+
+        return to_peft(self, model, out_dir)
 
     def check_compatible(self, model) -> None:
         """Raise a clear error if this prefix was not made for ``model`` (shapes or identity differ)."""
@@ -160,7 +188,14 @@ class Prefix:
                     f"{have.get(p)} for base model {self.meta.get('base_model')}, but this model has "
                     f"{want.placements[p]} ({attach.model_identity(model)})"
                 )
-        mine, theirs = self.meta.get("base_model", {}), attach.model_identity(model)
+        for p in self.kv:
+            dims = tuple(self.meta.get("head_dims", {}).get(p, (have[p][2], have[p][2])))
+            if dims != want.head_dims[p]:
+                raise ValueError(f"prefix {p!r} has (key, value) head sizes {dims}, this model {want.head_dims[p]}")
+        mine, theirs = self.meta.get("base_model", {}), dict(attach.model_identity(model))
+        rule = mine.get("fingerprint_rule", "embeddings/1")  # files of 0.1.0 carry no rule
+        if rule != theirs["fingerprint_rule"]:
+            theirs.update(fingerprint=attach.fingerprint(model, rule), fingerprint_rule=rule)
         if mine.get("fingerprint") != theirs["fingerprint"] or mine.get("architecture") != theirs["architecture"]:
             raise ValueError(
                 f"prefix was trained on base model {mine} but is being used with {theirs}; "
@@ -169,7 +204,10 @@ class Prefix:
 
 
 def make_meta(model, kv: dict[str, torch.Tensor], config: PrefixConfig | None = None, site: str = "prefix") -> dict:
+    dims = attach.prefix_shapes(model).head_dims
+    head_dims = {p: list(dims[p]) for p in kv if dims[p][0] != dims[p][1]}
     return {
+        **({"head_dims": head_dims} if head_dims else {}),
         "site": site,
         "format": FORMAT,
         "library_version": __version__,
@@ -182,9 +220,10 @@ def make_meta(model, kv: dict[str, torch.Tensor], config: PrefixConfig | None = 
     }
 
 
-def _split_layers(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """[rows, layers, 2, heads, length, dim] -> per layer (keys, values), each [rows, heads, length, dim]."""
-    return [(kv[:, i, 0], kv[:, i, 1]) for i in range(kv.shape[1])]
+def split_layers(kv: torch.Tensor, key_dim: int, value_dim: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[rows, layers, 2, heads, length, width] -> per layer (keys, values), each [rows, heads, length,
+    key_dim / value_dim] (the stored width is the larger of the two; see attach.PrefixShapes)."""
+    return [(kv[:, i, 0, ..., :key_dim], kv[:, i, 1, ..., :value_dim]) for i in range(kv.shape[1])]
 
 
 def make_batch(prefixes, device=None, separators=None) -> PrefixBatch | None:
@@ -204,23 +243,36 @@ def make_batch(prefixes, device=None, separators=None) -> PrefixBatch | None:
             raise ValueError("an infix needs the separator position of each row (make_batch(..., separators=...))")
         visible_from = torch.tensor([int(s) if i else 0 for s, i in zip(separators, infix)], device=device)
     if all(p is prefixes[0] for p in prefixes):
-        kv = {pl: _split_layers(t[None].to(device)) for pl, t in prefixes[0].kv.items()}
+        kv = {pl: prefixes[0].layer_kv(pl, t[None].to(device)) for pl, t in prefixes[0].kv.items()}
         return PrefixBatch(kv=kv, mask={pl: None for pl in kv}, visible_from=visible_from)
-    placements = {pl for p in prefixes if p is not None for pl in p.kv}
-    kv, mask = {}, {}
-    for pl in sorted(placements):
-        shape = next(p.kv[pl] for p in prefixes if p is not None and pl in p.kv).shape
-        longest = max(p.kv[pl].shape[3] for p in prefixes if p is not None and pl in p.kv)
-        rows = torch.zeros(len(prefixes), shape[0], 2, shape[2], longest, shape[4])
-        m = torch.zeros(len(prefixes), longest, dtype=torch.bool)
-        for i, p in enumerate(prefixes):
-            if p is not None and pl in p.kv:
-                n = p.kv[pl].shape[3]
-                rows[i, :, :, :, :n] = p.kv[pl]
-                m[i, :n] = True
-        kv[pl] = _split_layers(rows.to(device))
-        mask[pl] = m.to(device)
-    return PrefixBatch(kv=kv, mask=mask, visible_from=visible_from)
+    first = next(p for p in prefixes if p is not None)
+    dims = {pl: tuple(first.meta.get("head_dims", {}).get(pl, (t.shape[-1], t.shape[-1]))) for pl, t in first.kv.items()}
+    return stack_prefixes([({pl: t.to(device) for pl, t in p.kv.items()} if p is not None else None, 1)
+                           for p in prefixes], dims, visible_from)
+
+
+def stack_prefixes(groups: list[tuple[dict[str, torch.Tensor] | None, int]], head_dims: dict[str, tuple[int, int]],
+                   visible_from: torch.Tensor | None = None) -> PrefixBatch:
+    """One :class:`PrefixBatch` for consecutive groups of rows, each group ``(P, rows)`` with its own
+    P (``{placement: [layers, 2, kv_heads, length, width]}``, or None for no prefix). Shorter prefixes
+    and rows without one get masked slots (exact: a masked key gets zero attention weight).
+    Differentiable: several trainable prefixes can share one batch (prefixtune/train_many.py)."""
+    placements = sorted({pl for kv, _ in groups if kv for pl in kv})
+    kv_out, mask = {}, {}
+    for pl in placements:
+        ref = next(kv[pl] for kv, _ in groups if kv and pl in kv)
+        longest = max(kv[pl].shape[3] for kv, _ in groups if kv and pl in kv)
+        parts, masks = [], []
+        for kv, n in groups:
+            t = kv.get(pl) if kv else None
+            length = 0 if t is None else t.shape[3]
+            t = ref.new_zeros(*ref.shape[:3], longest, ref.shape[4]) if t is None else \
+                nn.functional.pad(t, (0, 0, 0, longest - length))
+            parts.append(t[None].expand(n, *t.shape))
+            masks.append((torch.arange(longest, device=ref.device) < length)[None].expand(n, -1))
+        kv_out[pl] = split_layers(torch.cat(parts), *head_dims[pl])
+        mask[pl] = torch.cat(masks)
+    return PrefixBatch(kv=kv_out, mask=mask, visible_from=visible_from)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,13 +324,15 @@ class PrefixEncoder(nn.Module):
 
 @dataclass
 class PrefixTunerOutput(ModelOutput):
-    """``loss`` as configured; ``nll_sum`` (summed NLL of the target tokens) and ``n_targets`` (their
-    count) when labels are given; ``logits`` unless ``return_logits=False``."""
+    """``loss`` as configured; ``nll_sum`` (summed NLL of the target tokens), ``nll_rows`` (the same
+    per row) and ``n_targets`` (their count) when labels are given; ``logits`` unless
+    ``return_logits=False``."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     nll_sum: torch.Tensor | None = None
     n_targets: torch.Tensor | None = None
+    nll_rows: torch.Tensor | None = None
 
 
 class PrefixTuner(nn.Module):
@@ -312,6 +366,7 @@ class PrefixTuner(nn.Module):
             # reentrant variant would not differentiate
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.to(next(model.parameters()).device)
+        self.words_in_front = None  # init="words": whether P equals the words in front of x (attach.words_kv)
         if config.init == "words":
             self.init_from_words(config.init_text, tokenizer)
         self.train(model.training)
@@ -327,7 +382,8 @@ class PrefixTuner(nn.Module):
 
     def prefix_batch(self) -> PrefixBatch:
         kv = self.prefix_kv()
-        return PrefixBatch(kv={p: _split_layers(t[None]) for p, t in kv.items()}, mask={p: None for p in kv})
+        dims = attach.prefix_shapes(self.model).head_dims
+        return PrefixBatch(kv={p: split_layers(t[None], *dims[p]) for p, t in kv.items()}, mask={p: None for p in kv})
 
     @torch.no_grad()
     def init_from_words(self, text: str, tokenizer) -> dict[str, float]:
@@ -339,14 +395,20 @@ class PrefixTuner(nn.Module):
             raise ValueError(f"init_text {text!r} tokenises to nothing")
         n = self.config.length
         ids = (ids * math.ceil(n / len(ids)))[:n]
-        device = next(self.model.parameters()).device
-        recorded = attach.record_kv(self.model, torch.tensor([ids], device=device))
+        recorded, self.words_in_front = attach.words_kv(self.model, ids)
+        width = {p: s[2] for p, s in attach.prefix_shapes(self.model).placements.items()}
         errors = {}
         for p, enc in self.encoders.items():
-            # per layer [1, heads, length, dim] (keys, values) -> [layers, 2, heads, length, dim]
-            target = torch.stack([torch.stack([k[0], v[0]]) for k, v in recorded[p]]).float()
-            with torch.enable_grad():
-                errors[p] = enc.fit(target, self.config.init_steps, self.config.init_lr)
+            # per layer [1, heads, length, key/value size] (keys, values) -> [layers, 2, heads, length, width]
+            pad = lambda t: nn.functional.pad(t[0], (0, width[p] - t.shape[-1]))  # noqa: E731
+            target = torch.stack([torch.stack([pad(k), pad(v)]) for k, v in recorded[p]]).float()
+            was_training = enc.training
+            enc.eval()  # fitted without prefix dropout, so P is the activations themselves
+            try:
+                with torch.enable_grad():
+                    errors[p] = enc.fit(target, self.config.init_steps, self.config.init_lr)
+            finally:
+                enc.train(was_training)
         return errors
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True,
@@ -369,6 +431,10 @@ class PrefixTuner(nn.Module):
             self.eval()  # no prefix dropout in the exported prefix
             kv = {p: t.detach().float().cpu().clone() for p, t in self.prefix_kv().items()}
             self.train(was_training)
+            for p, t in kv.items():  # columns past a head's size are never used: store zeros
+                kd, vd = attach.prefix_shapes(self.model).head_dims[p]
+                t[:, 0, ..., kd:] = 0
+                t[:, 1, ..., vd:] = 0
         return Prefix(kv=kv, meta=make_meta(self.model, kv, self.config))
 
     def num_trainable_parameters(self) -> int:
@@ -397,7 +463,7 @@ def lm_forward(model, reduction: str, input_ids=None, attention_mask=None, label
     """
     seq2seq = attach.is_seq2seq(model)
     if seq2seq and labels is not None and "decoder_input_ids" not in kwargs:
-        kwargs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        kwargs["decoder_input_ids"] = decoder_inputs_from_labels(model, labels)
     kwargs.update(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     split = None if return_logits or labels is None or seq2seq else lm_head_split(model)
     if split is None:
@@ -405,15 +471,35 @@ def lm_forward(model, reduction: str, input_ids=None, attention_mask=None, label
         if labels is None:
             return PrefixTunerOutput(logits=logits)
         logp, mask = token_logprobs(logits, labels, shift=not seq2seq)
+        nll_rows = -logp.sum(-1)
     else:
         body, head = split
         hidden = body(**kwargs).last_hidden_state[:, :-1]  # the state at t predicts token t+1
         mask = labels[:, 1:] != -100
         logp = -nn.functional.cross_entropy(head(hidden[mask]).float(), labels[:, 1:][mask], reduction="none")
+        rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(mask)[mask]
+        nll_rows = torch.zeros(labels.shape[0], dtype=logp.dtype, device=logp.device).index_add(0, rows, -logp)
         logits = None
     nll_sum, n_targets = -logp.sum(), mask.sum()
     loss = _reduce(nll_sum, n_targets, labels.shape[0], reduction)
-    return PrefixTunerOutput(loss=loss, logits=logits, nll_sum=nll_sum, n_targets=n_targets)
+    return PrefixTunerOutput(loss=loss, logits=logits, nll_sum=nll_sum, n_targets=n_targets, nll_rows=nll_rows)
+
+
+def decoder_inputs_from_labels(model, labels: torch.Tensor) -> torch.Tensor:
+    """Decoder inputs for seq2seq ``labels`` (teacher forcing): the labels shifted right behind the
+    decoder start token, -100 replaced by padding; the model's own rule where it has one."""
+    if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return model.prepare_decoder_input_ids_from_labels(labels=labels)
+    config = model.config
+    start = config.decoder_start_token_id
+    pad = config.pad_token_id
+    if start is None or pad is None:
+        raise ValueError(f"{type(model).__name__}: needs config.decoder_start_token_id and pad_token_id to "
+                         "build decoder inputs from labels")
+    shifted = labels.new_full(labels.shape, pad)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = start
+    return shifted.masked_fill(shifted == -100, pad)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:

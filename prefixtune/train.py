@@ -2,8 +2,9 @@
 
 A run directory holds:
   run.json              the run's configuration (a resumed run must match it)
-  checkpoint/           the last training state: state.safetensors (P', MLP, AdamW moments,
-                        RNG state) + state.json (step, scheduler, best dev loss); no pickle
+  checkpoint/           the training state at the end of a step: state.safetensors (P', MLP,
+                        AdamW moments, RNG state) + state.json (step, scheduler, best dev loss,
+                        the train losses since the last evaluation); no pickle
   prefix.safetensors    the exported prefix with the best dev loss so far (other methods: what
                         they keep, see prefixtune/methods.py)
   log.jsonl             one line per evaluation (step, train loss, dev loss, seconds per step)
@@ -24,6 +25,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,7 +59,17 @@ class TrainConfig:
     from 28% to 1.3% of the token slots at batch 8.
 
     Under N processes ``batch_size`` is still the global micro-batch (rows per micro-step over all
-    processes)."""
+    processes).
+
+    patience: early stopping (0 = off, the default): stop once ``patience`` evaluations in a row
+    brought no better selection score (dev loss, or the Trainer's ``dev_score`` hook); ``epochs`` /
+    ``max_steps`` is then a cap (the learning rate still decays over the cap). The best evaluation's
+    trained result is what the run directory keeps. autocast: run forwards in bfloat16 autocast
+    (torch.autocast), with the trained weights, their gradients and AdamW state in float32 (the
+    usual mixed-precision recipe; for methods that train the base model's own weights). compile:
+    the training forward under ``torch.compile(dynamic=True)`` (fuses the elementwise work of forward
+    and backward: a bfloat16 step on CPU goes from ~3x to ~2x a no-grad forward; compiling takes
+    minutes once per process, so it pays off on runs of a few hundred steps and more)."""
 
     epochs: float = 5.0
     max_steps: int | None = None
@@ -70,10 +83,13 @@ class TrainConfig:
     dev_batch_size: int = 16
     seed: int = 42
     bucket: int = 0
+    patience: int = 0
+    autocast: bool = False
+    compile: bool = False
 
 
 # run.json files written before a TrainConfig field existed ran with these values
-_LEGACY_TRAIN = {"bucket": 0}
+_LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False, "compile": False}
 
 
 def process_state(cpu: bool | None = None) -> PartialState:
@@ -125,8 +141,7 @@ def shard_base(model, device):
     if plugin.cpu_offload is not None and getattr(plugin.cpu_offload, "offload_params", False):
         raise ValueError("FSDP parameter offloading to CPU is not supported (the prefix lives with the base's weights)")
     attach.enable(model)
-    attach.prefix_shapes(model)
-    attach.model_identity(model)
+    attach.model_identity(model, pin=True)  # from the full weights: after sharding each process has a slice
     plugin.set_auto_wrap_policy(model)
     return FullyShardedDataParallel(
         model, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
@@ -135,6 +150,35 @@ def shard_base(model, device):
         use_orig_params=plugin.use_orig_params, sync_module_states=plugin.sync_module_states,
         device_id=torch.device("cpu") if torch.device(device).type == "cpu" else torch.device(device),
     )
+
+
+class _StopAtStepEnd:
+    """Ctrl-C (SIGINT) during training: the first one lets the current optimizer step finish, so the
+    checkpoint then saved is exact (parameters, optimizer, RNG and data position all at a step's
+    end); a second one interrupts at once (the last checkpoint stays). Only in the main thread of a
+    single process (processes of a distributed run would stop at different steps); elsewhere
+    KeyboardInterrupt stops at once and the run resumes from its last periodic checkpoint."""
+
+    def __init__(self, active: bool = True):
+        self.active = active
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", flush=True)
+
+    def __enter__(self):
+        if self.active and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def share(n: int, rank: int, world: int) -> slice:
@@ -147,10 +191,12 @@ def share(n: int, rank: int, world: int) -> slice:
 class Trainer:
     def __init__(self, model, tokenizer, train: list[Example], dev: list[Example] | None,
                  prefix_config: PrefixConfig, config: TrainConfig, out_dir: str | Path, progress: bool = True,
-                 method: MethodConfig | None = None):
+                 method: MethodConfig | None = None, dev_score=None):
         """``method``: what to train (default: a prefix, the paper's method); the baselines of
         prefixtune/methods.py train through the same loop, data and loss. ``prefix_config`` gives the
-        loss reduction for all of them, and the length/MLP of the prefix-like ones."""
+        loss reduction for all of them, and the length/MLP of the prefix-like ones. ``dev_score``:
+        ``f(trainer) -> float``, higher is better (e.g. dev BLEU of greedy outputs), computed at every
+        evaluation; when given, the best evaluation and early stopping follow it instead of dev loss."""
         if not train:
             raise ValueError("no training examples")
         if config.bucket < 0:
@@ -193,6 +239,13 @@ class Trainer:
         self.step = 0
         self.best_dev = math.inf
         self.history: list[dict] = []
+        # train losses (and seconds) of the steps since the last evaluation: a checkpoint taken between
+        # evaluations keeps them, so a resumed run logs the same interval means as a straight one
+        self.pending: dict = {"losses": [], "seconds": 0.0}
+        self._compiled = None  # see _forward
+        self.dev_score = dev_score
+        if dev_score is not None and self.world > 1:
+            raise ValueError("a dev_score hook runs in one process only (it decodes with the whole model)")
 
     # --- data ----------------------------------------------------------------------------------
 
@@ -232,54 +285,115 @@ class Trainer:
     # --- loop ------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        self.start()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
+        with _StopAtStepEnd(active=self.world == 1) as stop:
+            try:
+                while not self.finished():
+                    start = time.perf_counter()
+                    step_loss = self._train_step()
+                    saved = self.record_step(step_loss, time.perf_counter() - start, bar)
+                    if stop.requested:
+                        if not saved:
+                            self.save_checkpoint(gather=False)
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                bar.close()
+                if self.is_main:
+                    if stop.requested:  # the state at the end of a whole step: resuming is exact
+                        print(f"\ninterrupted after step {self.step}; checkpoint saved in {self.out / 'checkpoint'}; "
+                              "run the same command again to resume")
+                    else:
+                        print(f"\ninterrupted; run the same command again to resume from the last checkpoint "
+                              f"({self.out / 'checkpoint'})")
+                raise
+        bar.close()
+        if self.world > 1:
+            self.state.wait_for_everyone()  # the run directory is complete when fit() returns anywhere
+        return self.result()
+
+    # The loop in pieces, so that one loop can also drive several trainers that share a model and
+    # batches (prefixtune/train_many.py): start, then per step the rows, the gradient, the update
+    # (apply_step) and the bookkeeping (record_step), until finished.
+
+    def start(self) -> None:
+        """Check or write run.json, resume from the checkpoint, take the dev loss before training."""
         self._check_run_config()
         self.load_checkpoint()
         if self.step == 0 and self.dev_set and not self.history:  # dev loss before training, for comparison
             self.history.append({"step": 0, "train_loss": None, "dev_loss": self.dev_loss(), "seconds_per_step": None})
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
-        losses, t0 = [], time.perf_counter()
-        try:
-            while self.step < self.total_steps:
-                self.tuner.train()
-                self.optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for k in range(self.config.grad_accum):
-                    rows = self.micro_batch_rows(self.step * self.config.grad_accum + k)
-                    mine = rows[share(len(rows), self.rank, self.world)]
-                    # an empty share (a last batch with fewer rows than processes) runs one row with
-                    # weight 0: every process then makes the same collective calls (FSDP's gathers)
-                    batch = collate_train(self.model, [self.train_set[i] for i in mine or rows[-1:]], self.pad)
-                    # return_logits=False: the LM head runs on target positions only (same loss)
-                    loss = self.tuner(**{n: t.to(self.device) for n, t in batch.items()}, return_logits=False).loss
-                    if self.world > 1:  # this share's part of the whole micro-batch's normaliser
-                        loss = loss * (self._weight(mine) / max(1, self._weight(rows)))
-                    loss = loss / self.config.grad_accum
-                    loss.backward()
-                    step_loss += float(loss.detach())
-                if self.world > 1:
-                    step_loss = self._sync_gradients(step_loss)
-                torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), self.config.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
-                losses.append(step_loss)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                    seconds = (time.perf_counter() - t0) / len(losses)
-                    self._evaluate_and_save(sum(losses) / len(losses), seconds, bar)
-                    losses, t0 = [], time.perf_counter()
-        except KeyboardInterrupt:
-            bar.close()
-            if self.is_main:  # no collective here: the other processes may be anywhere
-                self.save_checkpoint(gather=False)
-                print(f"\ninterrupted at step {self.step}; checkpoint saved in {self.out / 'checkpoint'}; "
-                      "run the same command again to resume")
-            raise
-        bar.close()
+
+    def finished(self) -> bool:
+        return self.step >= self.total_steps or self.stopped()
+
+    def result(self) -> dict:
+        return {"steps": self.step, "best_dev_loss": self.best_dev, "history": self.history, **self.selection()}
+
+    def step_rows(self) -> list[list[int]]:
+        """Row indices of the next step's micro-batches (all processes)."""
+        ga = self.config.grad_accum
+        return [self.micro_batch_rows(self.step * ga + k) for k in range(ga)]
+
+    def _train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; returns its loss.
+
+        The loss is normalised by the whole step's target tokens (rows for ``sequence_sum``), over all
+        its micro-batches and processes, so batch 8 and 2 x 4 accumulated (or 2 processes x 4) give
+        the same gradient: ``grad_accum`` and the number of processes only change memory and speed."""
+        self.tuner.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        step_rows = self.step_rows()
+        total = self.loss_normaliser(sum(step_rows, []))
+        step_loss = 0.0
+        for rows in step_rows:
+            mine = rows[share(len(rows), self.rank, self.world)]
+            # an empty share (a last batch with fewer rows than processes) runs one row with
+            # weight 0: every process then makes the same collective calls (FSDP's gathers)
+            batch = collate_train(self.model, [self.train_set[i] for i in mine or rows[-1:]], self.pad)
+            with autocast_context(self.config.autocast, self.device.type):
+                nll_sum = self._forward(**{n: t.to(self.device) for n, t in batch.items()})
+            loss = nll_sum / total if mine else nll_sum * 0.0
+            loss.backward()
+            step_loss += float(loss.detach())
         if self.world > 1:
-            self.state.wait_for_everyone()  # the run directory is complete when fit() returns anywhere
-        return {"steps": self.step, "best_dev_loss": self.best_dev, "history": self.history}
+            step_loss = self._sync_gradients(step_loss)
+        self.apply_step()
+        return step_loss
+
+    def _forward(self, **batch) -> torch.Tensor:
+        """Summed NLL of a batch's target tokens (return_logits=False: the LM head runs on target
+        positions only, same loss); compiled once when ``TrainConfig.compile``."""
+        if self._compiled is None:
+            def forward(**b):
+                return self.tuner(**b, return_logits=False).nll_sum
+
+            self._compiled = torch.compile(forward, dynamic=True) if self.config.compile else forward
+        return self._compiled(**batch)
+
+    def loss_normaliser(self, rows: list[int]) -> int:
+        """What a step's summed NLL is divided by: its target tokens (token_mean) or rows (sequence_sum)."""
+        return max(1, self._weight(rows))
+
+    def apply_step(self) -> None:
+        """Clip the gradients, then the optimizer's and the scheduler's step."""
+        torch.nn.utils.clip_grad_norm_(self.tuner.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def record_step(self, step_loss: float, seconds: float, bar=None) -> bool:
+        """Count a finished step; evaluate and checkpoint when it is time. Returns whether it saved."""
+        self.step += 1
+        self.pending["losses"].append(step_loss)
+        self.pending["seconds"] += seconds
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        if self.step % self.eval_every == 0 or self.step == self.total_steps:
+            losses, spent = self.pending["losses"], self.pending["seconds"]
+            self.pending = {"losses": [], "seconds": 0.0}
+            self._evaluate_and_save(sum(losses) / len(losses), spent / len(losses), bar)
+            return True
+        return False
 
     def _sync_gradients(self, step_loss: float) -> float:
         """Sum the prefix gradients (and the step's loss) over processes: one all-reduce."""
@@ -296,27 +410,56 @@ class Trainer:
     def _evaluate_and_save(self, train_loss: float, seconds_per_step: float, bar) -> None:
         dev = self.dev_loss() if self.dev_set else None  # the same value in every process
         entry = {"step": self.step, "train_loss": train_loss, "dev_loss": dev, "seconds_per_step": seconds_per_step}
+        if self.dev_score is not None:
+            start = time.perf_counter()
+            entry["dev_score"] = float(self.dev_score(self))
+            entry["dev_score_seconds"] = time.perf_counter() - start
         self.history.append(entry)
         if self.is_main:
             self._append_log(entry)
-        # best by dev loss; without a dev set, the latest prefix is kept
-        if dev is None or dev < self.best_dev:
+        # best by the selection score (dev loss by default); without a dev set, the latest prefix is kept
+        if dev is None or self.selection()["best_step"] == self.step:
             self.best_dev = dev if dev is not None else self.best_dev
             if self.is_main:
                 self._save_prefix()
         self.save_checkpoint()
-        if self.is_main:
-            bar.write(f"step {self.step}: train loss {train_loss:.4f}" + (f", dev loss {dev:.4f}" if dev is not None else ""))
+        if self.is_main and bar is not None:
+            bar.write(f"step {self.step}: train loss {train_loss:.4f}" + (f", dev loss {dev:.4f}" if dev is not None else "")
+                      + (f", dev score {entry['dev_score']:.2f}" if "dev_score" in entry else ""))
+
+    # --- selection and early stopping ----------------------------------------------------------
+    # Both are functions of self.history, which the checkpoint holds: a resumed run selects and
+    # stops exactly as an uninterrupted one.
+
+    def _selection_key(self) -> str:
+        return "dev_score" if self.dev_score is not None else "dev_loss"
+
+    def selection(self) -> dict:
+        """The best evaluation so far by the selection score (step 0, before training, excluded),
+        and whether early stopping has ended the run."""
+        key = self._selection_key()
+        evals = [h for h in self.history if h["step"] > 0 and h.get(key) is not None]
+        sign = 1 if key == "dev_score" else -1  # higher dev_score / lower dev_loss is better
+        best = max(evals, key=lambda h: sign * h[key], default=None)  # first of equals: the earliest
+        since = 0 if best is None else sum(h["step"] > best["step"] for h in evals)
+        return {"selected_by": key, "best_step": None if best is None else best["step"],
+                "best_dev_score": None if best is None else best.get("dev_score"), "evaluations_since_best": since,
+                "stopped_early": bool(self.config.patience and self.dev_set and since >= self.config.patience)}
+
+    def stopped(self) -> bool:
+        """Early stopping: ``patience`` evaluations in a row without a better selection score."""
+        return self.selection()["stopped_early"]
 
     @torch.no_grad()
     def dev_loss(self) -> float:
         """Mean negative log-likelihood per target token over the dev set (no dropout). Under N
         processes each takes every N-th length-sorted batch; the sums are gathered and added in rank
         order, so every process gets the same value (and the same "best")."""
-        if self.world == 1:
-            return mean_target_nll(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress)
-        sums = target_nll_sums(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress,
-                               shard=(self.rank, self.world))
+        with autocast_context(self.config.autocast, self.device.type):
+            if self.world == 1:
+                return mean_target_nll(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress)
+            sums = target_nll_sums(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress,
+                                   shard=(self.rank, self.world))
         parts = gather_object([sums])
         return sum(t for t, _ in parts) / max(1, sum(c for _, c in parts))
 
@@ -368,6 +511,7 @@ class Trainer:
 
     def save_checkpoint(self, gather: bool = True) -> None:
         """Write checkpoint/ atomically (temp dir + rename), tensors as safetensors, the rest as JSON.
+        Called between steps only, so parameters, optimizer, scheduler, step and RNG state agree.
 
         Collective under N processes (each process's RNG state is gathered, for exact resume);
         process 0 writes. ``gather=False``: process 0 alone, with its own RNG state only."""
@@ -389,7 +533,7 @@ class Trainer:
             tensors[f"rng.torch.{r}"] = rng
         info = {"step": self.step, "best_dev": None if math.isinf(self.best_dev) else self.best_dev,
                 "param_groups": opt["param_groups"], "scheduler": self.scheduler.state_dict(),
-                "history": self.history}
+                "history": self.history, "pending": self.pending}
         tmp, final = self.out / "checkpoint.tmp", self.out / "checkpoint"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -425,12 +569,21 @@ class Trainer:
         self.step = info["step"]
         self.best_dev = math.inf if info["best_dev"] is None else info["best_dev"]
         self.history = info["history"]
+        self.pending = info.get("pending", {"losses": [], "seconds": 0.0})
 
     def _read_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         ckpt = next((self.out / n for n in ("checkpoint", "checkpoint.old") if (self.out / n / "state.json").is_file()), None)
         if ckpt is None:
             return None
         return load_file(str(ckpt / "state.safetensors")), json.loads((ckpt / "state.json").read_text())
+
+
+def autocast_context(enabled: bool, device_type: str = "cpu"):
+    """bfloat16 autocast on ``device_type`` when ``enabled`` (float32 weights stay the master copy),
+    else a no-op context."""
+    import contextlib
+
+    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 @torch.no_grad()

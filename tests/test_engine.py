@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import prefixtune as pt
+from architectures import ARCHS, tiny_tokenizer
 from conftest import CAUSAL_ARCHS, SEQ2SEQ_ARCHS, random_prefix, tiny_model
 from prefixtune.serve.engine import Engine, Seq
 
@@ -168,3 +169,24 @@ def test_transformers_continuous_batching_refuses_our_attention_function():
     with pytest.raises(ValueError, match="prefixtune is not supported for continuous batching"):
         model.generate_batch([[5, 6, 7]], generation_config=GenerationConfig(max_new_tokens=2, eos_token_id=EOS,
                                                                            pad_token_id=EOS))
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a.expect == "works" and not a.seq2seq], ids=lambda a: a.model_type)
+def test_every_supported_decoder_model_is_served_exactly_or_refused(arch):
+    """Across the architecture matrix (tests/architectures.py): the engine either refuses a model by
+    name (and the server then uses dynamic batching) or gives each row generate's tokens alone,
+    with rows of different prefixes (MLA's unequal key/value widths included) joining mid-way."""
+    tokenizer = tiny_tokenizer()
+    model = arch.build(arch.attn[0])
+    try:
+        Engine.check_model(model)
+    except ValueError as e:
+        assert type(model).__name__ in str(e)
+        return
+    choices = [random_prefix(model, 3, seed=1, scale=3.0), None, random_prefix(model, 6, seed=2, scale=3.0)]
+    rng = random.Random(0)
+    seqs = [Seq(p, choices[i % 3], rng.randint(2, 6)) for i, p in enumerate(_prompts(model, tokenizer, 6, rng))]
+    alone = [pt.generate(model, tokenizer, [s.prompt], prefixes=[s.prefix], max_new_tokens=s.max_new_tokens,
+                         return_tokens=True)[0].tokens for s in seqs]
+    got, _ = _run(Engine(model, EOS, max_rows=3, prefill_chunk=8), seqs, [0, 0, 1, 2, 3, 4])
+    assert got == alone

@@ -1,18 +1,30 @@
-"""The experiment machinery on a tiny model: cached and shared runs, failures kept apart, reports and plots."""
+"""The experiment machinery on a tiny model: runs trained to their best dev score and recorded in the
+ledger, reports regenerated from the ledger alone, the learning-rate grid read back, the lock that
+dies with its process, two processes sharing one grid, and every report on an empty ledger."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
 from prefixtune.cli import main
-from prefixtune.experiments import Scale, run_experiment
-from prefixtune.experiments import prefix_length, table_to_text
-from prefixtune.experiments.runs import Run, run_all, xsum_topic
+from prefixtune.experiments import NAMES, LR_GRID, Scale, module, resolve_lrs, run_experiment, write_report
+from prefixtune.experiments import grid, ledger
+from prefixtune.experiments.runs import Run, run_one, xsum_topic
 from conftest import tiny_model
 
-TINY = dict(steps=2, batch_size=2, summary_steps=2, summary_batch_size=2, test_examples=4, summary_test_examples=2,
-            train_sizes=(4,), summary_train_sizes=(4,), init_sizes=(4,), seeds=1, lengths=(1, 3), summary_lengths=(2,),
-            summary_prefix_lengths=(2, 3), max_source_tokens=24)
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(batch_size=2, summary_batch_size=2, max_epochs=1, summary_max_epochs=1, min_steps=3, min_eval_steps=1,
+            eval_epochs=1, patience=1, dev_examples=4, summary_dev_examples=2, dev_score_examples=3, test_examples=3,
+            summary_test_examples=2, train_size=4, arithmetic_cell=4, train_sizes=(4,), init_sizes=(4,), samplings=1,
+            seeds=1, methods=("prefix", "finetune"), lr_grid={"prefix": (1e-2, 5e-2), "finetune": (1e-3,)},
+            max_source_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -23,46 +35,143 @@ def tiny_dir(tmp_path_factory, tokenizer):
     return str(path)
 
 
-def test_runs_are_cached_and_a_failed_run_does_not_stop_the_others(tmp_path, tiny_dir):
-    scale = Scale(**TINY, model=tiny_dir)
-    ok = scale.run("e2e", "prefix", length=2, train_examples=4, evals=(scale.eval("e2e", n=3),))
-    bad = scale.run("e2e", "prefix", length=2, train_examples=10**7)  # more pairs than E2E has
-    results = run_all([ok, bad], tmp_path)
-    assert "error" in results[1] and "10000000" in results[1]["error"]
-    assert (tmp_path / bad.key() / "error.txt").is_file()
-    result = results[0]
-    assert result["train"]["n_train"] == 4 and result["train"]["stored_parameters"] > 0
-    (ev,) = result["evals"].values()
-    assert ev["n"] == 3 and set(ev["scores"]["A"]) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
-    assert not (tmp_path / ok.key() / "checkpoint").exists()  # only kept while a training is unfinished
-    stamp = (tmp_path / ok.key() / "result.json").stat().st_mtime_ns
-    again = run_all([ok], tmp_path)[0]  # cached: nothing redone
-    assert again == result and (tmp_path / ok.key() / "result.json").stat().st_mtime_ns == stamp
-    # a new evaluation of a finished run is added without retraining
-    more = Run(**{**ok.training(), "evals": (scale.eval("e2e", n=3), scale.eval("dart", n=2))})
-    assert more.key() == ok.key()
-    assert "not run yet" in run_all([more], tmp_path, cached_only=True)[0]["error"]  # nothing run
-    grown = run_all([more], tmp_path)[0]
-    assert grown["train"] == result["train"] and len(grown["evals"]) == 2
-    assert run_all([more], tmp_path, cached_only=True)[0] == grown
+GRID_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from test_experiments import TINY
+from prefixtune.experiments import Scale, grid
+grid.run_grid(Scale(**TINY, model={model!r}), {runs!r}, {results!r}, threads=1, poll_seconds=1,
+              names=("lr-grid", "low-data"), readme=None)
+"""
+
+
+@pytest.fixture(scope="module")
+def low_data(tmp_path_factory, tiny_dir):
+    """The learning-rate grid and the low-data experiment on the tiny model, worked on by two processes
+    at once, as on two cores: 5 runs (2 grid runs of the prefix, 1 of fine-tuning, which are also the
+    low-data pair, and the pair in the other arithmetic). Returns (root, scale, report, finished keys
+    per process)."""
+    root = tmp_path_factory.mktemp("grid")
+    script = GRID_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), model=tiny_dir, runs=str(root / "runs"),
+                                results=str(root / "results"))
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    # per process, the runs it trained (a run trained by one process may be evaluated by the other later)
+    done = [{line.split()[2] for line in out.splitlines() if line.startswith("grid: finished") and line.split()[3] == "trained"}
+            for out in outs]
+    return root, Scale(**TINY, model=tiny_dir), root / "results" / "low-data.md", done
+
+
+def test_two_processes_share_one_grid_without_doing_a_run_twice(low_data):
+    root, _, _, done = low_data
+    ledger_keys = {p.name for p in (root / "results" / "ledger").iterdir()}
+    assert len(ledger_keys) == 5 and done[0] | done[1] == ledger_keys and not done[0] & done[1], done
+    assert (root / "results" / "lr-grid.md").is_file()
+
+
+def test_runs_go_to_the_ledger_with_their_dev_curve_and_test_outputs(low_data):
+    root, scale, path, _ = low_data
+    chosen = resolve_lrs(scale, root / "results" / "ledger").chosen_lr
+    assert set(chosen) == {"prefix", "finetune"} and chosen["prefix"] in (1e-2, 5e-2) and chosen["finetune"] == 1e-3
+    md = path.read_text()
+    assert "Runs in the ledger: 4 of 4." in md and "**Protocol.**" in md
+    assert "What differs from the paper" in md and "Verdict:" in md and "Arithmetic check" in md
+    entries = sorted((root / "results" / "ledger").iterdir())
+    assert len(entries) == 5  # 2 grid runs of the prefix, 1 of fine-tuning (= the low-data pair), 2 in float32
+    tested = 0
+    for entry in entries:
+        result = json.loads((entry / "result.json").read_text())
+        run = Run(**result["run"])
+        assert run.key() == entry.name and not list(entry.glob("*.safetensors"))  # no weights in the ledger
+        train = result["train"]
+        assert train["dev_curve"][0]["step"] == 0 and train["best_step"] in [h["step"] for h in train["dev_curve"]]
+        assert train["selected_by"] == "dev_score" and train["min_dev_loss"] is not None
+        for ev in result["evals"].values():
+            tested += 1
+            assert len((entry / ev["outputs_file"]).read_text().splitlines()) == ev["n"] == 3
+            items = [json.loads(line) for line in (entry / ev["items_file"]).read_text().splitlines()]
+            assert len(items) == 3 and set(items[0]) == {"BLEU", "SER"}
+            assert {"BLEU", "METEOR", "SER"} <= set(ev["scores"]["A"])
+    assert tested == 4
+    assert not list((root / "runs").glob("*/checkpoint"))  # scratch kept only while a training is unfinished
+
+
+def test_report_only_from_a_fresh_clone_is_identical_and_lists_missing_runs(low_data, tmp_path):
+    root, scale, path, _ = low_data
+    fresh = tmp_path / "clone" / "results"
+    shutil.copytree(root / "results" / "ledger", fresh / "ledger")  # what a clone has: the ledger, no runs/
+    command = "prefixtune experiment grid --threads 1"
+    again = write_report("low-data", scale, fresh, command)
+    assert again.read_text() == path.read_text()
+    stamp = {p: p.stat().st_mtime_ns for p in (root / "results" / "ledger").rglob("*")}
+    run_experiment("low-data", scale, runs_dir=root / "runs", results_dir=root / "results", command=command)  # nothing to do
+    assert {p: p.stat().st_mtime_ns for p in (root / "results" / "ledger").rglob("*")} == stamp
+    victim = next(p for p in (fresh / "ledger").iterdir() if json.loads((p / "result.json").read_text())["run"]["autocast"] is False)
+    shutil.rmtree(victim)
+    md = write_report("low-data", scale, fresh, command).read_text()
+    assert "Runs in the ledger: 3 of 4." in md and f"(`{victim.name}`): not in the ledger yet" in md
+    state = grid.status(scale, tmp_path / "runs", fresh / "ledger", names=("lr-grid", "low-data"))
+    assert [r.key() for r in state["todo"]] == [victim.name] and not state["waiting"] and len(state["done"]) == 4
+
+
+def test_a_run_waits_for_its_learning_rate(tmp_path):
+    scale = resolve_lrs(Scale(), tmp_path / "ledger")
+    low = module("low-data").plan(scale)
+    assert low and all(r.lr is None for r in low)
+    md = write_report("low-data", scale, tmp_path, "cmd").read_text()
+    assert "wait for the learning-rate grid" in md and "Verdict: runs missing" in md
+    # explicit rates need no grid
+    assert all(r.lr == 2e-4 for r in module("low-data").plan(Scale(lr={"prefix": 2e-4, "finetune": 2e-4})))
+
+
+def test_lock_dies_with_its_process(tmp_path, tiny_dir):
+    run = Run("e2e", lr=1e-3, model=tiny_dir)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from prefixtune.experiments import ledger
+        with ledger.lock({str(tmp_path)!r}, {run.key()!r}) as got:
+            print(got, flush=True)
+            time.sleep(600)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert ledger.is_locked(tmp_path, run.key())
+        with ledger.lock(tmp_path, run.key()) as got:
+            assert not got
+        assert run_one(run, tmp_path, tmp_path / "ledger", None, None) is None  # not trained twice
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel must release the lock
+        holder.wait()
+    assert not ledger.is_locked(tmp_path, run.key())
+    with ledger.lock(tmp_path, run.key()) as got:
+        assert got
 
 
 def test_experiments_share_runs():
-    scale = Scale()
-    t2t = {r.key() for r in table_to_text.plan(scale)}
-    lengths = {r.key() for r in prefix_length.plan(scale)}
-    assert len(t2t & lengths) == 1  # the length-10 E2E prefix, seed 0
+    scale = Scale(chosen_lr={k: v[1] for k, v in LR_GRID.items()})
+    t2t = {r.key() for r in module("table-to-text").plan(scale)}
+    grid_runs = module("lr-grid").plan(scale)
+    assert {r.key() for r in grid_runs if r.lr == scale.chosen_lr[r.method if r.method != "adapter" else
+            f"adapter-{100 * r.size:g}"]} <= t2t
+    lengths = {r.key() for r in module("prefix-length").plan(scale)}
+    assert len(t2t & lengths) == scale.seeds  # the length-10 E2E prefix
+    order = grid.order(scale)
+    assert len({r.key() for r in order}) == len(order) and order[0].method == "prefix"
 
 
-def test_an_experiment_writes_its_report_json_and_plots(tmp_path, tiny_dir):
-    scale = Scale(**TINY, model=tiny_dir)
-    path = run_experiment("prefix-length", scale, runs_dir=tmp_path / "runs", results_dir=tmp_path / "results", command="cmd")
-    md = path.read_text()
-    assert "```bash\ncmd\n```" in md and "paper: 10" in md and "Failed runs" not in md
-    data = json.loads((tmp_path / "results" / "prefix-length.json").read_text())
-    assert len(data["runs"]) == 3 and all("error" not in r for r in data["runs"])
-    for png in ("prefix-length-quality.png", "prefix-length-speed.png"):
-        assert (tmp_path / "results" / png).stat().st_size > 1000
+def test_every_report_and_the_readme_table_from_an_empty_ledger(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{grid.START}\nold\n{grid.END}\n\nafter\n")
+    grid.write_reports(Scale(), tmp_path, readme=readme)
+    for name in NAMES:
+        md = (tmp_path / f"{name}.md").read_text()
+        assert md.startswith("# ") and "Runs in the ledger: 0 of" in md
+    text = readme.read_text()
+    assert "old" not in text and "after" in text and "| [low-data](results/low-data.md) |" in text and "runs missing" in text
 
 
 def test_xsum_topics_from_the_text():
@@ -71,12 +180,78 @@ def test_xsum_topics_from_the_text():
     assert xsum_topic("The government said the new housing policy would help families in Wales.") == "news"
 
 
-def test_experiment_cli_validates_and_explains(capsys):
+def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["experiment", "--help"])
     assert e.value.code == 0
-    assert "paper" in capsys.readouterr().out
-    assert main(["experiment", "table-to-text", "--methods", "prefix", "dance"]) == 2
+    assert "ledger" in capsys.readouterr().out
+    assert main(["experiment", "table-to-text", "--methods", "prefix", "dance", "--report-only"]) == 2
     assert "unknown method 'dance'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["experiment", "low-data", "--lr", "prefix"])
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "grid", "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "done: 0" in out and "todo: 27" in out and "waiting" in out
+
+
+def fake_result(run, rng):
+    """A plausible ledger entry for ``run`` (no training): every field the reports read."""
+    curve = [{"step": 0, "dev_loss": 3.0, "train_loss": None, "seconds_per_step": None}] + [
+        {"step": s, "dev_loss": 2.0 + rng.random(), "train_loss": 1.0, "seconds_per_step": 2.0,
+         **({"dev_score": 40 + 10 * rng.random()} if run.select == "dev_bleu" else {})} for s in (25, 50, 75)]
+    name = f"adapter-{100 * run.size:g}" if run.method == "adapter" else run.method
+    middle = LR_GRID[name][1]  # made the grid's choice: the lowest dev loss
+    train = {"trainable_percent": 1.0, "stored_percent": 0.1, "dev_loss": 2.1, "min_dev_loss": 2.0 if run.lr == middle else 3.0,
+             "dev_score": 45.0, "best_step": 50, "best_epoch": 1.5, "steps": 75, "stopped_early": True,
+             "seconds_per_step": 2.0, "wall_seconds": 600.0, "cpu_seconds": 590.0, "peak_memory_mb": 2000.0,
+             "peak_memory_mb_before": None, "dev_curve": curve}
+    evals = {}
+    for ev in run.evals:
+        n = 12
+        if ev.task == "e2e":
+            items = {"BLEU": [[int(rng.integers(5, 10)), 5, 3, 2, 10, 9, 8, 7, 10] for _ in range(n)],
+                     "SER": [[int(rng.integers(0, 2)), 5] for _ in range(n)]}
+            scores = {"A": {"BLEU": 0.5, "NIST": 7.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 1.8, "SER": 5.0}}
+        elif ev.task == "webnlg":
+            items = {"BLEU": [[10, 10, int(rng.integers(5, 10)), 5, 3, 2, 10, 9, 8, 7] for _ in range(n)],
+                     "category": ["S", "U"] * (n // 2)}
+            scores = {c: {"BLEU": 40.0, "METEOR": 0.3, "TER": 0.5} for c in "SUA"}
+        else:
+            items = {k: [[float(rng.uniform(10, 40)), 1] for _ in range(n)] for k in ("ROUGE-1", "ROUGE-2", "ROUGE-L")}
+            scores = {"A": {"ROUGE-1": 30.0, "ROUGE-2": 10.0, "ROUGE-L": 25.0}}
+        evals[ev.key()] = {"eval": {}, "n": n, "scores": scores, "items": items, "decode_seconds": 100.0,
+                           "decode_cpu_seconds": 99.0, "output_tokens": 500}
+    return {"run": run.training(), "train": train, "evals": evals}
+
+
+def test_every_report_on_a_full_synthetic_ledger(tmp_path):
+    """Every report's code path with every run present (synthetic numbers, no training)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = Scale()
+    scale = Scale(chosen_lr={k: v[1] for k, v in LR_GRID.items()})
+    runs = grid.order(scale)
+    extra = [r for r in module("lr-grid").plan(base) if r.key() not in {x.key() for x in runs}]  # not chosen
+    for run in runs + extra:
+        result = fake_result(run, rng)
+        items = {k: ev.pop("items") for k, ev in result["evals"].items()}
+        entry = tmp_path / "ledger" / run.key()
+        for ev in run.evals:
+            rows = items[ev.key()]
+            result["evals"][ev.key()].update(ledger.write_eval_files(tmp_path / "ledger", run.key(), ev, ["x"] * 12, rows))
+        ledger.write(tmp_path / "ledger", run.key(), result)
+        assert (entry / "result.json").is_file()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{grid.START}\n{grid.END}\n")
+    grid.write_reports(base, tmp_path, readme=readme)
+    for name in NAMES:
+        md = (tmp_path / f"{name}.md").read_text()
+        assert "Missing runs" not in md, name
+        assert "runs missing" not in md and ("Verdict:" in md or name == "lr-grid"), name
+    table = readme.read_text()
+    assert table.count("| [") >= 30 and "runs missing" not in table
+    state = grid.status(base, tmp_path / "runs", tmp_path / "ledger")
+    assert not state["todo"] and not state["waiting"] and len(state["done"]) == len(runs)
+    assert abs(grid.estimate(state, tmp_path / "ledger")["done_hours"] - len(runs) * (590 + 99 * 1) / 3600) < 2

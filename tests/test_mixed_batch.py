@@ -132,3 +132,19 @@ def test_generate_returns_tokens_and_logprobs(arch, tokenizer):
             assert top[0][1] >= top[1][1] >= top[2][1] and lp < 0
     with pytest.raises(ValueError, match="num_beams=1"):
         pt.generate(model, tokenizer, SOURCES[:1], num_beams=2, return_tokens=True, logprobs=1)
+
+
+def test_low_precision_decoding_gives_the_lm_head_a_contiguous_input(tokenizer):
+    """bfloat16 on CPU: generate's first step slices the last position (a strided view), which the
+    bf16 LM head would run as a batched matmul copying its weight per row. The input is made
+    contiguous for the call only; float32 models are untouched."""
+    model = tiny_model("llama-gqa").to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    seen, forward = [], head.forward
+    head.forward = lambda x: seen.append(x.is_contiguous()) or forward(x)  # runs after the pre-hooks
+    out = pt.generate(model, tokenizer, SOURCES, max_new_tokens=3)
+    del head.forward
+    assert len(out) == len(SOURCES) and seen and all(seen)
+    assert not head._forward_pre_hooks  # nothing left on the model
+    from prefixtune.generate import _contiguous_lm_head_input
+    assert _contiguous_lm_head_input(tiny_model("llama-gqa")) is None

@@ -212,10 +212,13 @@ def test_words_init(arch, length, tokenizer):
     text = "table-to-text:"
     ids = tokenizer(text, add_special_tokens=False).input_ids  # 5 tokens: 3 = cut, 10 = repeated twice
     expected_ids = (ids * 4)[:length]
-    target = attach.record_kv(model, torch.tensor([expected_ids]))
+    # rotary models: the words sit in front of x, at positions -length..-1 (x keeps 0..)
+    positions = torch.arange(-length, 0)[None] if arch == "llama-gqa" else None
+    target = attach.record_kv(model, torch.tensor([expected_ids]), positions)
     # flat: copied exactly
     flat = pt.PrefixTuner(model, pt.PrefixConfig(length=length, reparameterize=False, init="words", init_text=text),
                           tokenizer=tokenizer)
+    assert flat.words_in_front == (arch == "llama-gqa")
     # MLP: fitted to the activations
     mlp = pt.PrefixTuner(model, pt.PrefixConfig(length=length, mlp_hidden=64, init="words", init_text=text,
                                                 init_steps=300, init_lr=1e-2), tokenizer=tokenizer)

@@ -155,3 +155,90 @@ def test_length_bucketing_keeps_every_row_once_and_cuts_padding(tmp_path, tokeni
         bucketed._check_run_config()
     with pytest.raises(ValueError, match="bucket must be >= 0"):
         trainer(-1)
+
+
+def _dropout_trainer(tmp_path, tokenizer, name, max_steps=8):
+    """GPT-2 (dropout 0.1 in the model) and prefix dropout: every step consumes random numbers."""
+    model = tiny_model("gpt2", init_range=0.2)
+    assert model.config.resid_pdrop > 0
+    return Trainer(model, tokenizer, PAIRS, PAIRS[:4], pt.PrefixConfig(length=3, mlp_hidden=16, dropout=0.1),
+                   TrainConfig(max_steps=max_steps, batch_size=4, grad_accum=2, lr=5e-2, warmup_steps=2,
+                               eval_every=3, seed=1), tmp_path / name, progress=False)
+
+
+def _interrupt_at(trainer, micro_batch: int, hard: bool):
+    """Ctrl-C during the given training micro-batch (counted from 1): a SIGINT as a user's first
+    Ctrl-C sends it, or (hard) a KeyboardInterrupt raised right there, as a second Ctrl-C does."""
+    import os
+    import signal
+
+    seen = []
+
+    def hook(module, args):
+        if module.training:  # (the dev loss runs in eval mode)
+            seen.append(1)
+            if len(seen) == micro_batch:
+                if hard:
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
+
+    # the input embeddings run once per forward, whichever route (full model or body + LM head)
+    return trainer.model.get_input_embeddings().register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_interrupt_in_the_middle_of_a_step_resumes_exactly(tmp_path, tokenizer, hard):
+    """Dropout on (GPT-2's own and the prefix's): an interrupted run resumed ends exactly where an
+    uninterrupted one does, and logs the same train losses."""
+    straight = _dropout_trainer(tmp_path, tokenizer, "straight")
+    straight.fit()
+    first = _dropout_trainer(tmp_path, tokenizer, "resumed")
+    _interrupt_at(first, micro_batch=10, hard=hard)  # the 2nd micro-batch of step 5 (eval_every 3)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())
+    # a first Ctrl-C finishes step 5 and saves it; a second stops at once, the step-3 checkpoint stays
+    assert state["step"] == (3 if hard else 5)
+    second = _dropout_trainer(tmp_path, tokenizer, "resumed")
+    second.fit()
+    for (n, a), b in zip(straight.tuner.named_parameters(), second.tuner.parameters()):
+        assert torch.equal(a, b), n
+    logs = [[(e["step"], e["train_loss"], e["dev_loss"]) for e in map(json.loads, (tmp_path / d / "log.jsonl").open())]
+            for d in ("straight", "resumed")]
+    assert logs[0] == logs[1]
+
+
+@pytest.mark.parametrize("loss", ["token_mean", "sequence_sum"])
+def test_gradient_accumulation_is_a_memory_knob(tmp_path, tokenizer, loss):
+    """Batch 8, 2 x 4 accumulated and 4 x 2 accumulated give the same gradient (targets of uneven
+    lengths, so a mean per micro-batch would weigh tokens differently) and the same steps."""
+    pairs = [Example(f"name : Place{i}", " ".join(["word"] * (1 + 3 * i % 11))) for i in range(16)]
+    grads, params = [], []
+    for batch, accum in ((8, 1), (4, 2), (2, 4)):
+        trainer = Trainer(tiny_model("llama-gqa", init_range=0.2), tokenizer, pairs, None,
+                          pt.PrefixConfig(length=3, mlp_hidden=16, loss=loss),
+                          TrainConfig(max_steps=4, batch_size=batch, grad_accum=accum, lr=5e-2, max_grad_norm=1e9,
+                                      seed=0), tmp_path / f"{loss}-{batch}", progress=False)
+        start = torch.cat([p.detach().flatten() for p in trainer.tuner.parameters()])
+        trainer._train_step()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.tuner.parameters()]))
+        trainer.step = 1
+        trainer.fit()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.tuner.parameters()]))
+    assert (params[0] - start).abs().max() > 1e-2  # the steps moved the prefix
+    for g, p in zip(grads[1:], params[1:]):
+        assert torch.allclose(grads[0], g, atol=1e-7, rtol=1e-5), (grads[0] - g).abs().max()
+        assert torch.allclose(params[0], p, atol=1e-3), (params[0] - p).abs().max()  # Adam amplifies rounding
+
+
+def test_compiled_training_equals_eager(tmp_path, tokenizer):
+    """TrainConfig.compile: the same steps (within float rounding of fused kernels), lengths varying."""
+    params = []
+    for compile_ in (False, True):
+        trainer = Trainer(tiny_model("llama-gqa", init_range=0.2), tokenizer, PAIRS, None,
+                          pt.PrefixConfig(length=3, mlp_hidden=16),
+                          TrainConfig(max_steps=3, batch_size=4, lr=5e-2, seed=0, compile=compile_),
+                          tmp_path / f"c{compile_}", progress=False)
+        trainer.fit()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.tuner.parameters()]))
+    assert torch.allclose(params[0], params[1], atol=1e-4, rtol=1e-4), (params[0] - params[1]).abs().max()

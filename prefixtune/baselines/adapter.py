@@ -34,7 +34,7 @@ class Adapter(nn.Module):
 
 def adapter_sites(model) -> list[nn.Module]:
     """Modules whose output gets an adapter: every attention module and every feed-forward block."""
-    sites = [m for mods in attach.attention_slots(model).values() for m in mods]
+    sites = [m for mods in attach.attention_modules(model).values() for m in mods]
     ffn = [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in FEED_FORWARD_NAMES]
     if not ffn:
         raise ValueError(f"{type(model).__name__}: no feed-forward block named one of {FEED_FORWARD_NAMES}")

@@ -13,13 +13,12 @@ Decoder-only models.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
 from .. import attach
-from ..prefix import Prefix, PrefixConfig, make_meta, token_logprobs, _reduce
+from ..prefix import Prefix, PrefixConfig, token_logprobs, _reduce
 from . import Tuned
 
 
@@ -72,15 +71,16 @@ class PeftPrefixModel(Tuned):
     @torch.no_grad()
     def export(self) -> Prefix:
         """PEFT's trained prefix in our format (keys rotated back for rotary models, see module doc)."""
+        from ..peft_io import convert
+
         was = self.training
         self.eval()
-        kv = self.peft_kv().detach().float().clone()
+        kv = self.peft_kv().detach().float()  # [layers, 2, heads, length, dim] -> PEFT's flat layout
         self.train(was)
-        kv[:, 0] = unshift_rotary_keys(self.model, kv[:, 0], self.config.length)
-        kv = {"self": kv.cpu()}
-        meta = make_meta(self.model, kv, self.config)
-        meta["converted_from"] = "peft-prefix-tuning"
-        return Prefix(kv=kv, meta=meta)
+        flat = kv.permute(3, 0, 1, 2, 4).reshape(self.config.length, -1).cpu()
+        prefix = convert(flat, self.model, self.config.length)
+        prefix.meta["config"] = self.config.to_json()
+        return prefix
 
     def num_stored_parameters(self) -> int:
         layers, heads, dim = attach.prefix_shapes(self.model).placements["self"]
@@ -90,32 +90,3 @@ class PeftPrefixModel(Tuned):
         """prefix.safetensors (converted, for our decoding) and PEFT's own weights (weights.safetensors)."""
         super().save_trained(out_dir)
         return self.export().save(Path(out_dir) / "prefix.safetensors")
-
-
-def _rotary(model):
-    """(rotary embedding module, the modeling file's apply_rotary_pos_emb), or None without RoPE."""
-    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-    if rotary is None:
-        return None
-    attention = next(iter(attach.attention_slots(model)["self"]))
-    apply = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-    if apply is None:
-        raise ValueError(f"{type(model).__name__}: has a rotary embedding but no apply_rotary_pos_emb to convert PEFT keys")
-    return rotary, apply
-
-
-@torch.no_grad()
-def unshift_rotary_keys(model, keys: torch.Tensor, shift: int) -> torch.Tensor:
-    """Keys ``[layers, kv_heads, length, dim]`` rotated by ``-shift`` positions (unchanged without RoPE).
-
-    Under PEFT a query at token position m sits at m + shift; q_m . k = R(m + shift) q . k =
-    R(m) q . R(-shift) k, so R(-shift) k is the key that gives the same score at position m."""
-    found = _rotary(model)
-    if found is None:  # absolute positions change the token inputs themselves: no exact conversion
-        raise ValueError(f"{type(model).__name__}: converting PEFT's prefix (shifted positions) needs a rotary model")
-    rotary, apply = found
-    layers, heads, length, dim = keys.shape
-    positions = torch.full((1, length), -shift, dtype=torch.long, device=keys.device)
-    cos, sin = rotary(keys.to(next(model.parameters()).dtype), positions)
-    out = torch.stack([apply(k[None].to(cos.dtype), k[None].to(cos.dtype), cos, sin)[1][0] for k in keys])
-    return out.to(keys.dtype)

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import attach
-from ..prefix import PrefixConfig, lm_forward
+from ..prefix import PrefixConfig, decoder_inputs_from_labels, lm_forward
 from ..template import prepend_soft_prompt
 from . import Tuned
 
@@ -52,7 +52,7 @@ class PromptModel(Tuned):
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True, **kwargs):
         inputs = prepend_soft_prompt(self.model, self.soft_prompt(), input_ids, attention_mask, labels=labels, **kwargs)
         if attach.is_seq2seq(self.model) and labels is not None:  # decoder inputs from the unchanged labels
-            inputs.setdefault("decoder_input_ids", self.model.prepare_decoder_input_ids_from_labels(labels=labels))
+            inputs.setdefault("decoder_input_ids", decoder_inputs_from_labels(self.model, labels))
         labels = inputs.pop("labels", None)
         return lm_forward(self.model, self.reduction, None, labels=labels, return_logits=return_logits, **inputs)
 

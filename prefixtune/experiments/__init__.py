@@ -2,95 +2,152 @@
 
 Each experiment module has ``plan(scale) -> list[Run]`` (what to train and score) and
 ``report(results, scale, ctx) -> str`` (the markdown of results/NAME.md, next to the paper's
-numbers, with plots written through ``ctx``). Runs are cached and shared across experiments
-(prefixtune/experiments/runs.py), so rerunning a command only redoes what is missing and then
-rewrites the report.
+numbers, with plots written through ``ctx``). Every run is trained to its best dev score (see
+runs.py, "Protocol") and recorded in the ledger (results/ledger/, see ledger.py); runs are shared
+across experiments, so rerunning a command only does what the ledger lacks, and ``--report-only``
+rewrites the report from the ledger alone. ``prefixtune experiment grid`` works through every
+experiment's runs in the order of ``grid.py`` (learning-rate grid first), one process per core.
+
+Learning rates: one per method, chosen by the ``lr-grid`` experiment (3 values per method at the
+reference cell, E2E 500 examples, by the lowest dev loss reached) and read from the ledger; a run
+whose method's grid is not complete yet has ``lr=None`` and waits.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .runs import Eval, Run, run_all
 
-NAMES = ("table-to-text", "low-data", "extrapolation", "prefix-length", "initialisation", "summarization")
+NAMES = ("lr-grid", "low-data", "initialisation", "table-to-text", "extrapolation", "prefix-length", "summarization")
 
-# Peak learning rates per method (linear warmup 5 steps, then decay to 0). Chosen once, not per
-# experiment, from 40-step E2E probes (dev NLL on 100 dev pairs): prefix 5e-4 -> 2.13, 2e-3 -> 2.33;
-# fine-tuning 5e-5 -> 1.56; adapters 1e-3 -> 2.11 (README, "Experiments"). Override: --lr METHOD=VALUE.
-LEARNING_RATES = {"prefix": 5e-4, "infix": 5e-4, "prompt": 5e-4, "peft-prefix": 5e-4,
-                  "adapter": 1e-3, "lora": 1e-3, "finetune": 5e-5, "ft-top2": 1e-4}
+# The learning-rate grid: 3 values per method name (of Scale.methods), around the rates that 40-step
+# probes had found (prefix 5e-4, fine-tuning 5e-5, adapters/LoRA 1e-3), a factor ~3 apart.
+LR_GRID = {"prefix": (1e-4, 3e-4, 1e-3), "infix": (1e-4, 3e-4, 1e-3), "prompt": (1e-4, 3e-4, 1e-3),
+           "peft-prefix": (1e-4, 3e-4, 1e-3), "finetune": (1e-5, 3e-5, 1e-4), "ft-top2": (3e-5, 1e-4, 3e-4),
+           "adapter-0.1": (3e-4, 1e-3, 3e-3), "adapter-3": (3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3)}
+
+DIFFERENCES = (
+    "**What differs from the paper.** Base model: SmolLM2-135M-Instruct (the paper: GPT-2 medium, 345M, for "
+    "table-to-text; BART-large for summarization), dequantised from its 4-bit GGUF release, so every method starts "
+    "from a slightly damaged model that fine-tuning (which changes the weights) can repair and a frozen-model method "
+    "(prefix, adapters, LoRA) cannot. Compute: 2 CPU cores, so smaller training sets (stated per experiment), "
+    "a step cap per run and fewer runs per cell than the paper's. Arithmetic: {arithmetic}.")
 
 
 @dataclass
 class Scale:
-    """How big every experiment is. Defaults: the reduced scale that fits 2 CPU cores (see README);
-    paper scale is e.g. ``--steps 20000 --test-examples 0 --num-beams 5 --samplings 5 --seeds 2``."""
+    """How every experiment is run: the protocol of issue 11 (train to the best dev score, full test
+    sets, the paper's decoding) at sizes that fit 2 CPU cores. See README, "Experiments"."""
 
-    steps: int = 40  # optimizer steps per table-to-text run
     batch_size: int = 8
-    summary_steps: int = 20
     summary_batch_size: int = 4
-    max_source_tokens: int = 192  # summarization articles/dialogues are cut to this many tokens
-    test_examples: int = 80  # per test set (0 = all); WebNLG: half seen, half unseen categories
-    summary_test_examples: int = 30
-    num_beams: int = 1
+    max_source_tokens: int = 192  # summarization sources are cut to this many tokens
+    max_epochs: float = 10.0  # cap per run: max(max_epochs epochs, min_steps steps)
+    summary_max_epochs: float = 4.0
+    min_steps: int = 600
+    eval_epochs: float = 0.5  # evaluate every half epoch, but at most every min_eval_steps steps
+    min_eval_steps: int = 10
+    patience: int = 3
+    dev_examples: int = 200  # dev pairs for the dev loss (table-to-text)
+    summary_dev_examples: int = 100
+    dev_score_examples: int = 100  # dev tables decoded for the dev BLEU that selects table-to-text runs
+    select: str = "dev_bleu"  # table-to-text selection: dev_bleu or dev_loss (summarization: always dev_loss)
+    arithmetic: str = "bf16-autocast"  # or "float32"
+    decode_dtype: str = "bfloat16"  # test decoding (see results/perf.md, "bfloat16 decoding"); or "float32"
+    test_examples: int = 0  # table-to-text test inputs (0 = all: 630 E2E, 1,862 WebNLG)
+    summary_test_examples: int = 200
+    num_beams: int = 0  # 0 = the paper's decoding per task (beam 5; summarization beam 6 with length limits)
+    train_size: int = 500  # the E2E training size of the reference cell (LR grid, main table, prefix length)
+    arithmetic_cell: int = 100  # E2E size of the low-data cell also trained in the other arithmetic
+    webnlg_train_examples: int = 2000  # WebNLG seen-category training subset
+    dialogsum_train_examples: int = 1000  # DialogSum training subset (XSUM: our whole 1,210-article split)
     train_sizes: tuple[int, ...] = (50, 100, 200, 500)
-    summary_train_sizes: tuple[int, ...] = (50, 200)
     init_sizes: tuple[int, ...] = (50, 100)
-    init_texts: tuple[str, ...] = ("table-to-text:", "elephant")  # also: "summarize", "divide"
-    samplings: int = 1
+    init_texts: tuple[str, ...] = ("table-to-text:", "elephant", "divide")
+    samplings: int = 3
     seeds: int = 2
-    lengths: tuple[int, ...] = (1, 10, 200)
-    summary_lengths: tuple[int, ...] = (1, 10, 200)
+    lengths: tuple[int, ...] = (1, 5, 10, 20, 40)
+    summary_lengths: tuple[int, ...] = (10, 50, 200)
     summary_prefix_lengths: tuple[int, ...] = (10, 200)  # the two prefix sizes (~0.1% and ~2% of the model)
     methods: tuple[str, ...] = ("prefix", "finetune", "ft-top2", "adapter-0.1", "adapter-3", "lora", "peft-prefix",
                                 "prompt", "infix")
-    lr: dict = field(default_factory=dict)
+    lr_grid: dict = field(default_factory=lambda: dict(LR_GRID))  # the rates tried per method name
+    lr: dict = field(default_factory=dict)  # explicit learning rates per method name (else: the grid's choice)
+    chosen_lr: dict = field(default_factory=dict)  # filled from the ledger by resolve_lrs()
     model: str = "smollm2-135m"
-    dtype: str = "float32"
 
     def __post_init__(self):
         from ..methods import METHODS
 
         for name in self.methods:
-            method, _, size = name.partition("-") if name.startswith(("adapter-", "lora-")) else (name, "", "")
+            method, size = split_name(name)
             if method not in METHODS:
                 raise ValueError(f"unknown method {name!r} in --methods; use {', '.join(METHODS)} (adapter-3 = 3%)")
-            if size:
-                float(size)
+        if self.arithmetic not in ("bf16-autocast", "float32"):
+            raise ValueError(f"arithmetic must be bf16-autocast or float32, got {self.arithmetic!r}")
+        if self.decode_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"decode_dtype must be bfloat16 or float32, got {self.decode_dtype!r}")
+        if self.select not in ("dev_bleu", "dev_loss"):
+            raise ValueError(f"select must be dev_bleu or dev_loss, got {self.select!r}")
 
-    def lr_for(self, method: str) -> float:
-        return self.lr.get(method, LEARNING_RATES[method])
+    def lr_for(self, name: str) -> float | None:
+        """The learning rate of method ``name``: explicit, else the grid's choice, else None (not chosen yet)."""
+        return self.lr.get(name, self.chosen_lr.get(name))
 
-    def n(self, n: int) -> int:
-        return n or 10**9
-
-    def run(self, task: str, method: str = "prefix", summary: bool = False, **kw) -> Run:
-        """A run at this scale (steps, batch, learning rate of the method, model, dtype)."""
-        base = dict(task=task, method=method, lr=self.lr_for(method), model=self.model, dtype=self.dtype,
-                    steps=self.summary_steps if summary else self.steps,
+    def run(self, task: str, name: str = "prefix", summary: bool = False, **kw) -> Run:
+        """A run of method ``name`` (of Scale.methods: "adapter-3" = adapters of 3%) under this protocol."""
+        method, size = split_name(name)
+        base = dict(task=task, method=method, lr=self.lr_for(name), model=self.model,
                     batch_size=self.summary_batch_size if summary else self.batch_size,
-                    max_source_tokens=self.max_source_tokens if summary else None)
+                    max_source_tokens=self.max_source_tokens if summary else None,
+                    max_epochs=self.summary_max_epochs if summary else self.max_epochs, min_steps=self.min_steps,
+                    eval_epochs=self.eval_epochs, min_eval_steps=self.min_eval_steps, patience=self.patience,
+                    dev_examples=self.summary_dev_examples if summary else self.dev_examples,
+                    select="dev_loss" if summary else self.select, dev_score_examples=self.dev_score_examples,
+                    autocast=self.arithmetic == "bf16-autocast")
+        if size:
+            base["size"] = size
         return Run(**{**base, **kw})
 
     def eval(self, task: str, summary: bool = False, **kw) -> Eval:
-        base = dict(task=task, n=self.n(self.summary_test_examples if summary else self.test_examples),
-                    num_beams=self.num_beams, max_source_tokens=self.max_source_tokens if summary else None)
+        n = self.summary_test_examples if summary else self.test_examples
+        base = dict(task=task, n=n or 10**9, num_beams=self.num_beams, max_source_tokens=self.max_source_tokens if summary else None,
+                    dtype=self.decode_dtype)
+        if kw.get("decoder") == "peft":  # PEFT's own generate: as it is, in float32
+            base["dtype"] = "float32"
         return Eval(**{**base, **kw})
 
+    def test_sets(self) -> dict[str, str]:
+        """How each test set is used, for the reports' protocol lines."""
+        n = self.test_examples
+        return {"e2e": f"a fixed random {n} of the 630 E2E test tables" if n else "all 630 E2E test tables",
+                "webnlg": f"a fixed random {n} of the 1,862 WebNLG test entries" if n else
+                "all 1,862 WebNLG test entries (971 seen, 891 unseen categories)",
+                "beams": f"beam {self.num_beams}" if self.num_beams else "the paper's decoding (beam 5)"}
 
-def method_run(scale: Scale, task: str, name: str, **kw) -> Run:
-    """``name`` of Scale.methods ("adapter-3" = adapters of 3% of the model) as a run."""
-    method, _, size = name.partition("-") if name.startswith(("adapter-", "lora-")) else (name, "", "")
-    if size:
-        kw["size"] = float(size) / 100
-    return scale.run(task, method, **kw)
+    def describe_arithmetic(self) -> str:
+        training = ("bfloat16 autocast for every method (float32 weights, gradients and AdamW state; matrix products "
+                    "in bfloat16)" if self.arithmetic == "bf16-autocast" else "float32 training")
+        return f"{training}; test decoding in {self.decode_dtype} (dev BLEU for selection in float32)"
+
+
+def split_name(name: str) -> tuple[str, float | None]:
+    """"adapter-3" -> ("adapter", 0.03); "prefix" -> ("prefix", None)."""
+    if name.startswith(("adapter-", "lora-")):
+        method, _, size = name.partition("-")
+        return method, float(size) / 100
+    return name, None
+
+
+def resolve_lrs(scale: Scale, ledger_dir: str | Path) -> Scale:
+    """``scale`` with ``chosen_lr`` read from the ledger: per method whose learning-rate grid is complete,
+    the rate whose run reached the lowest dev loss."""
+    from . import lr_grid
+
+    return replace(scale, chosen_lr=lr_grid.chosen(scale, ledger_dir))
 
 
 class Context:
@@ -100,6 +157,7 @@ class Context:
         self.name, self.dir, self.command, self.scale = name, Path(results_dir), command, scale
         self.dir.mkdir(parents=True, exist_ok=True)
         self.plots: list[str] = []
+        self.findings: list[dict] = []  # verdict rows, for the README's table
 
     def plot_path(self, tag: str) -> Path:
         name = f"{self.name}-{tag}.png"
@@ -107,53 +165,75 @@ class Context:
         return self.dir / name
 
 
-def run_experiment(name: str, scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results",
-                   data=None, threads: int | None = None, command: str | None = None, report_only: bool = False) -> Path:
-    """Run (or complete) every run of experiment ``name``, then write its report. Returns the report path.
-    ``report_only``: write the report from the runs already cached, running nothing."""
+def module(name: str):
     from importlib import import_module
 
-    module = import_module(f".{name.replace('-', '_')}", __name__)
-    runs = module.plan(scale)
-    start = time.perf_counter()
-    results = run_all(runs, runs_dir, data=data, threads=threads, cached_only=report_only)
-    ctx = Context(name, Path(results_dir), command or " ".join(["prefixtune"] + sys.argv[1:]), scale)
-    failed = [r for r in results if "error" in r]
-    body = module.report(results, scale, ctx)
+    return import_module(f".{name.replace('-', '_')}", __name__)
+
+
+def run_experiment(name: str, scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results",
+                   data=None, threads: int | None = None, command: str | None = None, report_only: bool = False,
+                   commit: bool = False) -> Path:
+    """Run (or complete) every run of experiment ``name`` whose learning rate is known, then write its
+    report. Returns the report path. ``report_only``: write the report from the ledger, running nothing."""
+    ledger_dir = Path(results_dir) / "ledger"
+    if not report_only:
+        # first the learning-rate grid of the methods whose rate is not chosen yet, then the experiment's runs
+        waiting = {(r.method, r.size) for r in module(name).plan(resolve_lrs(scale, ledger_dir)) if r.lr is None}
+        grid = [r for r in module("lr-grid").plan(scale) if (r.method, r.size) in waiting]
+        run_all(grid, runs_dir, ledger_dir, data, threads, commit=commit)
+        run_all(module(name).plan(resolve_lrs(scale, ledger_dir)), runs_dir, ledger_dir, data, threads, commit=commit)
+    return write_report(name, scale, results_dir, command)
+
+
+def write_report(name: str, scale: Scale, results_dir: str | Path = "results", command: str | None = None) -> Path:
+    """results/NAME.md (+ .json, plots) from the ledger alone (no model, no data)."""
+    from .ledger import _atomic
+
+    ledger_dir = Path(results_dir) / "ledger"
+    scale = resolve_lrs(scale, ledger_dir)
+    mod = module(name)
+    runs = mod.plan(scale)
+    results = run_all(runs, "runs/experiments", ledger_dir, cached_only=True)
+    ctx = Context(name, Path(results_dir), command or f"prefixtune experiment {name}", scale)
+    unique = {Run(**r["run"]).key(): r for r in results}
+    missing = {k: r for k, r in unique.items() if "error" in r}
+    body = mod.report(results, scale, ctx)
     header = [
-        f"# {module.TITLE}", "",
-        "Produced by (rerun it to reproduce; finished runs are cached under `runs/experiments/`, so a rerun only "
-        "redoes what is missing):", "", "```bash", ctx.command, "```", "",
-        f"Scale: {describe_scale(scale, module)}", "",
-        f"Machine: {platform.machine()}, {_cpus()} CPU threads, torch {_version('torch')}, transformers "
-        f"{_version('transformers')}, peft {_version('peft')}; base model {scale.model} ({scale.dtype}).", "",
+        f"# {mod.TITLE}", "",
+        f"**Protocol.** {PROTOCOL.format(s=scale, arithmetic=scale.describe_arithmetic())} "
+        f"{mod.SCALE_TEXT.format(s=scale, **scale.test_sets())}", "",
+        DIFFERENCES.format(arithmetic=scale.describe_arithmetic()), "",
+        "Produced by (every run is recorded in `results/ledger/` as it finishes; rerunning does only what the ledger "
+        "lacks; `--report-only` rewrites this page from the ledger alone):", "", "```bash", ctx.command, "```", "",
+        f"Runs in the ledger: {len(unique) - len(missing)} of {len(unique)}."
+        + (" The grid is incomplete: the numbers below use the runs there are, and verdicts without runs say so."
+           if missing else ""), "",
     ]
-    if failed:
-        header += ["**Failed or missing runs** (the report below is without them):", ""]
-        header += [f"- `{r['run']['task']}/{r['run']['method']}` seed {r['run']['seed']}: {r['error']}" for r in failed] + [""]
-    md = "\n".join(header) + body + "\n"
-    path = ctx.dir / f"{name}.md"
-    path.write_text(md)
-    (ctx.dir / f"{name}.json").write_text(json.dumps({"experiment": name, "command": ctx.command, "scale": asdict(scale),
-                                                      "wall_seconds_this_invocation": time.perf_counter() - start,
-                                                      "runs": results}, indent=1))
+    if missing:
+        waiting = [r for r in missing.values() if "waiting" in r["error"]]
+        header += [f"<details><summary>Missing runs ({len(missing)}; {len(waiting)} of them wait for the learning-rate "
+                   "grid)</summary>", ""]
+        header += [f"- `{Run(**r['run']).label()}` (`{k}`): {r['error']}" for k, r in missing.items()]
+        header += ["", "</details>", ""]
+    md = "\n".join(header) + "\n" + body + "\n"
+    path = Path(results_dir) / f"{name}.md"
+    _atomic(path, md)
+    _atomic(Path(results_dir) / f"{name}.json", json.dumps(
+        {"experiment": name, "command": ctx.command, "scale": asdict(scale), "findings": ctx.findings,
+         "runs": [{"key": k, "run": r["run"], "error": r.get("error")} for k, r in unique.items()]},
+        indent=1, sort_keys=True) + "\n")
     return path
 
 
-def describe_scale(scale: Scale, module) -> str:
-    return module.SCALE_TEXT.format(s=scale, beams="greedy" if scale.num_beams == 1 else f"beam {scale.num_beams}")
+PROTOCOL = ("Every run is trained to its best dev score: it evaluates every half epoch (at most every "
+            "{{s.min_eval_steps}} steps), stops after {{s.patience}} evaluations without improvement or at the cap "
+            "(the larger of {{s.max_epochs:g}} epochs and {{s.min_steps}} steps; linear learning-rate decay to 0 over "
+            "the cap), and keeps its best evaluation. Table-to-text runs are selected on dev BLEU (greedy, "
+            "{{s.dev_score_examples}} dev inputs, a fixed random sample), summarization runs on dev loss. Each method uses its own learning "
+            "rate, chosen on dev loss by the learning-rate grid (`results/lr-grid.md`). Arithmetic: {arithmetic}. "
+            "Comparisons are paired (same training subsample and seed for both methods, same test items); intervals "
+            "are 95% bootstrap intervals over test items and run pairs; a finding *holds* when its interval excludes "
+            "0 on the paper's side, is *reversed* when it excludes 0 on the other side, else it is *not separable at "
+            "this scale*.").replace("{{", "{").replace("}}", "}")
 
-
-def _cpus() -> int:
-    import os
-
-    return os.cpu_count() or 0
-
-
-def _version(name: str) -> str:
-    from importlib.metadata import version
-
-    try:
-        return version(name)
-    except Exception:
-        return "?"

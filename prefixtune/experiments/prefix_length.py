@@ -1,28 +1,32 @@
-"""Experiment 4, prefix length: E2E and XSUM, lengths 1 to 200; BLEU / ROUGE-L and decoding speed per length."""
+"""Experiment 5, prefix length (the paper's Figure 4): E2E lengths 1-40 and XSUM lengths 10-200;
+quality and decoding speed per length."""
 
 from __future__ import annotations
 
 from . import Scale
-from .report import find, fmt, line_plot, metric, table, train_info
+from .report import compare, find, finding, fmt, line_plot, mean, metric, sd, spread, table, train_info
 
-TITLE = "Prefix length: quality and speed from 1 to 200 positions (E2E, XSUM)"
-SCALE_TEXT = ("E2E: lengths {s.lengths}, {s.steps} optimizer steps of batch {s.batch_size} on the full training set, "
-              "one seed, {s.test_examples} test MRs; XSUM: lengths {s.summary_lengths}, {s.summary_steps} steps of "
-              "batch {s.summary_batch_size} on our XSUM training split (articles cut to {s.max_source_tokens} tokens), "
-              "{s.summary_test_examples} test articles; decoding {beams}. Decoding speed: output tokens per second of "
-              "the whole test-sample decode (batch 16, one process).")
-
-
-def e2e_run(scale: Scale, length: int):
-    return scale.run("e2e", "prefix", length=length, evals=(scale.eval("e2e"),))
+TITLE = "Prefix length: quality and speed (E2E, XSUM)"
+SCALE_TEXT = ("E2E: lengths {s.lengths}, {s.train_size} training pairs (sampling 0), {s.seeds} seeds, {e2e}, "
+              "{beams}. XSUM: lengths {s.summary_lengths} on our 1,210-article XSUM training split, sources cut "
+              "to {s.max_source_tokens} tokens, {s.seeds} seeds, selected on dev loss, {s.summary_test_examples} test "
+              "articles with the paper's summarization decoding. Decoding speed: output tokens per second of the whole "
+              "test decode (batch 48, one thread).")
 
 
-def xsum_run(scale: Scale, length: int):
-    return scale.run("xsum", "prefix", summary=True, length=length, evals=(scale.eval("xsum", summary=True),))
+def e2e_runs(scale: Scale, length: int):
+    ev = scale.eval("e2e")
+    return [scale.run("e2e", "prefix", length=length, train_examples=scale.train_size, sampling=0, seed=s, evals=(ev,))
+            for s in range(scale.seeds)]
+
+
+def xsum_runs(scale: Scale, length: int):
+    return [scale.run("xsum", "prefix", summary=True, length=length, seed=s, evals=(scale.eval("xsum", summary=True),))
+            for s in range(scale.seeds)]
 
 
 def plan(scale: Scale):
-    return [e2e_run(scale, n) for n in scale.lengths] + [xsum_run(scale, n) for n in scale.summary_lengths]
+    return [r for n in scale.lengths for r in e2e_runs(scale, n)] + [r for n in scale.summary_lengths for r in xsum_runs(scale, n)]
 
 
 def _speed(results, run, ev):
@@ -35,59 +39,43 @@ def _speed(results, run, ev):
 
 def report(results, scale: Scale, ctx) -> str:
     ev, xv = scale.eval("e2e"), scale.eval("xsum", summary=True)
-    e_rows, bleu, e_speed = [], [], []
+    e_rows, bleu, bleu_sd, speed = [], [], [], []
     for n in scale.lengths:
-        r = e2e_run(scale, n)
-        b = metric(results, r, ev, "BLEU")
-        bleu.append(b)
-        e_speed.append(_speed(results, r, ev))
-        e_rows.append([n, fmt(train_info(results, r, "stored_percent"), 3), fmt(b), fmt(metric(results, r, ev, "ROUGE_L")),
-                       fmt(train_info(results, r, "dev_loss"), 3), fmt(train_info(results, r, "seconds_per_step"), 2),
-                       fmt(e_speed[-1], 1)])
-    x_rows, rl, x_speed = [], [], []
+        runs = e2e_runs(scale, n)
+        b = [metric(results, r, ev, "BLEU") for r in runs]
+        bleu.append(mean(b))
+        bleu_sd.append(sd(b))
+        speed.append(mean([_speed(results, r, ev) for r in runs]))
+        e_rows.append([n, fmt(train_info(results, runs[0], "stored_percent"), 3), spread(b),
+                       spread([metric(results, r, ev, "SER") for r in runs]),
+                       fmt(mean([train_info(results, r, "dev_loss") for r in runs]), 3), fmt(speed[-1], 1)])
+    x_rows, rl, rl_sd = [], [], []
     for n in scale.summary_lengths:
-        r = xsum_run(scale, n)
-        scores = [metric(results, r, xv, k) for k in ("ROUGE-1", "ROUGE-2", "ROUGE-L")]
-        rl.append(scores[2])
-        x_speed.append(_speed(results, r, xv))
-        x_rows.append([n, fmt(train_info(results, r, "stored_percent"), 3), " / ".join(fmt(s) for s in scores),
-                       fmt(train_info(results, r, "dev_loss"), 3), fmt(train_info(results, r, "seconds_per_step"), 2),
-                       fmt(x_speed[-1], 1)])
-    p1, p2 = ctx.plot_path("quality"), ctx.plot_path("speed")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, xs, ys, label in ((axes[0], scale.lengths, bleu, "E2E BLEU"), (axes[1], scale.summary_lengths, rl, "XSUM ROUGE-L")):
-        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax.set_xscale("log")
-        ax.set_xlabel("prefix length")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
-    line_plot(p2, list(scale.lengths), {"E2E": (e_speed, None)}, "prefix length", "output tokens / s", "Decoding speed", logx=True)
-
-    def best(xs, ys):
-        pts = [(y, x) for x, y in zip(xs, ys) if y is not None]
-        return max(pts)[1] if pts else None
-
-    be, bx = best(scale.lengths, bleu), best(scale.summary_lengths, rl)
+        runs = xsum_runs(scale, n)
+        v = [metric(results, r, xv, "ROUGE-L") for r in runs]
+        rl.append(mean(v))
+        rl_sd.append(sd(v))
+        x_rows.append([n, fmt(train_info(results, runs[0], "stored_percent"), 3),
+                       " / ".join(fmt(mean([metric(results, r, xv, k) for r in runs])) for k in ("ROUGE-1", "ROUGE-2")), spread(v),
+                       fmt(mean([train_info(results, r, "dev_loss") for r in runs]), 3)])
+    p1, p2 = ctx.plot_path("e2e"), ctx.plot_path("xsum")
+    line_plot(p1, list(scale.lengths), {"E2E BLEU": (bleu, bleu_sd)}, "prefix length", "BLEU", "E2E by prefix length", logx=True)
+    line_plot(p2, list(scale.summary_lengths), {"XSUM ROUGE-L": (rl, rl_sd)}, "prefix length", "ROUGE-L", "XSUM by prefix length", logx=True)
+    findings = []
+    if 10 in scale.lengths:
+        ten = e2e_runs(scale, 10)
+        for other in (n for n in scale.lengths if n != 10):
+            findings.append(finding(ctx, f"Length 10 beats length {other} on E2E", "table-to-text best at 10; shorter is "
+                                    "worse, longer slightly worse (Figure 4)", compare(results, ten, e2e_runs(scale, other), ev, "BLEU"),
+                                    +1, f"BLEU, length 10 − length {other}"))
+    lo, hi = min(scale.summary_lengths), max(scale.summary_lengths)
+    findings.append(finding(ctx, f"Length {hi} beats length {lo} on XSUM", "summarization improves up to length 200 "
+                            "(Figure 4)", compare(results, xsum_runs(scale, hi), xsum_runs(scale, lo), xv, "ROUGE-L"), +1,
+                            f"ROUGE-L, length {hi} − length {lo}"))
     return "\n".join([
-        "## E2E", "",
-        table(["length", "stored %", "BLEU", "ROUGE-L", "dev NLL", "train s/step", "decode tokens/s"], e_rows), "",
-        "## XSUM", "",
-        table(["length", "stored %", "ROUGE-1 / 2 / L", "dev NLL", "train s/step", "decode tokens/s"], x_rows), "",
-        f"![quality by length]({p1.name})", "", f"![decoding speed by length]({p2.name})", "",
-        "## Which findings hold at this scale", "",
-        f"- **Best length for table-to-text** (paper: 10; longer is slightly worse): ours {be} (one seed per length; "
-        "neighbouring lengths within a seed's spread, about 1-2 BLEU at this scale, are ties).",
-        f"- **Best length for summarization** (paper: 200, performance rising up to it): ours {bx}.",
-        f"- **Speed**: E2E decoding tokens/s at length {scale.lengths[-1]} vs the shortest: "
-        f"{fmt(None if None in (e_speed[-1], e_speed[0]) else e_speed[-1] / e_speed[0], 2)}x. These runs shared the 2 cores "
-        "with another experiment process, so their timings are indicative only; results/perf.md has the controlled "
+        "## E2E", "", table(["length", "stored %", "BLEU", "SER %", "dev NLL (selected)", "decode tokens/s"], e_rows), "",
+        "## XSUM", "", table(["length", "stored %", "ROUGE-1 / 2 (mean)", "ROUGE-L", "dev NLL (selected)"], x_rows), "",
+        f"![E2E by length]({p1.name})", "", f"![XSUM by length]({p2.name})", "",
+        "## Findings", "", *findings, "",
+        "Decoding speed is measured on whatever else ran on the machine at the time: results/perf.md has the controlled "
         "decoding benchmark (length 200 vs 10: 0.86x greedy, 0.90x beam 5).", ""])

@@ -1,9 +1,11 @@
-"""Small helpers the experiment reports share: finding scores in results, tables, spreads, plots."""
+"""Small helpers the experiment reports share: finding scores in results, paired comparisons and
+their verdicts, tables, spreads, plots."""
 
 from __future__ import annotations
 
 import statistics
 
+from . import stats
 from .runs import Eval, Run
 
 
@@ -28,9 +30,70 @@ def metric(results: list[dict], run: Run, ev: Eval, name: str, column: str = "A"
     return value * 100 if value is not None and name in PERCENT.get(ev.task, ()) else value
 
 
+def item_stats(results: list[dict], run: Run, ev: Eval, name: str, subset: str | None = None) -> list | None:
+    """Per-item statistics of ``name`` (see runs.score_outputs) of one evaluation; ``subset``: WebNLG "S"/"U"."""
+    r = find(results, run)
+    if r is None or ev.key() not in r["evals"] or "items" not in r["evals"][ev.key()]:
+        return None
+    items = r["evals"][ev.key()]["items"]
+    rows = items.get(name)
+    if rows is None:
+        return None
+    if subset:
+        rows = [x for x, c in zip(rows, items["category"]) if c == subset]
+    return rows
+
+
+def metric_fn(task: str, name: str):
+    """The corpus metric of ``name`` computed from summed per-item statistics (vectorised)."""
+    from ..metrics import e2e, webnlg
+
+    if name == "BLEU":
+        return (lambda s: 100 * e2e.pymteval_bleu_from_stats(s)) if task == "e2e" else webnlg.bleu_from_stats
+    if name == "SER":
+        return stats.percent_ratio
+    return stats.mean_of_first  # ROUGE-1/2/L
+
+
+def compare(results: list[dict], a: list[Run], b: list[Run], ev: Eval, name: str, subset: str | None = None,
+            ev_b: Eval | None = None) -> stats.Comparison | None:
+    """Paired comparison of runs ``a[i]`` vs ``b[i]`` (same subsample and seed) on metric ``name`` of
+    evaluation ``ev`` (``ev_b`` for b if another); pairs where either run is missing are left out.
+    None without any complete pair."""
+    pairs = [(x, y) for x, y in ((item_stats(results, ra, ev, name, subset), item_stats(results, rb, ev_b or ev, name, subset))
+                                 for ra, rb in zip(a, b)) if x is not None and y is not None]
+    if not pairs:
+        return None
+    return stats.paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs], metric_fn(ev.task, name))
+
+
+def finding(ctx, claim: str, paper: str, comparison: stats.Comparison | None, expected: int, what: str,
+            digits: int = 2, note: str = "") -> str:
+    """One finding as a markdown bullet (paper, ours with its interval, verdict), recorded in
+    ``ctx.findings`` for the README's verdict table. ``what``: the difference compared, e.g.
+    "BLEU, prefix − fine-tuning"; ``expected``: the paper's sign of that difference."""
+    if comparison is None:
+        verdict, ours = stats.MISSING, "—"
+    else:
+        verdict, ours = comparison.verdict(expected), comparison.text(digits)
+        ours += f" ({comparison.pairs} run pair{'s' if comparison.pairs > 1 else ''}, {comparison.items} test items)"
+    ctx.findings.append({"experiment": ctx.name, "finding": claim, "paper": paper, "measure": what, "ours": ours,
+                         "verdict": verdict})
+    single = " One run pair: the interval covers test-item variation only." if comparison and comparison.pairs == 1 else ""
+    return f"- **{claim}** — paper: {paper}. Ours ({what}): {ours}. **Verdict: {verdict}.**{single}" + (f" {note}" if note else "")
+
+
 def train_info(results: list[dict], run: Run, name: str):
     r = find(results, run)
     return None if r is None else r["train"].get(name)
+
+
+def run_minutes(results: list[dict], run: Run) -> float | None:
+    """Minutes a run took: training (its evaluations included) plus its test decoding."""
+    r = find(results, run)
+    if r is None:
+        return None
+    return (r["train"]["wall_seconds"] + sum(e.get("decode_seconds", 0) for e in r["evals"].values())) / 60
 
 
 def peak_cell(results: list[dict], run: Run) -> str:
@@ -126,7 +189,8 @@ def line_plot(path, xs: list, series: dict[str, tuple[list, list | None]], xlabe
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,11 +1,20 @@
-"""Runs of the experiments: one training run (any method) and its evaluations, cached on disk.
+"""Runs of the experiments: one training run (any method), trained to its best dev score, and its evaluations.
 
-A :class:`Run` says what to train (method, data, seed, steps...) and which test sets to decode and
-score (:class:`Eval`). Its directory under ``runs_dir`` is named by a hash of the training settings,
-so two experiments that need the same run share it (e.g. the length-10 E2E prefix of the
-table-to-text and prefix-length experiments). ``result.json`` in it holds the training summary and
-each evaluation; a run whose result is complete is not redone, an interrupted one resumes from its
-checkpoint, an evaluation that is missing is added. A failed run is recorded and the others go on.
+A :class:`Run` says what to train (method, data, seed, learning rate, stopping rule...) and which test
+sets to decode and score (:class:`Eval`). It is identified by a hash of its training settings, so two
+experiments that need the same run share it (e.g. the E2E-500 prefix of the learning-rate grid, the
+low-data, the main-table and the prefix-length experiments). Its result goes to the ledger
+(results/ledger/<key>/, see ledger.py) as soon as it is known; its training scratch (checkpoint,
+trained weights) lives in ``runs_dir/<key>/``. A run in the ledger is not redone, an interrupted
+training resumes from its checkpoint, a missing evaluation is added. A failed run is recorded and
+the others go on.
+
+**Protocol** (issue 11): every run evaluates every ``eval_epochs`` epochs (at least every
+``min_eval_steps`` steps), stops when ``patience`` evaluations in a row brought no better selection
+score, within a cap of ``max(max_epochs epochs, min_steps steps)`` (the learning rate decays linearly
+to 0 over the cap), and keeps its best evaluation's weights. Selection: ``select="dev_bleu"`` decodes
+``dev_score_examples`` dev inputs greedily at each evaluation and scores them with the task's BLEU;
+``"dev_loss"``: dev NLL per target token. ``autocast``: bfloat16 autocast with float32 master weights.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
+import math
 import random
 import resource
 import shutil
@@ -27,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..data import Example, group_references
 from ..data import read_task as _read_task
+from . import ledger
 
 # where the extrapolation experiment's XSUM topics come from: see xsum_topic()
 SPORT_WORDS = ("football", "rugby", "cricket", "tennis", "golf", "olympic", "premier league", "championship",
@@ -60,18 +70,20 @@ def seen_categories(data=None) -> frozenset[str]:
 
 @dataclass(frozen=True)
 class Eval:
-    """A test set to decode and score. ``subset``: "S"/"U" (WebNLG seen/unseen categories, half of ``n``
-    each when "SU"), or an XSUM topic. ``decoder``: "ours" (prefixtune.generate) or "peft" (PEFT's
-    own generate, for the peft-prefix method only)."""
+    """A test set to decode and score. ``n``: a fixed random sample of that many test inputs (the whole
+    set when larger). ``subset``: "S"/"U" (WebNLG seen/unseen categories, half of ``n`` each when "SU"),
+    or an XSUM topic. ``num_beams`` 0: the paper's decoding of the task (prefixtune.data.DECODING).
+    ``decoder``: "ours" (prefixtune.generate) or "peft" (PEFT's own generate, peft-prefix only)."""
 
     task: str
-    n: int
+    n: int = 10**9
     split: str = "test"
     subset: str = ""
-    num_beams: int = 1
+    num_beams: int = 0
     max_new_tokens: int | None = None
     max_source_tokens: int | None = None
     decoder: str = "ours"
+    dtype: str = "float32"  # of the model that decodes (the trained weights cast to it)
 
     @property
     def name(self) -> str:
@@ -79,7 +91,20 @@ class Eval:
         return tag + ("-peft-generate" if self.decoder == "peft" else "")
 
     def key(self) -> str:
-        return _hash(asdict(self))
+        d = asdict(self)
+        if d["dtype"] == "float32":  # (evaluations from before the field existed keep their keys)
+            del d["dtype"]
+        return _hash(d)
+
+    def decoding(self) -> dict:
+        from ..data import DECODING
+
+        d = dict(DECODING[self.task])
+        if self.num_beams:
+            d["num_beams"] = self.num_beams
+        if self.max_new_tokens:
+            d["max_new_tokens"] = self.max_new_tokens
+        return d
 
 
 @dataclass(frozen=True)
@@ -95,15 +120,28 @@ class Run:
     sampling: int = 0  # which random sample
     train_topic: str | None = None  # XSUM: train on this topic only (extrapolation)
     seed: int = 0
-    steps: int = 50
     batch_size: int = 8
-    lr: float = 5e-4
-    warmup_steps: int = 5
+    lr: float | None = None  # None: not known yet (waiting for the learning-rate grid)
+    warmup_steps: int = 10
     max_source_tokens: int | None = None
-    dev_examples: int = 50
+    dev_examples: int = 200  # dev pairs of the dev loss
+    max_epochs: float = 10.0  # the cap: max(max_epochs epochs, min_steps steps)
+    min_steps: int = 600
+    eval_epochs: float = 0.5  # evaluate every half epoch...
+    min_eval_steps: int = 10  # ...but not more often than every 10 steps
+    patience: int = 3  # evaluations without a better selection score before stopping
+    select: str = "dev_bleu"  # or "dev_loss"
+    dev_score_examples: int = 100  # dev inputs decoded (greedy) for "dev_bleu"
+    autocast: bool = True  # bfloat16 autocast, float32 master weights (False: float32 throughout)
     evals: tuple[Eval, ...] = field(default=(), compare=False)
     model: str = "smollm2-135m"
-    dtype: str = "float32"
+    dtype: str = "float32"  # the base model's stored weights
+
+    def __post_init__(self):
+        if self.select not in ("dev_bleu", "dev_loss"):
+            raise ValueError(f"select must be dev_bleu or dev_loss, got {self.select!r}")
+        if self.select == "dev_bleu" and self.task not in DEV_BLEU_TASKS:
+            raise ValueError(f"select='dev_bleu' is for {DEV_BLEU_TASKS}; use dev_loss for {self.task}")
 
     def training(self) -> dict:
         d = asdict(self)
@@ -114,8 +152,30 @@ class Run:
         return _hash(self.training())
 
     def label(self) -> str:
+        """A readable name (the key is what identifies the run)."""
         extra = {"adapter": f"-{100 * self.size:g}%", "lora": f"-{100 * self.size:g}%"}.get(self.method, "")
-        return f"{self.task}/{self.method}{extra}"
+        if self.method in ("prefix", "infix", "prompt", "peft-prefix") and self.length != 10:
+            extra += f"-L{self.length}"
+        if self.init == "words":
+            extra += f"-init:{self.init_text}"
+        n = f"/{self.train_examples}" if self.train_examples else ""
+        topic = f"/{self.train_topic}" if self.train_topic else ""
+        fp32 = "" if self.autocast else "/float32"
+        lr = "" if self.lr is None else f"/lr{self.lr:g}"
+        return f"{self.task}{n}{topic}/{self.method}{extra}/s{self.sampling}.{self.seed}{lr}{fp32}"
+
+    def schedule(self, n_train: int) -> dict:
+        """Batches per epoch, the step cap and the evaluation interval for ``n_train`` training pairs."""
+        per_epoch = math.ceil(n_train / self.batch_size)
+        return {"batches_per_epoch": per_epoch, "max_steps": max(math.ceil(self.max_epochs * per_epoch), self.min_steps),
+                "eval_every": max(math.ceil(self.eval_epochs * per_epoch), self.min_eval_steps)}
+
+
+DEV_BLEU_TASKS = ("e2e", "webnlg")
+# Test decoding batch: 48 inputs (x beam) per generate call. On 48 E2E test tables with a trained prefix, beam
+# 5, batch 48 gave the same 48 outputs as batch 16 in 0.90-0.98x the CPU time (two measurements):
+# benchmarks/decode_options.py, results/perf/decode_options.json. The decoding dtype: Scale.decode_dtype.
+DECODE_BATCH = 48
 
 
 def _hash(d: dict) -> str:
@@ -145,8 +205,13 @@ def training_pairs(run: Run, data) -> tuple[list[Example], list[Example]]:
         if run.train_examples > len(train):
             raise ValueError(f"{run.task}: asked for {run.train_examples} training pairs, there are {len(train)}")
         train = random.Random(1000 + run.sampling).sample(train, run.train_examples)
-    dev = read_task(run.task, "dev", data)[: run.dev_examples]
-    return train, dev
+    return train, fixed_sample(read_task(run.task, "dev", data), run.dev_examples)
+
+
+def fixed_sample(items: list, n: int, seed: int = 1) -> list:
+    """A fixed random sample of ``n`` items (all of them, in order, when there are no more than ``n``):
+    dev files are ordered by category or input, so their first rows are not representative."""
+    return items if n >= len(items) else random.Random(seed).sample(items, n)
 
 
 def test_groups(ev: Eval, data) -> list[Example]:
@@ -164,22 +229,32 @@ def test_groups(ev: Eval, data) -> list[Example]:
     return rng.sample(groups, min(ev.n, len(groups))) if ev.n < len(groups) else groups
 
 
-def score_outputs(ev: Eval, groups: list[Example], outputs: list[str], data) -> dict:
-    from ..metrics import e2e, rouge, webnlg
+def score_outputs(ev: Eval, groups: list[Example], outputs: list[str], data) -> tuple[dict, dict]:
+    """(scores per column, per-item statistics). Columns: "A" (all), WebNLG also "S"/"U" (seen/unseen
+    categories). Per-item statistics (see stats.py): "BLEU" (the scorer's n-gram counts), E2E "SER"
+    ([slot errors, table values]), summarization "ROUGE-1/2/L" ([F, 1]), WebNLG "category" ("S"/"U")."""
+    from ..metrics import e2e, rouge, slot_error, webnlg
 
     refs = [g.references for g in groups]
     if ev.task == "e2e":  # the paper's scorer variant (tokenised references of the prefix-tuning files)
-        return {"A": e2e.score(outputs, refs, variant="prefix-tuning")}
+        per = slot_error.item_errors(outputs, [g.source for g in groups])
+        ser = slot_error.score(outputs, [g.source for g in groups])
+        items = {"BLEU": e2e.pymteval_bleu_item_stats(outputs, refs),
+                 "SER": [[p["added"] + p["missing"] + p["wrong"] + p["repeated"], p["slots"]] for p in per]}
+        return {"A": {**e2e.score(outputs, refs, variant="prefix-tuning"), **ser}}, items
     if ev.task in ("webnlg", "dart"):
         cols = {"A": list(range(len(groups)))}
+        dataset = "dart" if ev.task == "dart" else "webnlg2017"
+        items = {"BLEU": webnlg.bleu_item_stats(outputs, refs, max_refs=3, dataset=dataset)}
         if ev.task == "webnlg":
             seen = seen_categories(data)
-            cols["S"] = [i for i, g in enumerate(groups) if g.category in seen]
-            cols["U"] = [i for i, g in enumerate(groups) if g.category not in seen]
-        dataset = "dart" if ev.task == "dart" else "webnlg2017"
+            items["category"] = ["S" if g.category in seen else "U" for g in groups]
+            cols["S"] = [i for i, c in enumerate(items["category"]) if c == "S"]
+            cols["U"] = [i for i, c in enumerate(items["category"]) if c == "U"]
         return {c: webnlg.score([outputs[i] for i in idx], [refs[i] for i in idx], max_refs=3, dataset=dataset)
-                for c, idx in cols.items() if idx}
-    return {"A": rouge.score(outputs, refs)}
+                for c, idx in cols.items() if idx}, items
+    per = rouge.item_scores(outputs, refs)
+    return {"A": rouge.score(outputs, refs)}, {k: [[row[k], 1] for row in per] for k in ("ROUGE-1", "ROUGE-2", "ROUGE-L")}
 
 
 # --- one run -------------------------------------------------------------------------------------
@@ -193,36 +268,82 @@ def _load(run: Run, threads: int | None):
     return load_base_model(run.model, dtype=getattr(torch, run.dtype))
 
 
+def dev_bleu(run: Run, model, tokenizer, data):
+    """The Trainer's ``dev_score`` hook for ``select="dev_bleu"``: BLEU (the task's test scorer) of
+    greedy outputs for the first ``dev_score_examples`` dev inputs, decoded with the weights being
+    trained (float32, batch 32: a selection score, not a reported one)."""
+    from .. import generate
+    from ..methods import decoding_kwargs
+
+    groups = fixed_sample(group_references(read_task(run.task, "dev", data)), run.dev_score_examples)
+    sources, refs = [g.source for g in groups], [g.references for g in groups]
+
+    def score(trainer) -> float:
+        tuner = trainer.tuner
+        was = tuner.training
+        tuner.eval()
+        try:
+            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **decoding_kwargs(tuner))
+        finally:
+            tuner.train(was)
+        return corpus_bleu(run.task, outputs, refs)
+
+    return score
+
+
+def corpus_bleu(task: str, outputs: list[str], refs: list[list[str]]) -> float:
+    """BLEU (0-100) as the task's test scorer computes it (E2E: the paper's variant)."""
+    from ..metrics import e2e, webnlg
+
+    if task == "e2e":
+        return 100 * e2e.pymteval_bleu_nist(outputs, refs)[0]
+    return webnlg.score(outputs, refs, max_refs=3, meteor=False, ter=False)["BLEU"]
+
+
 def train(run: Run, out: Path, data, threads: int | None) -> dict:
     from ..methods import MethodConfig
     from ..prefix import PrefixConfig
     from ..train import TrainConfig, Trainer
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     model, tokenizer = _load(run, threads)
     train_set, dev = training_pairs(run, data)
     train_set = truncate_sources(train_set, tokenizer, run.max_source_tokens)
     dev = truncate_sources(dev, tokenizer, run.max_source_tokens)
+    plan = run.schedule(len(train_set))
     prefix_config = PrefixConfig(length=run.length, mlp_hidden=run.mlp_hidden, init=run.init, init_text=run.init_text)
-    train_config = TrainConfig(max_steps=run.steps, batch_size=run.batch_size, lr=run.lr, warmup_steps=run.warmup_steps,
-                               eval_every=run.steps, seed=run.seed)
+    train_config = TrainConfig(max_steps=plan["max_steps"], batch_size=run.batch_size, lr=run.lr,
+                               warmup_steps=run.warmup_steps, eval_every=plan["eval_every"], seed=run.seed,
+                               patience=run.patience, autocast=run.autocast)
     method = MethodConfig(run.method, size=run.size)
+    hook = dev_bleu(run, model, tokenizer, data) if run.select == "dev_bleu" else None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak_rss()
-    trainer = Trainer(model, tokenizer, train_set, dev, prefix_config, train_config, out, method=method)
+    trainer = Trainer(model, tokenizer, train_set, dev, prefix_config, train_config, out, method=method, dev_score=hook)
     result = trainer.fit()
     n_model = sum(p.numel() for p in model.parameters())
     n_train, n_stored = trainer.tuner.num_trainable_parameters(), trainer.tuner.num_stored_parameters()
+    curve = result["history"]
+    best = next((h for h in curve if h["step"] == result["best_step"]), curve[-1])
+    train_seconds = sum((h["seconds_per_step"] or 0) * (h["step"] - p["step"]) for p, h in zip(curve, curve[1:]))
     summary = {
         "method": method.to_json(), "model_parameters": n_model, "trainable_parameters": n_train,
         "trainable_percent": 100 * n_train / n_model, "stored_parameters": n_stored,
-        "stored_percent": 100 * n_stored / n_model, "n_train": len(train_set),
-        "dev_loss_start": result["history"][0]["dev_loss"], "dev_loss": result["best_dev_loss"],
-        "seconds_per_step": result["history"][-1]["seconds_per_step"], "wall_seconds": time.perf_counter() - start,
+        "stored_percent": 100 * n_stored / n_model, "n_train": len(train_set), "n_dev": len(dev), **plan,
+        "steps": result["steps"], "best_step": result["best_step"], "best_epoch": (result["best_step"] or 0) / plan["batches_per_epoch"],
+        "stopped_early": result["stopped_early"], "selected_by": result["selected_by"],
+        "dev_loss_start": curve[0]["dev_loss"], "dev_loss": best["dev_loss"],  # at the selected evaluation
+        "min_dev_loss": min((h["dev_loss"] for h in curve[1:] if h["dev_loss"] is not None), default=None),
+        "dev_score": best.get("dev_score"), "dev_curve": curve,
+        "seconds_per_step": train_seconds / max(1, result["steps"]), "train_seconds": train_seconds,
+        "dev_score_seconds": sum(h.get("dev_score_seconds", 0) for h in curve),
+        "wall_seconds": time.perf_counter() - start,  # of the last (or only) session of this training
+        "cpu_seconds": time.process_time() - cpu,  # the same in CPU time (what the process used, whatever the load)
         # this run's peak resident memory (base model included) where Linux lets us reset the peak;
         # otherwise the process's peak so far (exact only when it exceeds peak_memory_mb_before)
         "peak_memory_mb": _peak_rss_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_memory_mb_before": None if reset else rss_before / 1024,
+        "threads": torch.get_num_threads(),
     }
     del trainer, model
     return summary
@@ -247,41 +368,39 @@ def _peak_rss_mb() -> float | None:
     return None
 
 
-def evaluate(run: Run, evals: list[Eval], out: Path, data, threads: int | None) -> dict[str, dict]:
+def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, threads: int | None) -> dict[str, dict]:
     """Decode and score ``evals`` with what run ``out`` trained, on one freshly loaded base model
-    (PEFT's own generate, ``decoder="peft"``, gets its own). Returns {eval key: result}."""
+    (PEFT's own generate, ``decoder="peft"``, gets its own); outputs and per-item statistics go to
+    the ledger. Returns {eval key: result}."""
     from .. import generate
-    from ..data import DECODING
     from ..methods import load_trained, read_run
 
     method, prefix_config = read_run(out)
     results = {}
-    for decoder in ("ours", "peft"):
-        todo = [ev for ev in evals if ev.decoder == decoder]
-        if not todo:
-            continue
+    for decoder, dtype in sorted({(ev.decoder, ev.dtype) for ev in evals}):
+        todo = [ev for ev in evals if (ev.decoder, ev.dtype) == (decoder, dtype)]
         model, tokenizer = _load(run, threads)
         kwargs = load_trained(method, model, out, prefix_config) if decoder == "ours" else None
+        model.to(getattr(torch, dtype))
         for ev in todo:
             groups = truncate_sources(test_groups(ev, data), tokenizer, ev.max_source_tokens)
-            decoding = dict(DECODING[ev.task], num_beams=ev.num_beams)
-            if ev.max_new_tokens:
-                decoding["max_new_tokens"] = ev.max_new_tokens
+            decoding = ev.decoding()
             sources = [g.source for g in groups]
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             if decoder == "peft":
                 outputs = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
             else:
-                outputs = generate(model, tokenizer, sources, batch_size=16, progress=True, **kwargs, **decoding)
-            seconds = time.perf_counter() - start
+                outputs = generate(model, tokenizer, sources, batch_size=DECODE_BATCH, progress=True, **kwargs, **decoding)
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             new_tokens = sum(len(tokenizer(o, add_special_tokens=False).input_ids) for o in outputs)
-            (out / f"outputs-{ev.name}.txt").write_text("".join(o.replace("\n", " ") + "\n" for o in outputs), encoding="utf-8")
+            scores, items = score_outputs(ev, groups, outputs, data)
+            files = ledger.write_eval_files(ledger_dir.parent, ledger_dir.name, ev, outputs, items)
             seen = seen_categories(data) if ev.task == "webnlg" else set()
             results[ev.key()] = {
-                "eval": asdict(ev), "n": len(groups), "scores": score_outputs(ev, groups, outputs, data),
-                "decode_seconds": seconds, "output_tokens": new_tokens, "decoding": decoding,
+                "eval": asdict(ev), "n": len(groups), "scores": scores, "decode_seconds": seconds, "decode_cpu_seconds": cpu_seconds,
+                "output_tokens": new_tokens, "decoding": decoding, "threads": torch.get_num_threads(), **files,
                 "counts": {"S": sum(g.category in seen for g in groups), "U": sum(g.category not in seen for g in groups)}
-                if ev.task == "webnlg" else {}}
+                if ev.task == "webnlg" else {}, "items": items}
         del model
     return results
 
@@ -309,94 +428,106 @@ def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[
     return outputs
 
 
-# --- many runs, cached ---------------------------------------------------------------------------
+# --- many runs, through the ledger ----------------------------------------------------------------
 
 
-def _locked(lock: Path) -> bool:
-    """Another live process holds this run (two experiments may share runs)."""
-    try:
-        pid = int(lock.read_text())
-    except (FileNotFoundError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+def _trained(out: Path) -> bool:
+    """Whether ``out`` holds a finished training's weights (absent on a fresh clone: the ledger has
+    no weights)."""
+    return (out / "run.json").is_file() and any((out / f).is_file() for f in
+                                                ("prefix.safetensors", "prompt.safetensors", "weights.safetensors"))
 
 
-def run_one(run: Run, runs_dir: Path, data, threads: int | None) -> dict:
-    """Train (unless done) and evaluate (each missing evaluation) one run; returns its result."""
-    out = runs_dir / run.key()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / "lock"
-    lock.write_text(str(os.getpid()))
-    try:
-        path = out / "result.json"
-        result = json.loads(path.read_text()) if path.is_file() else {"run": run.training(), "evals": {}}
+def complete(run: Run, result: dict | None) -> bool:
+    return bool(result) and "train" in result and all(ev.key() in result.get("evals", {}) for ev in run.evals)
+
+
+def run_one(run: Run, runs_dir: Path, ledger_dir: Path, data, threads: int | None, commit: bool = False) -> dict | None:
+    """Train (unless the ledger has it) and evaluate (each evaluation it lacks) one run, holding its
+    lock; returns its result, or None if another process holds the run."""
+    key = run.key()
+    out = runs_dir / key
+    with ledger.lock(runs_dir, key) as mine:
+        if not mine:
+            return None
+        result = ledger.read(ledger_dir, key) or {"run": run.training(), "evals": {}}
+        if complete(run, result):  # done by another process meanwhile
+            return result
+        missing = [ev for ev in run.evals if ev.key() not in result["evals"]]
+        if "train" in result and missing and not _trained(out):
+            # a new evaluation for a run trained elsewhere: retrain it (the ledger keeps no weights)
+            tqdm.write(f"{run.label()} ({key}): retraining for a new evaluation (no trained weights in {out})")
+            shutil.rmtree(out, ignore_errors=True)
+            result = {"run": run.training(), "evals": {}, "retrained": True}
+            missing = list(run.evals)
         if "train" not in result:
             result["train"] = train(run, out, data, threads)
-            _write(path, result)
-        missing = [ev for ev in run.evals if ev.key() not in result["evals"]]
+            ledger.write(ledger_dir, key, result)
         if missing:
-            result["evals"].update(evaluate(run, missing, out, data, threads))
-            _write(path, result)
+            result["evals"].update(evaluate(run, missing, out, ledger_dir / key, data, threads))
+            ledger.write(ledger_dir, key, result)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # only for resuming an unfinished training
+        if commit:
+            ledger.commit([ledger_dir / key], f"ledger: {run.label()} ({key})")
         return result
-    finally:
-        lock.unlink(missing_ok=True)
 
 
-def _cached(run: Run, runs_dir: Path) -> dict:
-    path = runs_dir / run.key() / "result.json"
-    result = json.loads(path.read_text()) if path.is_file() else {}
-    if "train" in result and all(ev.key() in result["evals"] for ev in run.evals):
-        return result
-    return {"run": run.training(), "error": "not run yet (report written from cached runs only)"}
+def waiting(run: Run) -> dict:
+    return {"run": run.training(), "error": f"waiting for the learning-rate grid of {run.method}"}
 
 
-def _write(path: Path, result: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-
-
-def run_all(runs: list[Run], runs_dir: str | Path, data=None, threads: int | None = None,
-            cached_only: bool = False) -> list[dict]:
+def run_all(runs: list[Run], runs_dir: str | Path, ledger_dir: str | Path, data=None, threads: int | None = None,
+            cached_only: bool = False, commit: bool = False, wait: bool = True) -> list[dict]:
     """Every run (deduplicated), in order; failures recorded as ``{"run", "error"}`` without stopping.
-    Runs held by another process are done last (after waiting for it). ``cached_only``: train and
-    evaluate nothing; runs without a complete cached result come back as not run."""
-    runs_dir = Path(runs_dir)
-    unique = list({r.key(): r for r in runs}.values())
-    merged = {}
-    for r in unique:  # a run asked for by several plans gets the union of their evaluations
-        merged.setdefault(r.key(), []).extend(e for e in r.evals if e not in merged.get(r.key(), []))
-    todo = [Run(**{**r.training(), "evals": tuple(merged[r.key()])}) for r in unique]
+    Runs held by another process are done last, after waiting for it (``wait=False``: reported as
+    missing). Runs without a learning rate (``lr=None``: the grid has not chosen it yet) are reported
+    as waiting. ``cached_only``: train and evaluate nothing, read the ledger."""
+    runs_dir, ledger_dir = Path(runs_dir), Path(ledger_dir)
+    todo = merge(runs)
     results: dict[str, dict] = {}
-    bar = tqdm(total=len(todo), desc="runs", position=0, dynamic_ncols=True)
     queue = list(todo)
+    bar = tqdm(total=len(todo), desc="runs", position=0, dynamic_ncols=True, disable=cached_only)
     while queue:
         run = queue.pop(0)
-        if cached_only:
-            results[run.key()] = _cached(run, runs_dir)
-            continue
-        if _locked(runs_dir / run.key() / "lock"):
-            if all(_locked(runs_dir / r.key() / "lock") for r in queue + [run]):
-                time.sleep(30)
-            queue.append(run)
-            continue
-        bar.set_postfix_str(run.label())
-        try:
-            results[run.key()] = run_one(run, runs_dir, data, threads)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # one failed run is reported; the others go on
-            (runs_dir / run.key()).mkdir(parents=True, exist_ok=True)
-            (runs_dir / run.key() / "error.txt").write_text(traceback.format_exc())
-            results[run.key()] = {"run": run.training(), "error": f"{type(e).__name__}: {e}"}
-            tqdm.write(f"run {run.label()} ({run.key()}) failed: {e}; see {runs_dir / run.key() / 'error.txt'}")
+        cached = ledger.read(ledger_dir, run.key())
+        if run.lr is None:
+            results[run.key()] = waiting(run)
+        elif complete(run, cached):
+            results[run.key()] = cached
+        elif cached_only:
+            results[run.key()] = {"run": run.training(), "error": "not in the ledger yet"}
+        else:
+            bar.set_postfix_str(run.label())
+            try:
+                result = run_one(run, runs_dir, ledger_dir, data, threads, commit)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # one failed run is reported; the others go on
+                result = failed(run, runs_dir, e)
+            if result is None:  # another process has it
+                if wait:
+                    if all(ledger.is_locked(runs_dir, r.key()) for r in queue + [run]):
+                        time.sleep(30)
+                    queue.append(run)
+                    continue
+                result = {"run": run.training(), "error": "being run by another process"}
+            results[run.key()] = result
         bar.update(1)
     bar.close()
     return [results[r.key()] for r in runs]
+
+
+def merge(runs: list[Run]) -> list[Run]:
+    """The runs deduplicated by key, in first-appearance order, each with the union of its evaluations."""
+    unique = list({r.key(): r for r in runs}.values())
+    merged: dict[str, list[Eval]] = {}
+    for r in runs:
+        merged.setdefault(r.key(), []).extend(e for e in r.evals if e not in merged.get(r.key(), []))
+    return [Run(**{**r.training(), "evals": tuple(merged[r.key()])}) for r in unique]
+
+
+def failed(run: Run, runs_dir: Path, e: Exception) -> dict:
+    (runs_dir / run.key()).mkdir(parents=True, exist_ok=True)
+    (runs_dir / run.key() / "error.txt").write_text(traceback.format_exc())
+    tqdm.write(f"run {run.label()} ({run.key()}) failed: {e}; see {runs_dir / run.key() / 'error.txt'}")
+    return {"run": run.training(), "error": f"{type(e).__name__}: {e}"}

@@ -414,33 +414,56 @@ def pymteval_bleu_nist(predictions: Sequence[str], references: Sequence[Sequence
     """
     _check_shapes({"": predictions}, references)
     refs = _pymteval_references(tuple(tuple(rs) for rs in references))
-    bleu_hits = [0] * 4
-    bleu_lengths = [0] * 4
-    bleu_ref_length = 0
+    bleu_stats = [0] * 9
     nist_info = [0.0] * 5
     nist_lengths = [0] * 5
-    for prediction, (ref_lengths, ref_max) in zip(predictions, refs.segments):
-        hyp = [w.lower() for w in pymteval_tokenize(prediction)]
-        for ngram, count in _ngram_counts(hyp, 5).items():
-            hits = min(count, ref_max.get(ngram, 0))
-            if hits:
-                if len(ngram) <= 4:
-                    bleu_hits[len(ngram) - 1] += hits
-                nist_info[len(ngram) - 1] += refs.info[ngram] * hits
-        for n in range(5):
-            if n < 4:
-                bleu_lengths[n] += len(hyp) - n  # may go negative, as in pymteval
-            nist_lengths[n] += len(hyp) - n
-        bleu_ref_length += min(ref_lengths, key=lambda length: (abs(length - len(hyp)), length))
-
-    brevity = 1.0
-    if bleu_lengths[0] <= bleu_ref_length:
-        brevity = math.exp(1.0 - bleu_ref_length / (bleu_lengths[0] if bleu_lengths[0] else 1e-5))
-    log_precision = sum(math.log(max(h, 1e-15) / max(n, 1e-9)) for h, n in zip(bleu_hits, bleu_lengths))
-    bleu = brevity * math.exp(log_precision / 4)
-
+    for prediction, segment in zip(predictions, refs.segments):
+        bleu_part, info, lengths = _pymteval_segment(prediction, segment, refs.info)
+        bleu_stats = [a + b for a, b in zip(bleu_stats, bleu_part)]
+        nist_info = [a + b for a, b in zip(nist_info, info)]
+        nist_lengths = [a + b for a, b in zip(nist_lengths, lengths)]
     nist = sum(info / (length if length else 1) for info, length in zip(nist_info, nist_lengths))
-    return bleu, nist * _nist_length_penalty(nist_lengths[0] / refs.mean_length_sum)
+    return pymteval_bleu_from_stats(bleu_stats), nist * _nist_length_penalty(nist_lengths[0] / refs.mean_length_sum)
+
+
+def pymteval_bleu_item_stats(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[list[int]]:
+    """Per output, what pymteval's corpus BLEU sums: clipped n-gram hits (n = 1..4), n-gram counts
+    (n = 1..4) and the closest reference length. ``pymteval_bleu_from_stats`` of their sum over
+    any subset of outputs is that subset's corpus BLEU (for bootstrap resampling over test items)."""
+    _check_shapes({"": predictions}, references)
+    refs = _pymteval_references(tuple(tuple(rs) for rs in references))
+    return [_pymteval_segment(p, segment, refs.info)[0] for p, segment in zip(predictions, refs.segments)]
+
+
+def pymteval_bleu_from_stats(stats):
+    """Corpus BLEU (0-1) from summed :func:`pymteval_bleu_item_stats` (a list of 9 numbers), or from
+    a numpy array ``[..., 9]`` of such sums (one BLEU per leading index)."""
+    import numpy as np
+
+    s = np.asarray(stats, dtype=np.float64)
+    hits, lengths, ref_length = s[..., 0:4], s[..., 4:8], s[..., 8]
+    hyp_length = np.where(lengths[..., 0] != 0, lengths[..., 0], 1e-5)
+    brevity = np.where(lengths[..., 0] <= ref_length, np.exp(1.0 - ref_length / hyp_length), 1.0)
+    log_precision = np.log(np.maximum(hits, 1e-15) / np.maximum(lengths, 1e-9)).sum(axis=-1)
+    bleu = brevity * np.exp(log_precision / 4)
+    return float(bleu) if bleu.ndim == 0 else bleu
+
+
+def _pymteval_segment(prediction: str, segment: tuple[list[int], dict], info: dict):
+    """One output's pymteval counts: (BLEU stats as in pymteval_bleu_item_stats, NIST information
+    per n = 1..5, NIST n-gram counts per n)."""
+    ref_lengths, ref_max = segment
+    hyp = [w.lower() for w in pymteval_tokenize(prediction)]
+    hits, nist_info = [0] * 4, [0.0] * 5
+    for ngram, count in _ngram_counts(hyp, 5).items():
+        clipped = min(count, ref_max.get(ngram, 0))
+        if clipped:
+            if len(ngram) <= 4:
+                hits[len(ngram) - 1] += clipped
+            nist_info[len(ngram) - 1] += info[ngram] * clipped
+    lengths = [len(hyp) - n for n in range(5)]  # may go negative, as in pymteval
+    closest = min(ref_lengths, key=lambda length: (abs(length - len(hyp)), length))
+    return hits + lengths[:4] + [closest], nist_info, lengths
 
 
 class _PymtevalReferences(NamedTuple):

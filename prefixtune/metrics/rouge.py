@@ -25,20 +25,25 @@ METRICS = {"ROUGE-1": "rouge1", "ROUGE-2": "rouge2", "ROUGE-L": "rougeL", "ROUGE
 
 def score(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> dict[str, float]:
     """Mean F-measure (0-100) of ROUGE-1/2/L/Lsum; ``references[i]`` is one string or a list of strings."""
+    per = item_scores(predictions, references)
+    return {name: sum(row[name] for row in per) / len(per) for name in METRICS}
+
+
+def item_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> list[dict[str, float]]:
+    """Per example, the F-measure (0-100) of ROUGE-1/2/L/Lsum (best reference per metric)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not predictions:
         raise ValueError("no predictions")
     scorer = rouge_scorer.RougeScorer(list(METRICS.values()), use_stemmer=True)
-    totals = dict.fromkeys(METRICS, 0.0)
+    out = []
     for i, (prediction, refs) in enumerate(zip(predictions, references)):
         refs = [refs] if isinstance(refs, str) else list(refs)
         if not refs:
             raise ValueError(f"references[{i}] is empty")
         scores = scorer.score_multi([sentence_lines(r) for r in refs], sentence_lines(prediction))
-        for name, key in METRICS.items():
-            totals[name] += scores[key].fmeasure
-    return {name: 100 * total / len(predictions) for name, total in totals.items()}
+        out.append({name: 100 * scores[key].fmeasure for name, key in METRICS.items()})
+    return out
 
 
 def sentence_lines(text: str) -> str:

@@ -99,19 +99,7 @@ def score(
     DART's model-based metrics (BERTScore, BLEURT, MoverScore) are not computed: they need pretrained
     weights that cannot be loaded here.
     """
-    _check_dataset(dataset)
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} entries")
-    hyps = [normalise_prediction(p, dataset) for p in predictions]
-    refs = []
-    for i, rs in enumerate(references):
-        if isinstance(rs, str) or not any(r.strip() for r in rs):
-            raise ValueError(f"references[{i}] must be a non-empty list of strings")
-        refs.append([normalise_reference(r, dataset) for r in rs if r.strip()][:max_refs])
-    n_files = max(len(rs) for rs in refs)
-    # One "file" per reference position, '' where an entry has fewer references (the official layout).
-    ref_files = [[rs[j] if j < len(rs) else "" for rs in refs] for j in range(n_files)]
-
+    hyps, ref_files = _official_layout(predictions, references, max_refs, dataset)
     scores = {"BLEU": _multi_bleu(hyps, ref_files)}
     if meteor:
         with Meteor15() as jar:
@@ -123,10 +111,53 @@ def score(
     return scores
 
 
+def _official_layout(predictions, references, max_refs, dataset) -> tuple[list[str], list[list[str]]]:
+    """Normalised outputs, and one reference "file" per reference position with '' where an entry has
+    fewer references (the official layout)."""
+    _check_dataset(dataset)
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} entries")
+    hyps = [normalise_prediction(p, dataset) for p in predictions]
+    refs = []
+    for i, rs in enumerate(references):
+        if isinstance(rs, str) or not any(r.strip() for r in rs):
+            raise ValueError(f"references[{i}] must be a non-empty list of strings")
+        refs.append([normalise_reference(r, dataset) for r in rs if r.strip()][:max_refs])
+    n_files = max(len(rs) for rs in refs)
+    return hyps, [[rs[j] if j < len(rs) else "" for rs in refs] for j in range(n_files)]
+
+
+def _bleu() -> BLEU:
+    return BLEU(lowercase=True, tokenize="none", smooth_method="none", force=True)
+
+
 def _multi_bleu(hyps: list[str], ref_files: list[list[str]]) -> float:
     """multi-bleu.perl's corpus BLEU. Empty references stay in (as length-0 references) on purpose."""
-    bleu = BLEU(lowercase=True, tokenize="none", smooth_method="none", force=True)
-    return bleu.corpus_score(hyps, ref_files).score
+    return _bleu().corpus_score(hyps, ref_files).score
+
+
+def bleu_item_stats(predictions: Sequence[str], references: Sequence[Sequence[str]], max_refs: int | None = 3,
+                    dataset: str = "webnlg2017") -> list[list[int]]:
+    """Per entry, what the corpus BLEU of :func:`score` sums (sacrebleu's sufficient statistics:
+    output length, closest reference length, matches n = 1..4, n-grams n = 1..4);
+    :func:`bleu_from_stats` of their sum over any subset is that subset's corpus BLEU."""
+    hyps, ref_files = _official_layout(predictions, references, max_refs, dataset)
+    return [list(map(int, s)) for s in _bleu()._extract_corpus_statistics(hyps, ref_files)]
+
+
+def bleu_from_stats(stats):
+    """Corpus BLEU (0-100, no smoothing, as multi-bleu.perl) from summed :func:`bleu_item_stats`
+    (10 numbers), or from a numpy array ``[..., 10]`` of such sums."""
+    import numpy as np
+
+    s = np.asarray(stats, dtype=np.float64)
+    sys_len, ref_len, correct, total = s[..., 0], s[..., 1], s[..., 2:6], s[..., 6:10]
+    brevity = np.where(sys_len < ref_len, np.exp(1 - ref_len / np.maximum(sys_len, 1e-9)), 1.0)
+    brevity = np.where(sys_len > 0, brevity, 0.0)
+    ok = (correct > 0).all(axis=-1) & (total > 0).all(axis=-1)
+    log_p = np.log(np.where(ok[..., None], correct / np.maximum(total, 1), 1.0)).mean(axis=-1)
+    bleu = np.where(ok, 100 * brevity * np.exp(log_p), 0.0)
+    return float(bleu) if bleu.ndim == 0 else bleu
 
 
 def corpus_ter(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:

@@ -107,6 +107,7 @@ class Engine:
         self.check_model(model)
         attach.enable(model)
         self.model, self.eos = model, eos
+        self.head_dims = attach.prefix_shapes(model).head_dims["self"]
         self.max_rows, self.prefill_chunk = int(max_rows), max(1, int(prefill_chunk))
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -123,7 +124,7 @@ class Engine:
     @staticmethod
     def check_model(model) -> None:
         """Raise ValueError naming the reason if this engine cannot serve ``model`` exactly."""
-        c = model.config
+        c = model.config.get_text_config()  # multimodal models: the language model's
         name = type(model).__name__
         if attach.is_seq2seq(model):
             raise ValueError(f"{name} is an encoder-decoder model; continuous batching serves decoder-only models")
@@ -335,7 +336,8 @@ class Engine:
         if width == 0:
             return None
         # an infix is seen by every query after its separator: all decoding steps are after it
-        kv = [(self.pk[i, a:b, :, :width], self.pv[i, a:b, :, :width]) for i in range(self.pk.shape[0])]
+        kd, vd = self.head_dims  # keys and values may differ in width (MLA); stored at the larger
+        kv = [(self.pk[i, a:b, :, :width, :kd], self.pv[i, a:b, :, :width, :vd]) for i in range(self.pk.shape[0])]
         return PrefixBatch(kv={"self": kv}, mask={"self": self.pmask[a:b, :width]})
 
     # -- decoding ------------------------------------------------------------------------------

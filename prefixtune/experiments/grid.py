@@ -1,0 +1,165 @@
+"""``prefixtune experiment grid``: every experiment's runs, in an order that makes a partial grid useful,
+shared safely by several processes (one per core), resumable across sessions.
+
+Order (``order``): the learning-rate grid of prefix-tuning and fine-tuning; the first (sampling, seed)
+round of the low-data experiment (one prefix / fine-tuning pair per size: the first verdicts); the
+rest of the learning-rate grid; the other low-data rounds and the arithmetic check; initialisation;
+the main table; extrapolation; prefix length; summarization. Runs whose method has no learning rate
+yet wait; the order is recomputed after every run, as rates get chosen.
+
+Each process takes the first run that is neither in the ledger nor held by another process (its
+lock dies with its process), trains and scores it, records it in the ledger (and commits it with
+``--commit``), rewrites every report from the ledger (committed every 10 runs and at the end), and goes on. Stopping a process (Ctrl-C,
+kill, end of session) loses at most the run in progress, which resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+
+from . import NAMES, Scale, module, resolve_lrs, write_report
+from . import ledger as ledger_mod
+from .runs import Run, complete, failed, merge, run_one
+
+
+def order(scale: Scale, names: tuple[str, ...] = NAMES) -> list[Run]:
+    """Every run of the experiments ``names`` (all by default), deduplicated (evaluations merged), in the
+    order they are worked on."""
+    grid = module("lr-grid").plan(scale)
+    first = [r for r in grid if r.method in ("prefix", "finetune")]
+    low = module("low-data").plan(scale) if "low-data" in names else []
+    parts = [first, [r for r in low if (r.sampling, r.seed) == (0, 0)], grid, low]
+    parts += [module(n).plan(scale) for n in NAMES if n in names and n not in ("lr-grid", "low-data")]
+    return merge([r for part in parts for r in part])
+
+
+def status(scale: Scale, runs_dir: str | Path, ledger_dir: str | Path, names: tuple[str, ...] = NAMES) -> dict[str, list[Run]]:
+    """The grid's runs by state: done, running (held by a live process), todo, waiting (no learning rate yet)."""
+    scale = resolve_lrs(scale, ledger_dir)
+    out: dict[str, list[Run]] = {"done": [], "running": [], "todo": [], "waiting": []}
+    for run in order(scale, names):
+        if run.lr is None:
+            out["waiting"].append(run)
+        elif complete(run, ledger_mod.read(ledger_dir, run.key(), items=False)):
+            out["done"].append(run)
+        elif ledger_mod.is_locked(runs_dir, run.key()):
+            out["running"].append(run)
+        else:
+            out["todo"].append(run)
+    return out
+
+
+def hours(result: dict) -> float:
+    """CPU hours of a finished run (one thread): training with its evaluations, plus test decoding
+    (CPU time where recorded, else wall time)."""
+    t = result["train"]
+    evals = result["evals"].values()
+    return (t.get("cpu_seconds", t["wall_seconds"]) + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
+
+
+def estimate(state: dict[str, list[Run]], ledger_dir: str | Path) -> dict:
+    """Hours spent on the finished runs, and an estimate for the others: each costs the mean of the
+    finished runs most like it (same task, method and training size; else task and method; else task)."""
+    done = {r.key(): hours(ledger_mod.read(ledger_dir, r.key(), items=False)) for r in state["done"]}
+    by = {}
+    for r in state["done"]:
+        for tag in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)):
+            by.setdefault(tag, []).append(done[r.key()])
+    left, unknown = 0.0, 0
+    for r in state["running"] + state["todo"] + state["waiting"]:
+        like = next((by[t] for t in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)) if t in by), None)
+        if like:
+            left += sum(like) / len(like)
+        else:
+            unknown += 1
+    return {"done_hours": sum(done.values()), "left_hours": left, "left_unknown_runs": unknown}
+
+
+def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results", data=None,
+             threads: int | None = None, commit: bool = False, max_runs: int | None = None, poll_seconds: float = 60,
+             names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md") -> int:
+    """Work on the grid until nothing is left that this process can do; returns the number of runs it finished."""
+    ledger_dir = Path(results_dir) / "ledger"
+    broken: set[str] = set()  # runs that failed in this process (not retried until the next start)
+    finished = 0
+    while max_runs is None or finished < max_runs:
+        state = status(scale, runs_dir, ledger_dir, names)
+        todo = [r for r in state["todo"] if r.key() not in broken]
+        if not todo:
+            if state["running"]:  # another process may finish a run that unblocks others: wait for it
+                time.sleep(poll_seconds)
+                continue
+            if state["waiting"]:
+                print(f"grid: {len(state['waiting'])} runs wait for learning-rate grid runs that failed or are missing; "
+                      "see runs/experiments/*/error.txt")
+            break
+        run = todo[0]
+        print(f"grid: {len(state['done'])} done, {len(state['running'])} running elsewhere, {len(todo)} to do, "
+              f"{len(state['waiting'])} waiting; now {run.label()} ({run.key()})", flush=True)
+        before = ledger_mod.read(ledger_dir, run.key(), items=False) or {}
+        try:
+            result = run_one(run, Path(runs_dir), ledger_dir, data, threads, commit)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            failed(run, Path(runs_dir), e)
+            broken.add(run.key())
+            continue
+        if result is None:  # taken by another process between the status and the lock: next one
+            continue
+        finished += 1
+        did = "evaluated" if "train" in before and not result.get("retrained") else "trained"
+        print(f"grid: finished {run.key()} {did} {run.label()}", flush=True)
+        # reports after every run; committed every 10 runs (and at the end), to keep PNG churn out of the history
+        write_reports(scale, results_dir, commit and finished % 10 == 0, names=names, readme=readme)
+    return finished
+
+
+def write_reports(scale: Scale, results_dir: str | Path, commit: bool = False,
+                  command: str = "prefixtune experiment grid --threads 1", readme: str | Path | None = "README.md",
+                  names: tuple[str, ...] = NAMES) -> list[Path]:
+    """The reports of ``names`` and the README's verdict table, from the ledger (a failing report is
+    printed, never stops the grid)."""
+    paths = []
+    for name in names:
+        try:
+            paths.append(write_report(name, scale, results_dir, command))
+        except Exception:
+            print(f"grid: the {name} report failed:\n{traceback.format_exc()}")
+    if readme and Path(readme).is_file():
+        update_readme(results_dir, readme)
+    if commit and paths:
+        files = [p for p in Path(results_dir).iterdir() if p.name.startswith(tuple(f"{n}." for n in NAMES) + tuple(f"{n}-" for n in NAMES))]
+        ledger_mod.commit(files + ([Path(readme)] if readme and Path(readme).is_file() else []), "results: reports from the ledger")
+    return paths
+
+
+START, END = "<!-- verdicts: generated by prefixtune experiment --report-only; do not edit -->", "<!-- end of verdicts -->"
+
+
+def verdict_table(results_dir: str | Path) -> str:
+    """One table of every finding of every report (from results/NAME.json)."""
+    import json
+
+    from .report import table
+
+    rows = []
+    for name in NAMES:
+        path = Path(results_dir) / f"{name}.json"
+        if path.is_file():
+            for f in json.loads(path.read_text()).get("findings", []):
+                rows.append([f"[{name}](results/{name}.md)", f["finding"], f["paper"], f"{f['measure']}: {f['ours']}", f"**{f['verdict']}**"])
+    return table(["report", "finding", "paper", "ours (mean difference [95% CI])", "verdict"], rows) if rows else "(no findings yet)"
+
+
+def update_readme(results_dir: str | Path, readme: str | Path = "README.md") -> bool:
+    """Replace the README's generated verdict table (between the START and END markers); False if absent."""
+    text = Path(readme).read_text()
+    if START not in text or END not in text:
+        return False
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    ledger_mod._atomic(Path(readme), f"{head}{START}\n{verdict_table(results_dir)}\n{END}{tail}")
+    return True

@@ -1,0 +1,121 @@
+"""The learning-rate grid: 3 peak learning rates per method at the reference cell (E2E, 500 training
+pairs, sampling 0, seed 0), each run trained to its best dev score; a method's rate is the one
+whose run reached the lowest dev loss. Every other experiment reads the chosen rates from the
+ledger (``chosen``); the chosen run itself is the seed-0 run of that cell in the other experiments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import Scale
+from . import ledger as ledger_mod
+from .report import fmt, table
+
+TITLE = "Learning rate per method: a 3-value grid at E2E 500 examples, chosen on dev loss"
+SCALE_TEXT = ("Grid: E2E, {s.train_size} training pairs (random sampling 0), seed 0, batch {s.batch_size}; per method "
+              "the 3 peak rates of the table below; the rate whose run reached the lowest dev loss (per target token, "
+              "{s.dev_examples} dev pairs) is chosen. A chosen rate at the edge of its grid is flagged: the grid should "
+              "then be extended.")
+
+
+def names(scale: Scale) -> list[str]:
+    return [n for n in scale.methods if n in scale.lr_grid]
+
+
+def runs_for(scale: Scale, name: str):
+    return [scale.run("e2e", name, lr=lr, train_examples=scale.train_size, sampling=0, seed=0) for lr in scale.lr_grid[name]]
+
+
+def plan(scale: Scale):
+    # prefix and fine-tuning first: the low-data experiment (the first verdicts) needs only them
+    order = sorted(names(scale), key=lambda n: (n not in ("prefix", "finetune"), scale.methods.index(n)))
+    return [r for n in order for r in runs_for(scale, n)]
+
+
+def chosen(scale: Scale, ledger_dir: str | Path) -> dict[str, float]:
+    """{method name: learning rate} for every method whose grid is complete in the ledger."""
+    out = {}
+    for name in names(scale):
+        losses = []
+        for run in runs_for(scale, name):
+            result = ledger_mod.read(ledger_dir, run.key(), items=False)
+            if not result or "train" not in result or result["train"].get("min_dev_loss") is None:
+                break
+            losses.append((result["train"]["min_dev_loss"], run.lr))
+        else:
+            out[name] = min(losses)[1]
+    return out
+
+
+def report(results, scale: Scale, ctx) -> str:
+    from .report import find
+
+    rows, curves = [], {}
+    for name in names(scale):
+        runs = runs_for(scale, name)
+        pick = scale.chosen_lr.get(name)
+        for run in runs:
+            r = find(results, run)
+            t = r["train"] if r else {}
+            edge = pick is not None and run.lr == pick and len(scale.lr_grid[name]) > 1 and pick in (min(scale.lr_grid[name]), max(scale.lr_grid[name]))
+            mark = ("**chosen**" + (" (edge of the grid)" if edge else "")) if run.lr == pick else ""
+            rows.append([name, f"{run.lr:g}", fmt(t.get("min_dev_loss"), 4), fmt(t.get("dev_loss"), 4), fmt(t.get("dev_score")),
+                         t.get("best_step", "—"), t.get("steps", "—"), "yes" if t.get("stopped_early") else ("no" if t else "—"),
+                         fmt(t.get("seconds_per_step")), fmt(None if not t else t["wall_seconds"] / 60, 1), mark])
+            if r:
+                curves[(name, run.lr)] = t["dev_curve"]
+    plot = ctx.plot_path("curves")
+    _plot_curves(plot, curves)
+    # would selecting on dev loss pick the same evaluation as dev BLEU? (issue 11: dev loss can stop
+    # improving before the generation metric does)
+    sel = []
+    for (name, lr), curve in curves.items():
+        evals = [h for h in curve if h["step"] > 0 and h.get("dev_score") is not None]
+        if evals:
+            by_loss = min(evals, key=lambda h: h["dev_loss"])
+            by_bleu = max(evals, key=lambda h: h["dev_score"])
+            sel.append([name, f"{lr:g}", by_bleu["step"], by_loss["step"], fmt(by_bleu["dev_score"]),
+                        fmt(by_loss["dev_score"]), fmt(by_bleu["dev_score"] - by_loss["dev_score"])])
+    override = {k: v for k, v in scale.lr.items()}
+    return "\n".join([
+        "## The grid", "",
+        table(["method", "peak lr", "lowest dev loss", "dev loss at selected eval", "dev BLEU at selected eval",
+               "step of selected eval", "steps run", "stopped early", "s/step", "run minutes", "choice"], rows), "",
+        "Lowest dev loss: over the run's evaluations; the run itself keeps the evaluation with the best dev BLEU "
+        "(table-to-text selection), whose dev loss and BLEU are the next two columns. Run minutes: wall time of "
+        "training, evaluations included, one thread.", "",
+        f"Chosen rates: {', '.join(f'{k} {v:g}' for k, v in scale.chosen_lr.items()) or 'none yet'}."
+        + (f" Overridden on the command line: {override}." if override else ""), "",
+        f"![dev curves]({plot.name})", "",
+        "## Dev loss vs dev BLEU as the selection score", "",
+        table(["method", "lr", "step by dev BLEU", "step by dev loss", "dev BLEU there", "dev BLEU at the dev-loss step",
+               "dev BLEU lost by selecting on loss"], sel) if sel else "No runs yet.", "",
+        "Runs are selected and stopped on dev BLEU; this table shows, on the grid's runs, which evaluation dev loss "
+        "would have picked instead and how much dev BLEU that would have cost.", "",
+    ])
+
+
+def _plot_curves(path, curves: dict) -> None:
+    from .report import _plt
+
+    plt = _plt()
+    methods = sorted({m for m, _ in curves}) or ["(none yet)"]
+    cols = min(3, len(methods))
+    rows = (len(methods) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, method in zip(axes.flat, methods):
+        for (m, lr), curve in sorted(curves.items(), key=lambda kv: kv[0][1]):
+            if m == method:
+                pts = [(h["step"], h["dev_loss"]) for h in curve if h["dev_loss"] is not None]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"lr {lr:g}")
+        ax.set_title(method, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("dev loss")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,104 @@
+"""The Trainer's protocol options of issue 11 on tiny models: early stopping on dev loss or on a dev
+score hook (the best evaluation kept, stopping exact across a resume), and bfloat16 autocast with
+float32 master weights for methods that train the base model's weights."""
+
+import json
+
+import pytest
+import torch
+
+import prefixtune as pt
+from prefixtune.data import Example
+from prefixtune.methods import MethodConfig, decoding_kwargs
+from prefixtune.train import TrainConfig, Trainer, autocast_context
+from conftest import tiny_model
+
+PAIRS = [Example(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food .")
+         for i, f in enumerate(["Chinese", "Italian", "French", "Indian", "English", "Japanese"] * 3)]
+
+
+class Scripted:
+    """A dev score that follows a script, and remembers the prefix it saw at each evaluation."""
+
+    def __init__(self, values):
+        self.values, self.seen = list(values), {}
+
+    def __call__(self, trainer):
+        self.seen[trainer.step] = trainer.tuner.export().kv["self"].clone()
+        return self.values.pop(0)
+
+
+def make(tmp_path, tokenizer, name="run", patience=2, score=None, max_steps=30, method=None, autocast=False):
+    model = tiny_model("llama-gqa", init_range=0.2)
+    return Trainer(model, tokenizer, PAIRS, PAIRS[:4], pt.PrefixConfig(length=3, mlp_hidden=16),
+                   TrainConfig(max_steps=max_steps, batch_size=4, lr=5e-2, warmup_steps=2, eval_every=2, seed=0,
+                               patience=patience, autocast=autocast), tmp_path / name, progress=False,
+                   method=method, dev_score=score)
+
+
+def test_stops_on_the_dev_score_and_keeps_the_best_evaluation(tmp_path, tokenizer):
+    score = Scripted([1.0, 5.0, 4.0, 6.0, 3.0, 2.0, 9.0])  # best at the 4th evaluation (step 8), then 2 worse
+    trainer = make(tmp_path, tokenizer, score=score)
+    result = trainer.fit()
+    assert result["steps"] == 12 and result["best_step"] == 8 and result["stopped_early"]
+    assert result["selected_by"] == "dev_score" and result["best_dev_score"] == 6.0
+    assert score.values == [9.0]  # never evaluated again after stopping
+    kept = pt.Prefix.load(tmp_path / "run" / "prefix.safetensors").kv["self"]
+    assert torch.equal(kept, score.seen[8]) and not torch.equal(kept, score.seen[12])
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["dev_score"] for e in log] == [1.0, 5.0, 4.0, 6.0, 3.0, 2.0]
+    # resumed by a fresh process: the history in the checkpoint says it has stopped; nothing more runs
+    again = make(tmp_path, tokenizer, score=Scripted([]))
+    assert again.fit()["steps"] == 12 and again.selection()["best_step"] == 8
+
+
+def test_stops_on_dev_loss_without_a_hook(tmp_path, tokenizer):
+    trainer = make(tmp_path, tokenizer, patience=1, max_steps=40)
+    losses = iter([4.0, 3.0, 2.5, 2.7, 2.6])  # step 0, then best at the 2nd evaluation (step 4)
+    trainer.dev_loss = lambda: next(losses)
+    result = trainer.fit()
+    assert result["stopped_early"] and result["steps"] == 6 and result["best_step"] == 4
+    assert result["best_dev_loss"] == 2.5 and result["selected_by"] == "dev_loss"
+
+
+def test_without_patience_it_runs_to_the_cap(tmp_path, tokenizer):
+    result = make(tmp_path, tokenizer, patience=0, score=Scripted([3, 2, 1]), max_steps=6).fit()
+    assert result["steps"] == 6 and not result["stopped_early"] and result["best_step"] == 2
+
+
+def test_autocast_trains_float32_master_weights_with_bfloat16_products(tmp_path, tokenizer):
+    trainer = make(tmp_path, tokenizer, method=MethodConfig("finetune"), autocast=True, max_steps=2, patience=0)
+    seen = []
+    hook = trainer.model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    before = {n: p.detach().clone() for n, p in trainer.tuner.named_parameters()}
+    trainer.fit()
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # the products ran in bfloat16...
+    params = dict(trainer.tuner.named_parameters())
+    assert all(p.dtype == torch.float32 for p in params.values())  # ...the weights stayed float32
+    assert any(not torch.equal(before[n], p) for n, p in params.items())
+    state = trainer.optimizer.state_dict()["state"]
+    assert state and all(v.dtype == torch.float32 for s in state.values() for k, v in s.items() if k != "step")
+    # the loss under autocast is the float32 loss up to bfloat16 rounding
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "labels": torch.tensor([[-100, 6, 7, 8]])}
+    with torch.no_grad():
+        exact = trainer.tuner(**batch).loss
+        with autocast_context(True):
+            approx = trainer.tuner(**batch).loss
+    assert approx.dtype == torch.float32 and 0 < abs(float(approx - exact)) < 0.05 * float(exact)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "finetune", "adapter"])
+def test_decoding_kwargs_decode_what_is_being_trained(tmp_path, tokenizer, method):
+    """The dev score decodes the in-training weights as a finished run's files would."""
+    from prefixtune.methods import load_trained
+
+    trainer = make(tmp_path, tokenizer, method=MethodConfig(method, size=0.05), max_steps=2, patience=0)
+    trainer.fit()
+    trainer.tuner.eval()
+    live = pt.generate(trainer.model, tokenizer, ["name : Place1 | food : French"], max_new_tokens=5,
+                       **decoding_kwargs(trainer.tuner))
+    fresh = tiny_model("llama-gqa", init_range=0.2)
+    kwargs = load_trained(MethodConfig(method, size=0.05), fresh, tmp_path / "run", pt.PrefixConfig(length=3, mlp_hidden=16))
+    assert live == pt.generate(fresh, tokenizer, ["name : Place1 | food : French"], max_new_tokens=5, **kwargs)
