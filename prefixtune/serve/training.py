@@ -223,10 +223,10 @@ class Jobs:
                     self._wake.wait(self.poll_s)
                     continue
                 start = time.perf_counter()
-                self._round()
-                spent = time.perf_counter() - start
+                stepped = self._round()
                 if self.busy() and self.limits.share < 1:  # leave serving its share of the time
-                    self._stop.wait(spent * (1 - self.limits.share) / self.limits.share)
+                    self._stop.wait((time.perf_counter() - start) * (1 - self.limits.share) / self.limits.share)
+                self._progress(stepped, time.perf_counter() - start)
         except BaseException as e:  # a fault of the worker itself: log it; the jobs resume at the next start
             self.error = e
             log.error("training worker stopped", exc_info=e)
@@ -292,10 +292,10 @@ class Jobs:
             if (mine["dir"] / "cancel").exists():
                 self._release(job_id, state="cancelled")
 
-    def _round(self) -> None:
+    def _round(self) -> list[str]:
+        """One training round of the jobs trained here; returns the jobs that took a step."""
         many = self._many
         active = [j for j in self._mine if j in many.trainers]
-        start = time.perf_counter()
         try:
             with GLOBAL_RNG:
                 stepped = many.round(active)
@@ -310,11 +310,14 @@ class Jobs:
                 except Exception as e1:
                     log.error("training job %s failed", job_id, exc_info=e1)
                     self._release(job_id, state="failed", error=f"{type(e1).__name__}: {e1}")
-        seconds = time.perf_counter() - start
+        return stepped
+
+    def _progress(self, stepped: list[str], seconds: float) -> None:
+        """Record the round's steps (``seconds``: the round's wall time, pause included) in job.json."""
         for job_id in stepped:
-            mine, t = self._mine[job_id], many.trainers[job_id]
+            mine, t = self._mine[job_id], self._many.trainers[job_id]
             mine["steps"] += 1
-            mine["seconds"] += seconds  # its wall time per step, with the other jobs beside it
+            mine["seconds"] += seconds  # its wall time per step, with the other jobs and serving beside it
             last = t.history[-1] if t.history else {}
             eta = (t.total_steps - t.step) * mine["seconds"] / mine["steps"]
             self._update(mine["dir"], step=t.step, train_loss=last.get("train_loss"), dev_loss=last.get("dev_loss"),
