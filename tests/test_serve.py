@@ -823,3 +823,33 @@ def test_three_replicas_share_one_registry(env, tmp_path):
 def metric_at(url, name) -> float:
     text = httpx.get(url + "/metrics").text
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+
+
+def test_upload_a_peft_checkpoint_as_a_zip(env):
+    """PUT with Content-Type application/zip: a PEFT prefix-tuning checkpoint (adapter_config.json +
+    adapter_model.safetensors) is converted and served like the prefix it came from; bad zips are 4xx."""
+    import io
+    import zipfile
+
+    peft_dir = env.prefixes["p3"].to_peft(env.model, env.root / "peft-p3")
+
+    def zipped(names, folder=""):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for name in names:
+                path = peft_dir / name
+                z.writestr(folder + name, path.read_bytes() if path.exists() else b"\x80\x04pickle")
+        return buf.getvalue()
+
+    ct = {"Content-Type": "application/zip"}
+    with env.client(A) as a:
+        r = a.put("/v1/prefixes/from-peft", content=zipped(["adapter_config.json", "adapter_model.safetensors"], "ckpt/"),
+                  headers=ct)
+        assert r.status_code == 201 and r.json()["length"] == LENGTHS["p3"], r.text
+        out = a.post("/v1/generate", json={"prefix": "from-peft", "inputs": SOURCES, "max_new_tokens": NEW})
+        assert out.json()["outputs"] == [env.ref("p3", s) for s in SOURCES]
+        for body, words in [(b"not a zip", "not a usable PEFT"), (zipped(["adapter_config.json"]), "no adapter_model"),
+                            (zipped(["adapter_config.json", "adapter_model.bin"]), "pickle")]:
+            r = a.put("/v1/prefixes/bad-peft", content=body, headers=ct)
+            assert r.status_code == 422 and words in r.text, r.text
+        assert a.delete("/v1/prefixes/from-peft").status_code == 200

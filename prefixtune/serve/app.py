@@ -397,6 +397,40 @@ class Server:
                 job.cancelled = True
 
 
+def prefix_from_peft_zip(data: bytes, model, allow_position_shift: bool, limit: int) -> bytes:
+    """A PEFT prefix-tuning checkpoint (a zip holding adapter_config.json and
+    adapter_model.safetensors, at its top or in one folder) as the bytes of our prefix file, converted
+    by prefixtune/peft_io.py; HTTPException 4xx naming what is wrong. Only those two members are
+    read (never a pickle), each at most ``limit`` bytes uncompressed."""
+    import io
+    import shutil
+    import tempfile
+    import zipfile
+
+    from ..peft_io import CONFIG_FILE, WEIGHTS_FILE, from_peft
+
+    tmp = tempfile.mkdtemp(prefix="prefixtune-peft-")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = {Path(i.filename).name: i for i in archive.infolist() if not i.is_dir()}
+        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in members]
+        if missing:
+            pickle_note = " (adapter_model.bin is a pickle, which is never loaded: save with safe_serialization=True)" \
+                if "adapter_model.bin" in members else ""
+            raise HTTPException(422, f"the zip has no {' and no '.join(missing)}{pickle_note}")
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            if members[f].file_size > limit:
+                raise HTTPException(413, f"{f} is {members[f].file_size} bytes uncompressed, over the upload limit")
+            (Path(tmp) / f).write_bytes(archive.read(members[f]))
+        prefix = from_peft(tmp, model, allow_position_shift)
+        prefix.meta["peft_source"] = "upload"
+        return prefix.save(Path(tmp) / "prefix.safetensors").read_bytes()
+    except (zipfile.BadZipFile, ValueError, OSError, KeyError, RuntimeError, EOFError) as e:
+        raise HTTPException(422, "not a usable PEFT prefix-tuning checkpoint: " + str(e).replace(tmp, "upload")) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _tenant(request: Request) -> str:
     return request.app.state.server.tenant(request)
 
@@ -506,7 +540,9 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.put("/v1/prefixes/{name}", status_code=201, response_model=PrefixInfo)
-    async def put_prefix(name: Name, request: Request, tenant: Tenant):
+    async def put_prefix(name: Name, request: Request, tenant: Tenant, allow_position_shift: bool = False):
+        """The bytes of an exported prefix file; or (Content-Type application/zip) a PEFT
+        prefix-tuning checkpoint: a zip of adapter_config.json and adapter_model.safetensors."""
         if not valid_name(name):
             raise HTTPException(422, f"invalid prefix name {name!r}: use 1-64 of [A-Za-z0-9._-]")
         if name == "base":
@@ -524,6 +560,8 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         data = b"".join(chunks)
         if not data:
             raise HTTPException(422, "empty body: send the bytes of an exported prefix .safetensors file")
+        if request.headers.get("content-type", "").split(";")[0].strip() in ("application/zip", "application/x-zip-compressed"):
+            data = await run_in_threadpool(prefix_from_peft_zip, data, model, allow_position_shift, limit)
         try:
             entry, created = await run_in_threadpool(srv.registry.put, tenant, name, data)
         except InvalidPrefix as e:
