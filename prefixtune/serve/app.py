@@ -539,6 +539,19 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         return PlainTextResponse(srv.metrics.render(srv.registry.stats()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def read_body(request: Request, limit: int, flag: str) -> bytes:
+        """The request's body, refused with 413 as soon as it is over ``limit`` bytes."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise HTTPException(413, f"body is {int(length)} bytes, over the limit of {limit} ({flag})")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"body over the limit of {limit} bytes ({flag})")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @app.put("/v1/prefixes/{name}", status_code=201, response_model=PrefixInfo)
     async def put_prefix(name: Name, request: Request, tenant: Tenant, allow_position_shift: bool = False):
         """The bytes of an exported prefix file; or (Content-Type application/zip) a PEFT
@@ -548,16 +561,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         if name == "base":
             raise HTTPException(422, "the name 'base' is reserved: it is the base model in /v1/completions and chat")
         limit = int(config.max_upload_mb * 1024 * 1024)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise HTTPException(413, f"upload is {int(length)} bytes, over the limit of {limit} (--max-upload-mb)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"upload over the limit of {limit} bytes (--max-upload-mb)")
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        data = await read_body(request, limit, "--max-upload-mb")
         if not data:
             raise HTTPException(422, "empty body: send the bytes of an exported prefix .safetensors file")
         if request.headers.get("content-type", "").split(";")[0].strip() in ("application/zip", "application/x-zip-compressed"):
@@ -581,18 +585,6 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         except NotFound:
             raise HTTPException(404, f"prefix {name!r} not found") from None
         return {"deleted": name}
-
-    async def read_body(request: Request, limit: int, flag: str) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise HTTPException(413, f"body is {int(length)} bytes, over the limit of {limit} ({flag})")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"body over the limit of {limit} bytes ({flag})")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     def jobs() -> Jobs:
         if srv.jobs is None:
