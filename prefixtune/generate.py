@@ -14,7 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attach
-from .prefix import Prefix, decoder_inputs_from_labels, make_batch, token_logprobs
+from .batch import make_batch
+from .loss import decoder_inputs_from_labels, token_logprobs
+from .prefix import Prefix
 from .template import collate_prompts, collate_train, encode, prepend_soft_prompt, special_ids
 
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .prefix import Prefix, PrefixConfig, PrefixTuner
+from .config import PrefixConfig
+from .prefix import Prefix
+from .tuner import PrefixTuner
 
 METHODS = ("prefix", "finetune", "ft-top2", "adapter", "lora", "prompt", "infix", "peft-prefix")
 PREFIX_FILE = "prefix.safetensors"

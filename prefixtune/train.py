@@ -41,7 +41,9 @@ from . import attach
 from .data import Example
 from .attach import is_seq2seq
 from .methods import MethodConfig, build
-from .prefix import PrefixConfig, PrefixTuner
+from .config import PrefixConfig
+from .loss import normaliser
+from .tuner import PrefixTuner
 from .template import Encoded, collate_train, encode, special_ids
 
 
@@ -278,10 +280,6 @@ class Trainer:
         rows = rows[share(len(rows), self.rank, self.world)]
         return collate_train(self.model, [self.train_set[i] for i in rows], self.pad) if rows else None
 
-    def _weight(self, rows: list[int]) -> int:
-        """What the loss of ``rows`` is normalised by: target tokens (token_mean) or rows (sequence_sum)."""
-        return len(rows) if self.reduction == "sequence_sum" else sum(self.targets[i] for i in rows)
-
     # --- loop ------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
@@ -371,8 +369,8 @@ class Trainer:
         return self._compiled(**batch)
 
     def loss_normaliser(self, rows: list[int]) -> int:
-        """What a step's summed NLL is divided by: its target tokens (token_mean) or rows (sequence_sum)."""
-        return max(1, self._weight(rows))
+        """What a step's summed NLL is divided by (:func:`prefixtune.loss.normaliser` of its rows)."""
+        return max(1, normaliser(self.reduction, sum(self.targets[i] for i in rows), len(rows)))
 
     def apply_step(self) -> None:
         """Clip the gradients, then the optimizer's and the scheduler's step."""

@@ -5,7 +5,7 @@ early stopping...), P'/MLP, AdamW state, schedule, checkpoint, log and exported 
 is a :class:`prefixtune.train.Trainer` whose run directory is ``OUT/jobs/NAME``; this module only
 replaces ``Trainer.fit``'s loop. Every *round* takes the next optimizer step of as many jobs as
 fit in ``rows_per_round`` rows (jobs take turns), runs all their rows as one forward with each
-row's own prefix (:func:`prefixtune.prefix.stack_prefixes`), and gives each job the loss of its
+row's own prefix (:func:`prefixtune.batch.stack_prefixes`), and gives each job the loss of its
 own rows over its own step's normaliser (target tokens, or rows for ``sequence_sum``). One
 backward, then each job's clipping, AdamW step, schedule, evaluation, checkpoint and early stopping,
 exactly as ``Trainer.fit`` does them.
@@ -36,7 +36,9 @@ from tqdm.auto import tqdm
 from . import attach
 from .data import Example
 from .data.jsonl import read as read_pairs
-from .prefix import PrefixConfig, lm_forward, stack_prefixes
+from .batch import stack_prefixes
+from .config import PrefixConfig
+from .loss import lm_forward
 from .template import collate_train
 from .train import TrainConfig, Trainer, _StopAtStepEnd, autocast_context
 

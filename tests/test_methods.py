@@ -16,7 +16,7 @@ from prefixtune.baselines.prompt import PromptModel
 from prefixtune.cli import main
 from prefixtune.data import Example
 from prefixtune.methods import METHODS, MethodConfig, load_trained, read_run
-from prefixtune.prefix import make_batch
+from prefixtune.batch import make_batch
 from prefixtune.template import collate_train, encode
 from prefixtune.train import TrainConfig, Trainer
 from conftest import tiny_model

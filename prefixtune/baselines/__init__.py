@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..prefix import lm_forward
+from ..loss import lm_forward
 
 WEIGHTS = "weights.safetensors"
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 
 from .. import attach
-from ..prefix import Prefix, PrefixConfig, PrefixTuner, lm_forward, make_meta
+from ..config import PrefixConfig
+from ..loss import lm_forward
+from ..prefix import Prefix, make_meta
+from ..tuner import PrefixTuner
 
 
 def separator_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from .. import attach
-from ..prefix import Prefix, PrefixConfig, token_logprobs, _reduce
+from ..config import PrefixConfig
+from ..loss import lm_forward
+from ..prefix import Prefix
 from . import Tuned
 
 
@@ -49,16 +51,9 @@ class PeftPrefixModel(Tuned):
         return self
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True, **kwargs):
-        """PEFT's forward (its prefix in the cache), with our loss on the target tokens."""
-        from ..prefix import PrefixTunerOutput
-
-        logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        if labels is None:
-            return PrefixTunerOutput(logits=logits)
-        logp, mask = token_logprobs(logits, labels, shift=True)
-        nll_sum, n_targets = -logp.sum(), mask.sum()
-        return PrefixTunerOutput(loss=_reduce(nll_sum, n_targets, labels.shape[0], self.reduction),
-                                 logits=logits if return_logits else None, nll_sum=nll_sum, n_targets=n_targets)
+        """PEFT's forward (its prefix in the cache), with our loss on the target tokens. Always with
+        logits: PEFT's model runs its LM head on every position (our head split does not apply)."""
+        return lm_forward(self.peft_model, self.reduction, input_ids, attention_mask, labels, return_logits=True)
 
     def peft_kv(self) -> torch.Tensor:
         """PEFT's prefix as it enters the cache: ``[layers, 2, kv_heads, length, head_dim]``."""

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import attach
-from ..prefix import PrefixConfig, decoder_inputs_from_labels, lm_forward
+from ..config import PrefixConfig
+from ..loss import decoder_inputs_from_labels, lm_forward
 from ..template import prepend_soft_prompt
 from . import Tuned
 
