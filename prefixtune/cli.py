@@ -175,9 +175,9 @@ def cmd_generate(args) -> int:
         from .methods import load_trained, read_run
 
         method, prefix_config = read_run(args.run)
-        if args.prefix and method.method not in ("prefix", "infix", "peft-prefix"):
-            raise SystemExit(f"prefixtune generate: --run of method {method.method} cannot be combined with --prefix")
         loaded = load_trained(method, model, args.run, prefix_config)
+        if args.prefix and "prefixes" not in loaded:
+            raise SystemExit(f"prefixtune generate: --run of method {method.method} cannot be combined with --prefix")
         prefixes += [loaded["prefixes"]] if "prefixes" in loaded else []
         soft_prompt = loaded.get("soft_prompt")
     kwargs = dict(DECODING[args.task], do_sample=args.do_sample)  # the paper's decoding for the task
@@ -431,10 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "again resumes an interrupted run exactly. --method trains one of the paper's baselines "
                        "instead, with the same data, loop and loss (see prefixtune/methods.py).")
     _common(t)
-    t.add_argument("--method", default="prefix", choices=METHODS,
-                   help="prefix: the paper's method; finetune / ft-top2: all weights / the top blocks; adapter, lora: "
-                   "~--size of the model's parameters; prompt: embedding-only ablation; infix: [x; INFIX; y] ablation; "
-                   "peft-prefix: PEFT's prefix tuning (converted to our format for decoding)")
+    t.add_argument("--method", default="prefix", choices=list(METHODS),
+                   help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
     t.add_argument("--size", type=float, default=0.001,
                    help="adapter / lora: target fraction of the model's parameters (0.001 = 0.1%%; 0.03 = 3%%)")
     t.add_argument("--top-layers", type=int, default=2, help="ft-top2: how many top transformer blocks train")

@@ -20,6 +20,7 @@ from .attach import PrefixBatch, PrefixShapes
 from .batch import split_layers
 from .config import PrefixConfig
 from .loss import TunerOutput, lm_forward
+from .methods import Tuner
 from .prefix import Prefix, make_meta
 
 
@@ -67,7 +68,7 @@ class PrefixEncoder(nn.Module):
 
 
 
-class PrefixTuner(nn.Module):
+class PrefixTuner(Tuner):
     """A frozen base model plus one trainable prefix.
 
     The base model is held but not registered as a submodule, so ``tuner.parameters()`` and
@@ -76,12 +77,12 @@ class PrefixTuner(nn.Module):
     """
 
     method = "prefix"
+    trained_file = "prefix.safetensors"
 
     def __init__(self, model, config: PrefixConfig | None = None, tokenizer=None):
-        super().__init__()
+        super().__init__(model)
         config = config or PrefixConfig()
         self.config = config
-        self.__dict__["model"] = model  # not a submodule: see class docstring
         model.requires_grad_(False)
         attach.enable(model)
         shapes: PrefixShapes = attach.prefix_shapes(model)
@@ -103,10 +104,20 @@ class PrefixTuner(nn.Module):
             self.init_from_words(config.init_text, tokenizer)
         self.train(model.training)
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.train(mode)
-        return self
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        return cls(model, prefix_config, tokenizer=tokenizer)
+
+    @classmethod
+    def load_trained(cls, model, run_dir, config, prefix_config) -> dict:
+        return {"prefixes": Prefix.load(Path(run_dir) / cls.trained_file)}
+
+    def decode_inputs(self) -> dict:
+        return {"prefixes": self.export()}
+
+    @property
+    def reduction(self) -> str:
+        return self.config.loss
 
     def prefix_kv(self) -> dict[str, torch.Tensor]:
         """P_theta per placement, ``[layers, 2, kv_heads, length, head_dim]`` (MLP run once)."""
@@ -146,12 +157,12 @@ class PrefixTuner(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True,
                 **kwargs) -> TunerOutput:
         """HF-style forward with the loss on target tokens (see :func:`lm_forward`)."""
-        return lm_forward(self.model, self.config.loss, input_ids, attention_mask, labels, return_logits,
+        return lm_forward(self.model, self.reduction, input_ids, attention_mask, labels, return_logits,
                           prefix_batch=self.prefix_batch(), **kwargs)
 
     def save_trained(self, out_dir: str | Path) -> Path:
         """Write what training keeps (the exported prefix) into a run directory."""
-        return self.export().save(Path(out_dir) / "prefix.safetensors")
+        return self.export().save(Path(out_dir) / self.trained_file)
 
     def num_stored_parameters(self) -> int:
         return sum(t.numel() for t in self.prefix_kv().values())
@@ -168,9 +179,6 @@ class PrefixTuner(nn.Module):
                 t[:, 0, ..., kd:] = 0
                 t[:, 1, ..., vd:] = 0
         return Prefix(kv=kv, meta=make_meta(self.model, kv, self.config))
-
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
 def _hidden_size(model) -> int:

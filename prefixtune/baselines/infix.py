@@ -40,7 +40,7 @@ class InfixTuner(PrefixTuner):
             raise ValueError("InfixTuner.forward needs labels (they mark where the target starts)")
         batch = self.prefix_batch()
         batch.visible_from = separator_positions(labels)
-        return lm_forward(self.model, self.config.loss, input_ids, attention_mask, labels, return_logits,
+        return lm_forward(self.model, self.reduction, input_ids, attention_mask, labels, return_logits,
                           prefix_batch=batch, **kwargs)
 
     def export(self) -> Prefix:

@@ -38,6 +38,11 @@ class LoraModel(Tuned):
         self.__dict__["peft_model"] = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
                                                                        lora_dropout=dropout))
 
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        config.rank = config.rank or rank_for(model, config.size)  # recorded in run.json
+        return cls(model, config.rank, reduction=prefix_config.loss)
+
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
             if p.requires_grad:

@@ -21,11 +21,13 @@ from .. import attach
 from ..config import PrefixConfig
 from ..loss import lm_forward
 from ..prefix import Prefix
+from ..tuner import PrefixTuner
 from . import Tuned
 
 
 class PeftPrefixModel(Tuned):
     method = "peft-prefix"
+    trained_file = PrefixTuner.trained_file  # written last, after PEFT's own weights
 
     def __init__(self, model, config: PrefixConfig):
         from peft import PrefixTuningConfig, get_peft_model
@@ -39,6 +41,17 @@ class PeftPrefixModel(Tuned):
         peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=config.length,
                                          prefix_projection=config.reparameterize, encoder_hidden_size=config.mlp_hidden)
         self.__dict__["peft_model"] = get_peft_model(model, peft_config)
+
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        return cls(model, prefix_config)
+
+    @classmethod
+    def load_trained(cls, model, run_dir, config, prefix_config) -> dict:
+        return PrefixTuner.load_trained(model, run_dir, config, prefix_config)  # our converted prefix
+
+    def decode_inputs(self) -> dict:
+        return {"prefixes": self.export()}
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
@@ -84,4 +97,4 @@ class PeftPrefixModel(Tuned):
     def save_trained(self, out_dir: str | Path) -> Path:
         """prefix.safetensors (converted, for our decoding) and PEFT's own weights (weights.safetensors)."""
         super().save_trained(out_dir)
-        return self.export().save(Path(out_dir) / "prefix.safetensors")
+        return self.export().save(Path(out_dir) / self.trained_file)

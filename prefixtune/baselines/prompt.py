@@ -29,6 +29,7 @@ FILE = "prompt.safetensors"
 
 class PromptModel(Tuned):
     method = "prompt"
+    trained_file = FILE
 
     def __init__(self, model, config: PrefixConfig):
         super().__init__(model, config.loss)
@@ -45,6 +46,18 @@ class PromptModel(Tuned):
             self.embedding = nn.Parameter(emb.detach()[rows].float().clone())
             self.mlp = None
         self.to(emb.device)
+
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        return cls(model, prefix_config)
+
+    @classmethod
+    def load_trained(cls, model, run_dir, config, prefix_config) -> dict:
+        return {"soft_prompt": load_soft_prompt(run_dir, model).to(next(model.parameters()).device)}
+
+    def decode_inputs(self) -> dict:
+        with torch.no_grad():
+            return {"soft_prompt": self.soft_prompt().detach().float()}
 
     def soft_prompt(self) -> torch.Tensor:
         """P: ``[length, hidden]`` input embeddings."""

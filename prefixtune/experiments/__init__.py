@@ -19,15 +19,25 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..methods import METHODS
 from .runs import Eval, Run, run_all
 
 NAMES = ("lr-grid", "low-data", "initialisation", "table-to-text", "extrapolation", "prefix-length", "summarization")
 
-# The learning-rate grid: 3 values per method name (of Scale.methods), around the rates that 40-step
-# probes had found (prefix 5e-4, fine-tuning 5e-5, adapters/LoRA 1e-3), a factor ~3 apart.
-LR_GRID = {"prefix": (1e-4, 3e-4, 1e-3), "infix": (1e-4, 3e-4, 1e-3), "prompt": (1e-4, 3e-4, 1e-3),
-           "peft-prefix": (1e-4, 3e-4, 1e-3), "finetune": (1e-5, 3e-5, 1e-4), "ft-top2": (3e-5, 1e-4, 3e-4),
-           "adapter-0.1": (3e-4, 1e-3, 3e-3), "adapter-3": (3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3)}
+
+def split_name(name: str) -> tuple[str, float | None]:
+    """"adapter-3" -> ("adapter", 0.03): a method sized by a fraction of the model (a ``size``
+    option), with its percentage; "prefix" -> ("prefix", None)."""
+    for method, spec in METHODS.items():
+        if "size" in spec.options and name.startswith(method + "-"):
+            return method, float(name[len(method) + 1 :]) / 100
+    return name, None
+
+
+# The method names (with sizes) of the paper's table, and the learning-rate grid of each: its
+# method's (prefixtune/methods.py).
+TABLE_METHODS = ("prefix", "finetune", "ft-top2", "adapter-0.1", "adapter-3", "lora", "peft-prefix", "prompt", "infix")
+LR_GRID = {name: METHODS[split_name(name)[0]].lr_grid for name in TABLE_METHODS}
 
 DIFFERENCES = (
     "**What differs from the paper.** Base model: SmolLM2-135M-Instruct (the paper: GPT-2 medium, 345M, for "
@@ -72,20 +82,18 @@ class Scale:
     lengths: tuple[int, ...] = (1, 5, 10, 20, 40)
     summary_lengths: tuple[int, ...] = (10, 50, 200)
     summary_prefix_lengths: tuple[int, ...] = (10, 200)  # the two prefix sizes (~0.1% and ~2% of the model)
-    methods: tuple[str, ...] = ("prefix", "finetune", "ft-top2", "adapter-0.1", "adapter-3", "lora", "peft-prefix",
-                                "prompt", "infix")
+    methods: tuple[str, ...] = TABLE_METHODS
     lr_grid: dict = field(default_factory=lambda: dict(LR_GRID))  # the rates tried per method name
     lr: dict = field(default_factory=dict)  # explicit learning rates per method name (else: the grid's choice)
     chosen_lr: dict = field(default_factory=dict)  # filled from the ledger by resolve_lrs()
     model: str = "smollm2-135m"
 
     def __post_init__(self):
-        from ..methods import METHODS
-
         for name in self.methods:
             method, size = split_name(name)
             if method not in METHODS:
                 raise ValueError(f"unknown method {name!r} in --methods; use {', '.join(METHODS)} (adapter-3 = 3%)")
+            self.lr_grid.setdefault(name, METHODS[method].lr_grid)  # e.g. adapter-1, not in LR_GRID
         if self.arithmetic not in ("bf16-autocast", "float32"):
             raise ValueError(f"arithmetic must be bf16-autocast or float32, got {self.arithmetic!r}")
         if self.decode_dtype not in ("bfloat16", "float32"):
@@ -132,14 +140,6 @@ class Scale:
         training = ("bfloat16 autocast for every method (float32 weights, gradients and AdamW state; matrix products "
                     "in bfloat16)" if self.arithmetic == "bf16-autocast" else "float32 training")
         return f"{training}; test decoding in {self.decode_dtype} (dev BLEU for selection in float32)"
-
-
-def split_name(name: str) -> tuple[str, float | None]:
-    """"adapter-3" -> ("adapter", 0.03); "prefix" -> ("prefix", None)."""
-    if name.startswith(("adapter-", "lora-")):
-        method, _, size = name.partition("-")
-        return method, float(size) / 100
-    return name, None
 
 
 def resolve_lrs(scale: Scale, ledger_dir: str | Path) -> Scale:

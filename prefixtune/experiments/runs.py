@@ -153,8 +153,11 @@ class Run:
 
     def label(self) -> str:
         """A readable name (the key is what identifies the run)."""
-        extra = {"adapter": f"-{100 * self.size:g}%", "lora": f"-{100 * self.size:g}%"}.get(self.method, "")
-        if self.method in ("prefix", "infix", "prompt", "peft-prefix") and self.length != 10:
+        from ..methods import METHODS
+
+        method = METHODS[self.method]
+        extra = f"-{100 * self.size:g}%" if "size" in method.options else ""
+        if method.has_length and self.length != 10:
             extra += f"-L{self.length}"
         if self.init == "words":
             extra += f"-init:{self.init_text}"
@@ -273,7 +276,6 @@ def dev_bleu(run: Run, model, tokenizer, data):
     greedy outputs for the first ``dev_score_examples`` dev inputs, decoded with the weights being
     trained (float32, batch 32: a selection score, not a reported one)."""
     from .. import generate
-    from ..methods import decoding_kwargs
 
     groups = fixed_sample(group_references(read_task(run.task, "dev", data)), run.dev_score_examples)
     sources, refs = [g.source for g in groups], [g.references for g in groups]
@@ -283,7 +285,7 @@ def dev_bleu(run: Run, model, tokenizer, data):
         was = tuner.training
         tuner.eval()
         try:
-            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **decoding_kwargs(tuner))
+            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **tuner.decode_inputs())
         finally:
             tuner.train(was)
         return corpus_bleu(run.task, outputs, refs)
@@ -412,7 +414,7 @@ def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[
     from ..template import collate_prompts, encode, special_ids
 
     tuner = PeftPrefixModel(model, prefix_config)
-    tuner.load_trained(run_dir)
+    tuner.load_weights(run_dir)
     tuner.eval()
     _, eos, pad = special_ids(tokenizer)
     prompts = [encode(model, tokenizer, s).prompt for s in sources]
@@ -434,8 +436,9 @@ def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[
 def _trained(out: Path) -> bool:
     """Whether ``out`` holds a finished training's weights (absent on a fresh clone: the ledger has
     no weights)."""
-    return (out / "run.json").is_file() and any((out / f).is_file() for f in
-                                                ("prefix.safetensors", "prompt.safetensors", "weights.safetensors"))
+    from ..methods import METHODS, read_run
+
+    return (out / "run.json").is_file() and (out / METHODS[read_run(out)[0].method].tuner.trained_file).is_file()
 
 
 def complete(run: Run, result: dict | None) -> bool:
