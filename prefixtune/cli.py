@@ -17,6 +17,7 @@ from pathlib import Path
 from .data import DECODING, TASKS
 from .methods import METHODS
 from .models import DEFAULT_MODEL
+from .options import add_options, from_options
 
 
 def _read_task(args, split: str, need_target: bool = True):
@@ -61,20 +62,10 @@ def _fsdp(state) -> bool:
 
 def train_configs(args):
     """(PrefixConfig, TrainConfig) of parsed ``prefixtune train`` arguments."""
-    from .prefix import PrefixConfig
+    from .config import PrefixConfig
     from .train import TrainConfig
 
-    prefix_config = PrefixConfig(
-        length=args.length, reparameterize=not args.flat, mlp_hidden=args.mlp_hidden, embed_dim=args.embed_dim,
-        dropout=args.prefix_dropout, init=args.init, init_text=args.init_text, init_steps=args.init_steps,
-        loss=args.loss, gradient_checkpointing=args.gradient_checkpointing,
-    )
-    train_config = TrainConfig(
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, eval_every=args.eval_every,
-        seed=args.seed, bucket=args.bucket, patience=args.patience, compile=args.compile,
-    )
-    return prefix_config, train_config
+    return from_options(PrefixConfig, args), from_options(TrainConfig, args)
 
 
 def method_config(args):
@@ -251,8 +242,7 @@ def cmd_experiment(args) -> int:
         if method not in LR_GRID or not value:
             raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LR_GRID)}, got {item!r}")
         lrs[method] = float(value)
-    fields = {f: getattr(args, f) for f in Scale.__dataclass_fields__ if f not in ("lr", "chosen_lr") and getattr(args, f, None) is not None}
-    scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, lr=lrs)
+    scale = from_options(Scale, args, lr=lrs)
     if args.threads:
         torch.set_num_threads(args.threads)
     # the command that trains the runs (a --report-only rewrite reports the same runs)
@@ -386,38 +376,13 @@ def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
 
 
 def _training_options(t: argparse.ArgumentParser) -> None:
-    """The prefix and optimisation options of `train` and `train-many` (train_configs reads them)."""
-    g = t.add_argument_group("prefix")
-    g.add_argument("--length", type=int, default=10, help="prefix length (positions per layer)")
-    g.add_argument("--mlp-hidden", type=int, default=512, help="hidden width of the reparameterisation MLP")
-    g.add_argument("--embed-dim", type=int, default=None, help="width d' of P' (default: the model's hidden size)")
-    g.add_argument("--flat", action="store_true", help="optimise P directly, without the MLP")
-    g.add_argument("--prefix-dropout", type=float, default=0.0, help="dropout on the prefix during training")
-    g.add_argument("--init", choices=["random", "words"], default="random", help="initialisation")
-    g.add_argument("--init-text", default=None, help="text whose activations start the prefix (--init words)")
-    g.add_argument("--init-steps", type=int, default=500, help="Adam steps fitting the MLP to those activations")
-    g.add_argument("--loss", choices=["token_mean", "sequence_sum"], default="token_mean",
-                   help="mean over target tokens, or the paper's sum per sequence")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    o = t.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=float, default=5.0, help="passes over the data (unless --max-steps)")
-    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps in total")
-    o.add_argument("--batch-size", type=int, default=5, help="rows per micro-batch (over all processes together)")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (then linear decay to 0)")
-    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    o.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations/checkpoints (0: each epoch)")
-    o.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
-    o.add_argument("--patience", type=int, default=0,
-                   help="early stopping: stop after this many evaluations without a better dev loss (0: off; "
-                   "--epochs/--max-steps is then the cap)")
-    o.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (minutes to compile once; then ~1.4x faster steps on CPU "
-                   "with a bfloat16 base, see results/perf.md)")
-    o.add_argument("--bucket", type=int, default=0,
-                   help="length bucketing, for speed: the rows of this many batches are sorted by length together, "
-                   "then the batch order is shuffled (e.g. 50: E2E padding 28%% -> 1.3%%); 0: off, plain shuffled batches")
+    """The prefix and optimisation options of `train` and `train-many` (train_configs reads them):
+    PrefixConfig's and TrainConfig's fields, with their defaults and help."""
+    from .config import PrefixConfig
+    from .train import TrainConfig
+
+    add_options(t.add_argument_group("prefix"), PrefixConfig)
+    add_options(t.add_argument_group("optimisation"), TrainConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -500,52 +465,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name", choices=list(NAMES) + ["all", "grid"],
                    help="which experiment; 'grid': every experiment's runs in priority order (LR grid first), for "
                    "long background runs; 'all': each experiment in turn")
-    default = Scale()
     x.add_argument("--report-only", action="store_true",
                    help="write the report(s) (and the README's verdict table) from the ledger alone, training nothing; "
                    "the reports list the runs that are missing")
     x.add_argument("--status", action="store_true", help="list the grid's runs that are done / running / to do / waiting, and exit")
     x.add_argument("--commit", action="store_true", help="git-commit each run's ledger entry (and the reports) as it finishes")
-    x.add_argument("--model", default=default.model, help="base model (embedded default, or a Hugging Face id / directory)")
     x.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
     x.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 per process on a shared machine)")
     x.add_argument("--runs-dir", default="runs/experiments", help="training scratch (checkpoints, weights; git-ignored)")
     x.add_argument("--results-dir", default="results", help="reports and plots; the ledger is RESULTS_DIR/ledger")
-    x.add_argument("--arithmetic", default=default.arithmetic, choices=["bf16-autocast", "float32"],
-                   help="bfloat16 autocast with float32 master weights for every method, or float32 throughout")
-    x.add_argument("--decode-dtype", default=default.decode_dtype, choices=["bfloat16", "float32"],
-                   help="dtype of test decoding (bfloat16: ~2x faster on CPUs with AMX/avx512_bf16; E2E BLEU within "
-                   "0.3 of float32 on the validation cell, see results/perf.md)")
-    x.add_argument("--select", default=default.select, choices=["dev_bleu", "dev_loss"],
-                   help="what table-to-text runs are selected and stopped on (summarization: dev loss)")
-    x.add_argument("--patience", type=int, default=default.patience, help="evaluations without improvement before stopping")
-    x.add_argument("--max-epochs", type=float, default=default.max_epochs, help="cap: max(this many epochs, --min-steps)")
-    x.add_argument("--summary-max-epochs", type=float, default=default.summary_max_epochs, help="the same for summarization")
-    x.add_argument("--min-steps", type=int, default=default.min_steps, help="cap: at least this many steps")
-    x.add_argument("--eval-epochs", type=float, default=default.eval_epochs, help="evaluate every this many epochs...")
-    x.add_argument("--min-eval-steps", type=int, default=default.min_eval_steps, help="...but at most every this many steps")
-    x.add_argument("--dev-score-examples", type=int, default=default.dev_score_examples, help="dev inputs decoded for dev BLEU")
-    x.add_argument("--batch-size", type=int, default=default.batch_size, help="table-to-text batch size")
-    x.add_argument("--summary-batch-size", type=int, default=default.summary_batch_size, help="summarization batch size")
-    x.add_argument("--max-source-tokens", type=int, default=default.max_source_tokens, help="summarization sources are cut to this")
-    x.add_argument("--test-examples", type=int, default=default.test_examples, help="table-to-text test inputs (0 = all)")
-    x.add_argument("--summary-test-examples", type=int, default=default.summary_test_examples, help="summarization test documents")
-    x.add_argument("--num-beams", type=int, default=default.num_beams, help="beam size (0 = the paper's decoding per task)")
-    x.add_argument("--train-size", type=int, default=default.train_size, help="E2E size of the reference cell (LR grid, main table)")
-    x.add_argument("--train-sizes", type=int, nargs="+", default=list(default.train_sizes), help="low-data E2E sizes")
-    x.add_argument("--init-sizes", type=int, nargs="+", default=list(default.init_sizes), help="initialisation experiment sizes")
-    x.add_argument("--init-texts", nargs="+", default=list(default.init_texts),
-                   help="word initialisations compared with random (task words: table-to-text:, summarize)")
-    x.add_argument("--samplings", type=int, default=default.samplings, help="random training subsets per low-data size")
-    x.add_argument("--seeds", type=int, default=default.seeds, help="seeds per subset and cell")
-    x.add_argument("--webnlg-train-examples", type=int, default=default.webnlg_train_examples, help="WebNLG training subset")
-    x.add_argument("--dialogsum-train-examples", type=int, default=default.dialogsum_train_examples, help="DialogSum training subset")
-    x.add_argument("--lengths", type=int, nargs="+", default=list(default.lengths), help="E2E prefix lengths")
-    x.add_argument("--summary-lengths", type=int, nargs="+", default=list(default.summary_lengths), help="XSUM prefix lengths")
-    x.add_argument("--summary-prefix-lengths", type=int, nargs="+", default=list(default.summary_prefix_lengths),
-                   help="the two prefix sizes of the summarization experiment")
-    x.add_argument("--methods", nargs="+", default=list(default.methods),
-                   help="table-to-text methods (adapter-3 = adapters of 3%% of the model)")
+    add_options(x, Scale)
     x.add_argument("--lr", action="append", default=[],
                    help="METHOD=VALUE: fix a method's peak learning rate instead of the grid's choice (repeatable)")
     x.set_defaults(func=cmd_experiment)

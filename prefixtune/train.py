@@ -41,6 +41,7 @@ from . import attach
 from .data import Example
 from .attach import is_seq2seq
 from .methods import MethodConfig, build
+from .options import option
 from .config import PrefixConfig
 from .loss import normaliser
 from .tuner import PrefixTuner
@@ -49,45 +50,37 @@ from .template import Encoded, collate_train, encode, special_ids
 
 @dataclass
 class TrainConfig:
-    """epochs: passes over the training data (ignored when max_steps is set).
-    max_steps: optimizer steps in total. batch_size: rows per micro-batch; grad_accum
-    micro-batches make one optimizer step. lr, warmup_steps, weight_decay, max_grad_norm: AdamW
-    with linear warmup then linear decay to 0, gradient-norm clipping. eval_every: optimizer
-    steps between dev evaluations and checkpoints (0 = once per epoch). seed: data order, dropout
-    and initialisation. bucket: length bucketing, to cut padding: each epoch's shuffled rows are cut
-    into windows of ``bucket * batch_size`` rows, each window is sorted by length and cut into
-    batches, and the order of the epoch's batches is shuffled; deterministic in (seed, epoch).
-    0 = off (default): batches are consecutive rows of the shuffled order. 50 cuts E2E's padding
-    from 28% to 1.3% of the token slots at batch 8.
+    """How training runs (each field's help says what it does; ``prefixtune train --help`` shows the
+    same). max_grad_norm: gradient-norm clipping. dev_batch_size: rows per dev-loss batch.
+    autocast: run forwards in bfloat16 autocast (torch.autocast), with the trained weights, their
+    gradients and AdamW state in float32 (the usual mixed-precision recipe; for methods that train
+    the base model's own weights). Under N processes ``batch_size`` is still the global micro-batch."""
 
-    Under N processes ``batch_size`` is still the global micro-batch (rows per micro-step over all
-    processes).
-
-    patience: early stopping (0 = off, the default): stop once ``patience`` evaluations in a row
-    brought no better selection score (dev loss, or the Trainer's ``dev_score`` hook); ``epochs`` /
-    ``max_steps`` is then a cap (the learning rate still decays over the cap). The best evaluation's
-    trained result is what the run directory keeps. autocast: run forwards in bfloat16 autocast
-    (torch.autocast), with the trained weights, their gradients and AdamW state in float32 (the
-    usual mixed-precision recipe; for methods that train the base model's own weights). compile:
-    the training forward under ``torch.compile(dynamic=True)`` (fuses the elementwise work of forward
-    and backward: a bfloat16 step on CPU goes from ~3x to ~2x a no-grad forward; compiling takes
-    minutes once per process, so it pays off on runs of a few hundred steps and more)."""
-
-    epochs: float = 5.0
-    max_steps: int | None = None
-    batch_size: int = 5
-    grad_accum: int = 1
-    lr: float = 5e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    epochs: float = option(5.0, "passes over the training data (unless --max-steps)")
+    max_steps: int | None = option(None, "optimizer steps in total")
+    batch_size: int = option(5, "rows per micro-batch (over all processes together)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(5e-5, "AdamW peak learning rate (linear warmup, then linear decay to 0)")
+    warmup_steps: int = option(0, "linear warmup steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = 1.0
-    eval_every: int = 0
+    eval_every: int = option(0, "optimizer steps between dev evaluations and checkpoints (0: once per epoch)")
     dev_batch_size: int = 16
-    seed: int = 42
-    bucket: int = 0
-    patience: int = 0
+    seed: int = option(42, "seed of the initialisation, data order and dropout")
+    bucket: int = option(
+        0, "length bucketing, to cut padding: each epoch's shuffled rows are cut into windows of this many batches, "
+        "each window is sorted by length and cut into batches, and the order of the epoch's batches is shuffled "
+        "(deterministic in seed and epoch); e.g. 50 cuts E2E's padding from 28% to 1.3% of the token slots at "
+        "batch 8. 0: off, batches are consecutive rows of the shuffled order")
+    patience: int = option(
+        0, "early stopping: stop after this many evaluations in a row without a better selection score (dev loss, or "
+        "the Trainer's dev_score hook); --epochs/--max-steps is then a cap (the learning rate still decays over the "
+        "cap) and the best evaluation's result is kept. 0: off")
     autocast: bool = False
-    compile: bool = False
+    compile: bool = option(
+        False, "the training forward under torch.compile(dynamic=True): fuses the elementwise work of forward and "
+        "backward (a bfloat16 step on CPU goes from ~3x to ~2x a no-grad forward, ~1.4x faster, see results/perf.md); "
+        "compiling takes minutes once per process, so it pays off on runs of a few hundred steps and more")
 
 
 # run.json files written before a TrainConfig field existed ran with these values
