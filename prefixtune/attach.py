@@ -49,6 +49,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import TransformersKwargs
 
+from .modes import eval_mode
+
 log = logging.getLogger("prefixtune")
 
 IMPLEMENTATION = "prefixtune"
@@ -396,12 +398,8 @@ def _probe_inputs(model) -> dict:
 
 @torch.no_grad()
 def _run(model, **kwargs):
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return model(**kwargs)
-    finally:
-        model.train(was_training)
 
 
 def enable(model) -> None:

@@ -131,13 +131,12 @@ def cmd_train(args) -> int:
 def decode_share(model, tokenizer, sources: list[str], batch_size: int, rank: int, world: int) -> list[int]:
     """Indices of the sources process ``rank`` of ``world`` decodes: whole batches of the single-process
     run (sources sorted by prompt length, cut into ``batch_size`` rows), every world-th from the
-    rank-th, in that order; ``generate`` then forms exactly those batches again, so every row is
-    decoded in the batch (same rows, same padding) it would have been in alone."""
-    from .template import encode
+    rank-th, in that order; ``generate`` then forms exactly those batches again (the same
+    :func:`~prefixtune.template.prompt_batches`), so every row is decoded in the batch (same rows,
+    same padding) it would have been in alone."""
+    from .template import prompt_batches
 
-    lengths = [len(encode(model, tokenizer, s).prompt) for s in sources]
-    order = sorted(range(len(sources)), key=lengths.__getitem__)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    _, batches = prompt_batches(model, tokenizer, sources, batch_size)
     return [i for b in batches[rank::world] for i in b]
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from . import attach
+from .modes import eval_mode
 
 
 @dataclass
@@ -113,17 +114,14 @@ def lm_head_split(model):
     body, head = getattr(model, "base_model", None), model.get_output_embeddings()
     split = False
     if body is not None and body is not model and head is not None:
-        was_training = model.training
-        model.eval()
         try:
-            ids = torch.tensor([[1, 2, 3, 4]], device=next(model.parameters()).device)
-            full = model(input_ids=ids, use_cache=False).logits.float()
-            mine = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+            with eval_mode(model):
+                ids = torch.tensor([[1, 2, 3, 4]], device=next(model.parameters()).device)
+                full = model(input_ids=ids, use_cache=False).logits.float()
+                mine = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
             split = (body, head) if torch.allclose(full, mine, rtol=1e-4, atol=1e-4) else False
         except Exception:  # any other signature or output type: use the full forward
             split = False
-        finally:
-            model.train(was_training)
     model._prefixtune_lm_head_split = split
     return split or None
 

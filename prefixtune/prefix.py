@@ -47,14 +47,8 @@ class Prefix:
         return sum(t.numel() for t in self.kv.values())
 
     def save(self, path: str | Path) -> Path:
-        """Write ``.safetensors`` with the metadata as JSON in its header (atomic: temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {f"{p}": t.detach().float().contiguous().cpu() for p, t in self.kv.items()}
-        save_file(tensors, str(tmp), metadata={"prefixtune": json.dumps(self.meta, sort_keys=True)})
-        tmp.replace(path)
-        return path
+        """Write ``.safetensors`` with the metadata as JSON in its header (atomic)."""
+        return save_safetensors(path, self.kv, self.meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Prefix":
@@ -138,6 +132,18 @@ class Prefix:
                 f"prefix was trained on base model {mine} but is being used with {theirs}; "
                 "a prefix only works with the exact model it was trained on"
             )
+
+
+def save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write ``tensors`` (as float32) with ``meta`` as JSON under the header's "prefixtune" key, as every
+    file prefixtune keeps is written; atomic (temp file + rename), so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
+    save_file(tensors, str(tmp), metadata={"prefixtune": json.dumps(meta, sort_keys=True)})
+    tmp.replace(path)
+    return path
 
 
 def make_meta(model, kv: dict[str, torch.Tensor], config: PrefixConfig | None = None, site: str = "prefix") -> dict:

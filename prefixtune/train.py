@@ -45,7 +45,8 @@ from .options import option
 from .config import PrefixConfig
 from .loss import normaliser
 from .tuner import PrefixTuner
-from .template import Encoded, collate_train, encode, special_ids
+from .modes import eval_mode
+from .template import Encoded, collate_train, encode, length_batches, special_ids
 
 
 @dataclass
@@ -590,22 +591,19 @@ def target_nll_sums(tuner: PrefixTuner, examples: list[Encoded], pad: int, batch
                     progress: bool = False, shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
     """(summed negative log-likelihood, target tokens) of ``examples`` in length-sorted batches;
     ``shard=(rank, world)`` takes every world-th batch from the rank-th."""
-    was_training = tuner.training
-    tuner.eval()
     device = next(tuner.model.parameters()).device
     total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].target))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = length_batches([len(e.prompt) + len(e.target) for e in examples], batch_size)
     mine = chunks[shard[0] :: shard[1]]
     # every shard runs the same number of batches (a spare one is run and ignored), so that all
     # processes make the same collective calls (an FSDP-sharded base gathers weights in forward)
     rounds = math.ceil(len(chunks) / shard[1]) if shard[1] > 1 else len(mine)
-    for k in tqdm(range(rounds), desc="dev", leave=False, disable=not progress):
-        rows = mine[k] if k < len(mine) else chunks[0]
-        batch = {n: t.to(device) for n, t in collate_train(tuner.model, [examples[i] for i in rows], pad).items()}
-        out = tuner(**batch, return_logits=False)
-        if k < len(mine):
-            total += float(out.nll_sum)
-            count += int(out.n_targets)
-    tuner.train(was_training)
+    with eval_mode(tuner):
+        for k in tqdm(range(rounds), desc="dev", leave=False, disable=not progress):
+            rows = mine[k] if k < len(mine) else chunks[0]
+            batch = {n: t.to(device) for n, t in collate_train(tuner.model, [examples[i] for i in rows], pad).items()}
+            out = tuner(**batch, return_logits=False)
+            if k < len(mine):
+                total += float(out.nll_sum)
+                count += int(out.n_targets)
     return total, count

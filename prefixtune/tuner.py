@@ -21,7 +21,15 @@ from .batch import split_layers
 from .config import PrefixConfig
 from .loss import TunerOutput, lm_forward
 from .methods import Tuner
+from .modes import eval_mode
 from .prefix import Prefix, make_meta
+
+
+def reparameterisation(length: int, embed_dim: int, hidden: int, width: int) -> tuple[nn.Parameter, nn.Sequential]:
+    """P' (``[length, embed_dim]``, nn.Embedding's init) and the MLP that makes P (``[length, width]``)
+    of it: the paper's reparameterisation, of a prefix and of the embedding-only ablation's soft prompt."""
+    return (nn.Parameter(torch.randn(length, embed_dim)),
+            nn.Sequential(nn.Linear(embed_dim, hidden), nn.Tanh(), nn.Linear(hidden, width)))
 
 
 class PrefixEncoder(nn.Module):
@@ -37,8 +45,7 @@ class PrefixEncoder(nn.Module):
         layers, heads, dim = shape
         width = layers * 2 * heads * dim
         if config.reparameterize:
-            self.embedding = nn.Parameter(torch.randn(config.length, embed_dim))  # P' (nn.Embedding's init)
-            self.mlp = nn.Sequential(nn.Linear(embed_dim, config.mlp_hidden), nn.Tanh(), nn.Linear(config.mlp_hidden, width))
+            self.embedding, self.mlp = reparameterisation(config.length, embed_dim, config.mlp_hidden, width)
         else:
             self.embedding = nn.Parameter(torch.randn(config.length, width))  # P itself
             self.mlp = None
@@ -145,13 +152,9 @@ class PrefixTuner(Tuner):
             # per layer [1, heads, length, key/value size] (keys, values) -> [layers, 2, heads, length, width]
             pad = lambda t: nn.functional.pad(t[0], (0, width[p] - t.shape[-1]))  # noqa: E731
             target = torch.stack([torch.stack([pad(k), pad(v)]) for k, v in recorded[p]]).float()
-            was_training = enc.training
-            enc.eval()  # fitted without prefix dropout, so P is the activations themselves
-            try:
-                with torch.enable_grad():
-                    errors[p] = enc.fit(target, self.config.init_steps, self.config.init_lr)
-            finally:
-                enc.train(was_training)
+            # fitted without prefix dropout, so P is the activations themselves
+            with eval_mode(enc), torch.enable_grad():
+                errors[p] = enc.fit(target, self.config.init_steps, self.config.init_lr)
         return errors
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True,
@@ -169,11 +172,8 @@ class PrefixTuner(Tuner):
 
     def export(self) -> Prefix:
         """Run the MLP once and keep only P_theta (the MLP is dropped)."""
-        with torch.no_grad():
-            was_training = self.training
-            self.eval()  # no prefix dropout in the exported prefix
+        with torch.no_grad(), eval_mode(self):  # no prefix dropout in the exported prefix
             kv = {p: t.detach().float().cpu().clone() for p, t in self.prefix_kv().items()}
-            self.train(was_training)
             for p, t in kv.items():  # columns past a head's size are never used: store zeros
                 kd, vd = attach.prefix_shapes(self.model).head_dims[p]
                 t[:, 0, ..., kd:] = 0

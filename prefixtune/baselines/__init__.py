@@ -7,13 +7,12 @@ trainer, data pipeline and decoding serve them all; each is registered in prefix
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..methods import Tuner
+from ..prefix import save_safetensors
 
 WEIGHTS = "weights.safetensors"
 
@@ -41,14 +40,8 @@ class Tuned(Tuner):
         return {}
 
     def save_trained(self, out_dir: str | Path) -> Path:
-        """The trained weights by name, as safetensors (atomic: temp file + rename)."""
-        path = Path(out_dir) / WEIGHTS
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {n: p.detach().float().contiguous().cpu() for n, p in self.named_parameters()}
-        save_file(tensors, str(tmp), metadata={"prefixtune": json.dumps({"method": self.method})})
-        tmp.replace(path)
-        return path
+        """The trained weights by name, as safetensors."""
+        return save_safetensors(Path(out_dir) / WEIGHTS, dict(self.named_parameters()), {"method": self.method})
 
     def load_weights(self, out_dir: str | Path) -> None:
         """Load weights that :meth:`save_trained` wrote (every trainable tensor must be there)."""

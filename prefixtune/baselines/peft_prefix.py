@@ -20,6 +20,7 @@ import torch
 from .. import attach
 from ..config import PrefixConfig
 from ..loss import lm_forward
+from ..modes import eval_mode
 from ..prefix import Prefix
 from ..tuner import PrefixTuner
 from . import Tuned
@@ -81,10 +82,8 @@ class PeftPrefixModel(Tuned):
         """PEFT's trained prefix in our format (keys rotated back for rotary models, see module doc)."""
         from ..peft_io import convert
 
-        was = self.training
-        self.eval()
-        kv = self.peft_kv().detach().float()  # [layers, 2, heads, length, dim] -> PEFT's flat layout
-        self.train(was)
+        with eval_mode(self):
+            kv = self.peft_kv().detach().float()  # [layers, 2, heads, length, dim] -> PEFT's flat layout
         flat = kv.permute(3, 0, 1, 2, 4).reshape(self.config.length, -1).cpu()
         prefix = convert(flat, self.model, self.config.length)
         prefix.meta["config"] = self.config.to_json()

@@ -276,18 +276,14 @@ def dev_bleu(run: Run, model, tokenizer, data):
     greedy outputs for the first ``dev_score_examples`` dev inputs, decoded with the weights being
     trained (float32, batch 32: a selection score, not a reported one)."""
     from .. import generate
+    from ..modes import eval_mode
 
     groups = fixed_sample(group_references(read_task(run.task, "dev", data)), run.dev_score_examples)
     sources, refs = [g.source for g in groups], [g.references for g in groups]
 
     def score(trainer) -> float:
-        tuner = trainer.tuner
-        was = tuner.training
-        tuner.eval()
-        try:
-            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **tuner.decode_inputs())
-        finally:
-            tuner.train(was)
+        with eval_mode(trainer.tuner):
+            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **trainer.tuner.decode_inputs())
         return corpus_bleu(run.task, outputs, refs)
 
     return score
@@ -376,6 +372,7 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
     the ledger. Returns {eval key: result}."""
     from .. import generate
     from ..methods import load_trained, read_run
+    from ..template import special_ids
 
     method, prefix_config = read_run(out)
     results = {}
@@ -390,11 +387,14 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
             sources = [g.source for g in groups]
             start, cpu = time.perf_counter(), time.process_time()
             if decoder == "peft":
-                outputs = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
+                tokens = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
             else:
-                outputs = generate(model, tokenizer, sources, batch_size=DECODE_BATCH, progress=True, **kwargs, **decoding)
+                tokens = [g.tokens for g in generate(model, tokenizer, sources, batch_size=DECODE_BATCH, progress=True,
+                                                     return_tokens=True, **kwargs, **decoding)]
+            outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-            new_tokens = sum(len(tokenizer(o, add_special_tokens=False).input_ids) for o in outputs)
+            eos = special_ids(tokenizer)[1]
+            new_tokens = sum(len(t) - (t[-1:] == [eos]) for t in tokens)  # the outputs' tokens (EOS not counted)
             scores, items = score_outputs(ev, groups, outputs, data)
             files = ledger.write_eval_files(ledger_dir.parent, ledger_dir.name, ev, outputs, items)
             seen = seen_categories(data) if ev.task == "webnlg" else set()
@@ -408,25 +408,24 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
 
 
 @torch.no_grad()
-def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[str], decoding: dict) -> list[str]:
-    """Decode with PEFT's own ``PeftModel.generate`` and its trained prefix (the peer's decoding path)."""
+def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[str], decoding: dict) -> list[list[int]]:
+    """Decode with PEFT's own ``PeftModel.generate`` and its trained prefix (the peer's decoding path);
+    the generated tokens of each source, up to its EOS, as :func:`prefixtune.generate` returns them."""
     from ..baselines.peft_prefix import PeftPrefixModel
-    from ..template import collate_prompts, encode, special_ids
+    from ..generate import until_eos
+    from ..template import collate_prompts, prompt_batches, special_ids
 
     tuner = PeftPrefixModel(model, prefix_config)
     tuner.load_weights(run_dir)
     tuner.eval()
     _, eos, pad = special_ids(tokenizer)
-    prompts = [encode(model, tokenizer, s).prompt for s in sources]
-    outputs = [""] * len(sources)
-    order = sorted(range(len(sources)), key=lambda i: len(prompts[i]))
-    for k in range(0, len(order), 16):
-        rows = order[k : k + 16]
+    prompts, batches = prompt_batches(model, tokenizer, sources, 16)
+    outputs: list[list[int]] = [[] for _ in sources]
+    for rows in batches:
         batch = collate_prompts(model, [prompts[i] for i in rows], pad)
         out = tuner.peft_model.generate(**batch, do_sample=False, eos_token_id=eos, pad_token_id=pad, **decoding)
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, t in zip(rows, texts):
-            outputs[i] = t.strip()
+        for i, row in zip(rows, out[:, batch["input_ids"].shape[1]:]):
+            outputs[i] = until_eos(row, eos)
     return outputs
 
 
