@@ -38,7 +38,7 @@ def _processes(args):
     """(accelerate's process state, the device for this process's model). One process: --device as
     given (default CPU). N processes (accelerate launch / torchrun): one device per process (CPU
     processes with --device cpu, or on a machine without accelerators)."""
-    from .train import process_state
+    from .processes import process_state
 
     state = process_state(cpu=True if args.device == "cpu" else None)
     return state, (args.device if state.num_processes == 1 else state.device)
@@ -55,7 +55,7 @@ def _load_model(args, state, device):
 
 def _fsdp(state) -> bool:
     """Shard the base with FSDP: asked for through accelerate, and more than one process."""
-    from .train import fsdp_requested
+    from .processes import fsdp_requested
 
     return state.num_processes > 1 and fsdp_requested()
 
@@ -81,7 +81,7 @@ def cmd_train(args) -> int:
     import torch
 
     from .methods import describe
-    from .train import Trainer
+    from .train import train_method
 
     if args.task == "jsonl" and not args.train:
         raise SystemExit("prefixtune train: --task jsonl needs --train FILE.jsonl (rows of {\"source\", \"target\"})")
@@ -98,27 +98,26 @@ def cmd_train(args) -> int:
     model, tokenizer = _load_model(args, state, None if fsdp else device)  # FSDP moves only a shard to the device
     n_model = sum(p.numel() for p in model.parameters())
     if fsdp:
-        from .train import shard_base
+        from .processes import shard_base
 
         model = shard_base(model, device)
-    trainer = Trainer(model, tokenizer, train, dev, prefix_config, train_config, args.out, method=method)
-    n_train = trainer.tuner.num_trainable_parameters()
-    n_export = trainer.tuner.num_stored_parameters()
-    say(f"model {args.model}: {n_model:,} parameters")
-    say(f"{describe(method)}: {n_train:,} trainable ({100 * n_train / n_model:.3f}% of the model), "
-        f"{n_export:,} stored after training ({100 * n_export / n_model:.3f}%)")
-    say(f"data: {len(train):,} training pairs, {len(dev or []):,} dev pairs; {trainer.total_steps:,} steps"
-        + (f"; {state.num_processes} processes{' (FSDP-sharded base)' if fsdp else ''}, "
-           f"{train_config.batch_size} rows per micro-batch in all" if state.num_processes > 1 else ""))
-    result = trainer.fit()
+
+    def announce(trainer, sizes):
+        say(f"model {args.model}: {n_model:,} parameters")
+        say(f"{describe(method)}: {sizes['trainable_parameters']:,} trainable ({sizes['trainable_percent']:.3f}% of the "
+            f"model), {sizes['stored_parameters']:,} stored after training ({sizes['stored_percent']:.3f}%)")
+        say(f"data: {len(train):,} training pairs, {len(dev or []):,} dev pairs; {trainer.total_steps:,} steps"
+            + (f"; {state.num_processes} processes{' (FSDP-sharded base)' if fsdp else ''}, "
+               f"{train_config.batch_size} rows per micro-batch in all" if state.num_processes > 1 else ""))
+
+    _, sizes, result = train_method(model, tokenizer, train, dev, prefix_config, train_config, args.out, method=method,
+                                    n_model=n_model, announce=announce)
     if not state.is_main_process:
         return 0
     # peak resident memory of this process so far (model loading included); Linux reports KiB
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary = {"model": args.model, "method": method.to_json(), "model_parameters": n_model,
-               "trainable_parameters": n_train, "trainable_percent": 100 * n_train / n_model,
-               "exported_parameters": n_export, "stored_percent": 100 * n_export / n_model,
-               "wall_seconds": time.perf_counter() - start, "peak_memory_mb": peak_mb, **result}
+    summary = {"model": args.model, **sizes, "wall_seconds": time.perf_counter() - start, "peak_memory_mb": peak_mb,
+               **result}
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     first, last = result["history"][0], result["history"][-1]
     if first.get("dev_loss") is not None:

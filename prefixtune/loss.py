@@ -108,7 +108,8 @@ def lm_head_split(model):
     """(body, head) of a decoder-only LM such that ``head(body(...).last_hidden_state)`` are its
     logits, or None when the model does not split that way (e.g. logits scaled or soft-capped
     after the head). Checked once per model on a short input, so any architecture is safe."""
-    cached = getattr(model, "_prefixtune_lm_head_split", None)
+    state = attach.model_state(model)
+    cached = state.lm_head_split
     if cached is not None:
         return cached or None
     body, head = getattr(model, "base_model", None), model.get_output_embeddings()
@@ -122,6 +123,6 @@ def lm_head_split(model):
             split = (body, head) if torch.allclose(full, mine, rtol=1e-4, atol=1e-4) else False
         except Exception:  # any other signature or output type: use the full forward
             split = False
-    model._prefixtune_lm_head_split = split
+    state.lm_head_split = split
     return split or None
 

@@ -9,7 +9,7 @@ A run directory holds:
                         they keep, see prefixtune/methods.py)
   log.jsonl             one line per evaluation (step, train loss, dev loss, seconds per step)
 
-Scale-out: the same code runs as N processes under ``accelerate launch`` (or ``torchrun``), one per
+Scale-out (the process helpers: prefixtune/processes.py): the same code runs as N processes under ``accelerate launch`` (or ``torchrun``), one per
 device, on one or many machines. ``batch_size`` stays the global micro-batch: every process builds
 the same micro-batch and takes its own contiguous share of the rows; each share's loss is normalised
 by the global number of target tokens (rows for ``sequence_sum``), and the prefix gradients are
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import threading
@@ -32,20 +31,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import attach
-from .data import Example
 from .attach import is_seq2seq
-from .methods import MethodConfig, build
-from .options import option
 from .config import PrefixConfig
+from .data import Example
 from .loss import normaliser
-from .tuner import PrefixTuner
+from .methods import MethodConfig, build
 from .modes import eval_mode
+from .options import option
+from .processes import process_state, share
+from .tuner import PrefixTuner
 from .template import Encoded, collate_train, encode, length_batches, special_ids
 
 
@@ -88,66 +86,6 @@ class TrainConfig:
 _LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False, "compile": False}
 
 
-def process_state(cpu: bool | None = None) -> PartialState:
-    """accelerate's view of this process (rank, world size, device), from the environment that
-    ``accelerate launch`` or ``torchrun`` set up; one process (rank 0 of 1) otherwise.
-
-    The first call in a process fixes it. ``cpu``: collectives on CPU tensors (gloo); default: when
-    the machine has no accelerator (accelerate would otherwise treat CPU workers as unrelated
-    single processes) or ``ACCELERATE_USE_CPU`` is set.
-    """
-    if cpu is None:
-        cpu = not torch.accelerator.is_available()
-    if _env_flag("ACCELERATE_USE_CPU"):
-        cpu = True
-    return PartialState(cpu=cpu)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def fsdp_requested() -> bool:
-    """Whether accelerate was told to shard with FSDP (``accelerate launch --use_fsdp`` or an FSDP
-    ``accelerate config``). Raises if it also asked for loading the weights in process 0 only (then
-    the other processes would hold no weights to take the prefix shapes and fingerprint from)."""
-    if not _env_flag("ACCELERATE_USE_FSDP"):
-        return False
-    if _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
-        raise ValueError("FSDP with --fsdp_cpu_ram_efficient_loading true is not supported: pass "
-                         "--fsdp_cpu_ram_efficient_loading false (each process reads the base, then keeps its shard)")
-    return True
-
-
-def shard_base(model, device):
-    """Shard the frozen base model over the processes with FSDP (version 1), with the settings
-    accelerate passes in the environment (sharding strategy, wrap policy, prefetching...).
-
-    For base models too large for one device: each process keeps a 1/N slice of the weights on
-    ``device`` and gathers one wrapped block at a time. The prefix is not sharded (it is tiny): it
-    stays replicated and :class:`Trainer` all-reduces its gradients. Prefix shapes and the base
-    model's fingerprint are taken first, from the full weights (``model`` on CPU is fine).
-    """
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 1:
-        raise ValueError("prefixtune shards the base model with FSDP version 1: use --fsdp_version 1")
-    if plugin.cpu_offload is not None and getattr(plugin.cpu_offload, "offload_params", False):
-        raise ValueError("FSDP parameter offloading to CPU is not supported (the prefix lives with the base's weights)")
-    attach.enable(model)
-    attach.model_identity(model, pin=True)  # from the full weights: after sharding each process has a slice
-    plugin.set_auto_wrap_policy(model)
-    return FullyShardedDataParallel(
-        model, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
-        auto_wrap_policy=plugin.auto_wrap_policy, backward_prefetch=plugin.backward_prefetch,
-        forward_prefetch=plugin.forward_prefetch, limit_all_gathers=plugin.limit_all_gathers,
-        use_orig_params=plugin.use_orig_params, sync_module_states=plugin.sync_module_states,
-        device_id=torch.device("cpu") if torch.device(device).type == "cpu" else torch.device(device),
-    )
-
-
 class _StopAtStepEnd:
     """Ctrl-C (SIGINT) during training: the first one lets the current optimizer step finish, so the
     checkpoint then saved is exact (parameters, optimizer, RNG and data position all at a step's
@@ -175,13 +113,6 @@ class _StopAtStepEnd:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
-
-
-def share(n: int, rank: int, world: int) -> slice:
-    """Process ``rank``'s contiguous share of ``n`` rows (sizes differ by at most one, larger first)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 class Trainer:
@@ -266,13 +197,6 @@ class Trainer:
         """Row indices of the run's ``index``-th (global) micro-batch."""
         epoch, pos = divmod(index, self.batches_per_epoch)
         return self.epoch_batches(epoch)[pos]
-
-    def micro_batch(self, index: int) -> dict[str, torch.Tensor] | None:
-        """This process's share of the ``index``-th micro-batch (all of it in a single process),
-        collated; None when the share is empty (a last batch with fewer rows than processes)."""
-        rows = self.micro_batch_rows(index)
-        rows = rows[share(len(rows), self.rank, self.world)]
-        return collate_train(self.model, [self.train_set[i] for i in rows], self.pad) if rows else None
 
     # --- loop ------------------------------------------------------------------------------------
 
@@ -568,6 +492,27 @@ class Trainer:
         if ckpt is None:
             return None
         return load_file(str(ckpt / "state.safetensors")), json.loads((ckpt / "state.json").read_text())
+
+
+def train_method(model, tokenizer, train: list[Example], dev: list[Example] | None, prefix_config: PrefixConfig,
+                 config: TrainConfig, out_dir: str | Path, method: MethodConfig | None = None, dev_score=None,
+                 n_model: int | None = None, announce=None) -> tuple[Trainer, dict, dict]:
+    """Train ``method`` (default: a prefix) on ``model`` into ``out_dir``: what ``prefixtune train`` and
+    every experiment run do. Returns the trainer, its sizes (the method; the parameters of the base
+    model, the trainable ones and those stored after training, with their percentages of the base
+    model: the summary's format) and :meth:`Trainer.fit`'s result. ``n_model``: the base model's
+    parameter count where ``model`` no longer shows all of it (an FSDP-sharded base); by default it
+    is counted here, before a method adds weights to the model (LoRA). ``announce(trainer, sizes)``
+    is called before training starts."""
+    n_model = n_model or sum(p.numel() for p in model.parameters())
+    trainer = Trainer(model, tokenizer, train, dev, prefix_config, config, out_dir, method=method, dev_score=dev_score)
+    n_train, n_stored = trainer.tuner.num_trainable_parameters(), trainer.tuner.num_stored_parameters()
+    sizes = {"method": trainer.method.to_json(), "model_parameters": n_model, "trainable_parameters": n_train,
+             "trainable_percent": 100 * n_train / n_model, "stored_parameters": n_stored,
+             "stored_percent": 100 * n_stored / n_model}
+    if announce is not None:
+        announce(trainer, sizes)
+    return trainer, sizes, trainer.fit()
 
 
 def autocast_context(enabled: bool, device_type: str = "cpu"):

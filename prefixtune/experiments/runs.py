@@ -300,8 +300,8 @@ def corpus_bleu(task: str, outputs: list[str], refs: list[list[str]]) -> float:
 
 def train(run: Run, out: Path, data, threads: int | None) -> dict:
     from ..methods import MethodConfig
-    from ..prefix import PrefixConfig
-    from ..train import TrainConfig, Trainer
+    from ..config import PrefixConfig
+    from ..train import TrainConfig, train_method
 
     start, cpu = time.perf_counter(), time.process_time()
     model, tokenizer = _load(run, threads)
@@ -317,17 +317,13 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
     hook = dev_bleu(run, model, tokenizer, data) if run.select == "dev_bleu" else None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak_rss()
-    trainer = Trainer(model, tokenizer, train_set, dev, prefix_config, train_config, out, method=method, dev_score=hook)
-    result = trainer.fit()
-    n_model = sum(p.numel() for p in model.parameters())
-    n_train, n_stored = trainer.tuner.num_trainable_parameters(), trainer.tuner.num_stored_parameters()
+    trainer, sizes, result = train_method(model, tokenizer, train_set, dev, prefix_config, train_config, out,
+                                          method=method, dev_score=hook)
     curve = result["history"]
     best = next((h for h in curve if h["step"] == result["best_step"]), curve[-1])
     train_seconds = sum((h["seconds_per_step"] or 0) * (h["step"] - p["step"]) for p, h in zip(curve, curve[1:]))
     summary = {
-        "method": method.to_json(), "model_parameters": n_model, "trainable_parameters": n_train,
-        "trainable_percent": 100 * n_train / n_model, "stored_parameters": n_stored,
-        "stored_percent": 100 * n_stored / n_model, "n_train": len(train_set), "n_dev": len(dev), **plan,
+        **sizes, "n_train": len(train_set), "n_dev": len(dev), **plan,
         "steps": result["steps"], "best_step": result["best_step"], "best_epoch": (result["best_step"] or 0) / plan["batches_per_epoch"],
         "stopped_early": result["stopped_early"], "selected_by": result["selected_by"],
         "dev_loss_start": curve[0]["dev_loss"], "dev_loss": best["dev_loss"],  # at the selected evaluation
