@@ -17,6 +17,12 @@ from ..prefix import save_safetensors
 WEIGHTS = "weights.safetensors"
 
 
+def trainable(module, prefix: str = "", remove_duplicate: bool = True):
+    """(name, parameter) of ``module``'s parameters that train (``requires_grad``): the
+    ``named_parameters`` of a method whose weights train inside the base model or PEFT's wrapper."""
+    return ((n, p) for n, p in module.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate) if p.requires_grad)
+
+
 class Tuned(Tuner):
     """Base of the wrappers whose trained weights live inside the model (fine-tuning, adapters, LoRA):
     ``parameters()`` is what subclasses yield, kept by name in weights.safetensors after training.

@@ -4,7 +4,7 @@ its default target modules per architecture are used (q and v projections for Ll
 
 from __future__ import annotations
 
-from . import Tuned
+from . import Tuned, trainable
 
 
 def _lora_size(model, rank: int) -> int:
@@ -44,6 +44,4 @@ class LoraModel(Tuned):
         return cls(model, config.rank, reduction=prefix_config.loss)
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
-            if p.requires_grad:
-                yield name, p
+        return trainable(self.peft_model, prefix, remove_duplicate)

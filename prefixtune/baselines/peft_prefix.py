@@ -23,7 +23,7 @@ from ..loss import lm_forward
 from ..modes import eval_mode
 from ..prefix import Prefix
 from ..tuner import PrefixTuner
-from . import Tuned
+from . import Tuned, trainable
 
 
 class PeftPrefixModel(Tuned):
@@ -55,9 +55,7 @@ class PeftPrefixModel(Tuned):
         return {"prefixes": self.export()}
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
-            if p.requires_grad:
-                yield name, p
+        return trainable(self.peft_model, prefix, remove_duplicate)
 
     def train(self, mode: bool = True):
         super().train(mode)
