@@ -128,8 +128,8 @@ def generate(
                     if attach.is_seq2seq(model):
                         out = out[:, 1:]  # the decoder start token
                     for j, i in enumerate(rows):
-                        results[i] = _generation(out[j], generate_kwargs["eos_token_id"], None if logits is None else logits[j],
-                                                 logprobs)
+                        results[i] = _generation(out[j], generate_kwargs["eos_token_id"],
+                                                 None if logits is None else logits[j], logprobs)
                     continue
                 texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
                 for j, i in enumerate(rows):

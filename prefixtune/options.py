@@ -2,9 +2,10 @@
 line is made from it (:func:`add_options`) and read back into it (:func:`from_options`).
 
 A field becomes ``--field-name`` when it is declared with :func:`option`; its type comes from the
-annotation (``X | None`` takes an X, a ``Literal`` gives the choices (:func:`check_choices` checks them), ``tuple[X, ...]`` takes one
-or more), a bool is a switch. Metadata ``flag`` renames the option (``--flat`` for
-``reparameterize=True``: the switch that stores the opposite of a True default).
+annotation (``X | None`` takes an X, a ``Literal`` gives the choices, which :func:`check_choices`
+also checks in ``__post_init__``, ``tuple[X, ...]`` takes one or more), a bool is a switch.
+Metadata ``flag`` renames the option (``--flat`` for ``reparameterize=True``: the switch that
+stores the opposite of a True default).
 """
 
 from __future__ import annotations

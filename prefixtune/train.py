@@ -9,8 +9,8 @@ A run directory holds:
                         they keep, see prefixtune/methods.py)
   log.jsonl             one line per evaluation (step, train loss, dev loss, seconds per step)
 
-Scale-out (the process helpers: prefixtune/processes.py): the same code runs as N processes under ``accelerate launch`` (or ``torchrun``), one per
-device, on one or many machines. ``batch_size`` stays the global micro-batch: every process builds
+Scale-out (processes and FSDP: prefixtune/processes.py): the same code runs as N processes under
+``accelerate launch`` (or ``torchrun``), one per device, on one or many machines. ``batch_size`` stays the global micro-batch: every process builds
 the same micro-batch and takes its own contiguous share of the rows; each share's loss is normalised
 by the global number of target tokens (rows for ``sequence_sum``), and the prefix gradients are
 summed over processes (one all-reduce per optimizer step, before clipping), so every process takes

@@ -20,7 +20,8 @@ WEIGHTS = "weights.safetensors"
 def trainable(module, prefix: str = "", remove_duplicate: bool = True):
     """(name, parameter) of ``module``'s parameters that train (``requires_grad``): the
     ``named_parameters`` of a method whose weights train inside the base model or PEFT's wrapper."""
-    return ((n, p) for n, p in module.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate) if p.requires_grad)
+    named = module.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate)
+    return ((n, p) for n, p in named if p.requires_grad)
 
 
 class Tuned(Tuner):

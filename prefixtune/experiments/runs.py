@@ -282,8 +282,9 @@ def dev_bleu(run: Run, model, tokenizer, data):
     sources, refs = [g.source for g in groups], [g.references for g in groups]
 
     def score(trainer) -> float:
-        with eval_mode(trainer.tuner):
-            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **trainer.tuner.decode_inputs())
+        tuner = trainer.tuner
+        with eval_mode(tuner):
+            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **tuner.decode_inputs())
         return corpus_bleu(run.task, outputs, refs)
 
     return score
