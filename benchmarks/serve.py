@@ -16,6 +16,9 @@ Systems, each on a fresh process started once, on 127.0.0.1:
 - ``dynamic``: ``prefixtune serve --batching mixed`` (dynamic mixed-prefix batching: a batch runs
   to its longest row's end before new rows start), K prefixes;
 - ``base``: the continuous server, requests without a prefix (what prefixes cost);
+- ``training``: the continuous server, K prefixes, while a prefix-training job runs on it (200
+  E2E pairs, batch 8; ``POST /v1/prefixes/NAME/train``, started before the run and cancelled
+  after it): serving latency under training, with the server's ``--train-share``;
 - ``anchor``: transformers' continuous batching (``init_continuous_batching``, paged cache, sdpa)
   on the base model, in its own process, fed the same arrivals in-process (no HTTP, no JSON):
   what a user of the base model alone would pick.
@@ -77,7 +80,7 @@ class Server:
                "--max-batch-rows", str(args.max_batch_rows), "--batch-wait-ms", str(args.batch_wait_ms),
                "--prefill-chunk", str(args.prefill_chunk), "--max-queue", "4096", "--request-timeout-s", "3600",
                "--max-new-tokens-limit", str(args.max_new), "--max-input-tokens", str(args.max_prompt_tokens + 8),
-               "--max-prefixes-in-memory", str(max(args.ks) + 8)]
+               "--max-prefixes-in-memory", str(max(args.ks) + 8), "--train-share", str(args.train_share)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         env = {**os.environ, "PREFIXTUNE_API_KEYS": f"{KEY}:bench"}
@@ -102,6 +105,12 @@ class Server:
                                      headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/octet-stream"})
         with urllib.request.urlopen(req, timeout=60) as r:
             assert r.status in (200, 201)
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(self.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())
 
     def close(self):
         self.proc.terminate()
@@ -346,6 +355,8 @@ def main(argv=None) -> dict:
     p.add_argument("--length", type=int, default=10, help="prefix length of the K random prefixes")
     p.add_argument("--systems", type=C.csv_strs, default=["continuous", "dynamic", "base", "anchor"],
                    help="which systems to run")
+    p.add_argument("--train-share", type=float, default=0.5,
+                   help="training: the server's --train-share (largest share of time training takes while serving)")
     p.add_argument("--max-batch-rows", type=int, default=32, help="rows decoded together, every system")
     p.add_argument("--prefill-chunk", type=int, default=256, help="continuous: prompt tokens prefilled per step")
     p.add_argument("--batch-wait-ms", type=int, default=50, help="dynamic: batch wait (the server's default)")
@@ -372,6 +383,7 @@ def main(argv=None) -> dict:
         sources = [tok.decode(tok(e.source, add_special_tokens=False).input_ids[: args.max_prompt_tokens - 1]).strip()
                    for e in read_task("xsum", "test")[:200]]
     ids = {s: encode(model, tok, s).prompt for s in sources}
+    train_pairs = [{"source": e.source, "target": e.target} for e in read_task("e2e", "train")[:200]]
     eos = special_ids(tok)[1]
     work = Path(tempfile.mkdtemp(prefix="prefixtune-serve-bench-"))
     files = []
@@ -392,7 +404,7 @@ def main(argv=None) -> dict:
     servers, anchor = {}, None
     try:
         for system, batching in (("continuous", "continuous"), ("dynamic", "mixed")):
-            if system in args.systems or (system == "continuous" and "base" in args.systems):
+            if system in args.systems or (system == "continuous" and {"base", "training"} & set(args.systems)):
                 servers[system] = srv = Server(args, batching, work)
                 for k, path in enumerate(files):
                     srv.upload(f"p{k}", path)
@@ -404,7 +416,7 @@ def main(argv=None) -> dict:
         top, mid = max(args.rates), sorted(args.ks)[len(args.ks) // 2]
         for rate in sorted(args.rates):
             requests = make_requests(args, sources, rate, ids)
-            plan = [(s, mid) for s in ("continuous", "dynamic") if s in args.systems]
+            plan = [(s, mid) for s in ("continuous", "training", "dynamic") if s in args.systems]
             if rate == top:
                 plan += [(s, k) for k in args.ks if k != mid for s in ("continuous", "dynamic") if s in args.systems]
             plan += [(s, 0) for s in ("base", "anchor") if s in args.systems]
@@ -412,11 +424,27 @@ def main(argv=None) -> dict:
                 if system == "anchor":
                     results = anchor.run([{k2: r[k2] for k2 in ("arrival", "ids", "max_new")} for r in requests], eos,
                                          args.fixed_lengths)
+                    extra = {}
+                elif system == "training":
+                    srv = servers["continuous"]
+                    job = srv.call("POST", "/v1/prefixes/trained/train", {"examples": train_pairs, "settings": {
+                        "length": 10, "batch_size": 8, "max_steps": 2000, "lr": 5e-4}})
+                    while srv.call("GET", f"/v1/jobs/{job['id']}")["step"] < 2:  # training under way
+                        time.sleep(0.5)
+                    before = srv.call("GET", f"/v1/jobs/{job['id']}")
+                    t0 = time.perf_counter()
+                    results = run_http(srv, requests, [f"p{i}" for i in range(k)], args.fixed_lengths)
+                    after, seconds = srv.call("GET", f"/v1/jobs/{job['id']}"), time.perf_counter() - t0
+                    srv.call("DELETE", f"/v1/jobs/{job['id']}")
+                    while srv.call("GET", f"/v1/jobs/{job['id']}")["state"] != "cancelled":
+                        time.sleep(0.5)
+                    extra = {"training_steps_per_s": (after["step"] - before["step"]) / seconds}
                 else:
                     names = [None] if system == "base" else [f"p{i}" for i in range(k)]
                     results = run_http(servers["continuous" if system == "base" else system], requests, names,
                                        args.fixed_lengths)
-                row = {"system": system, "k": k, "rate": rate, **summarise(results), "requests": results}
+                    extra = {}
+                row = {"system": system, "k": k, "rate": rate, **summarise(results), **extra, "requests": results}
                 runs.append(row)
                 print(f"  rate {rate:4.2f}/s {system:10s} K={k:3d}: {row.get('tokens_per_s', 0):6.1f} tok/s, "
                       f"TTFT p50 {row.get('ttft_p50_s', 0):6.2f}s p95 {row.get('ttft_p95_s', 0):6.2f}s, latency p50 "
@@ -439,6 +467,10 @@ def main(argv=None) -> dict:
             get("continuous", mid, rate, "ttft_p95_s"), get("dynamic", mid, rate, "ttft_p95_s"))
         ratios[f"rate{rate}_K{mid}_continuous_over_dynamic_tokens_per_s"] = C.ratio(
             get("continuous", mid, rate, "tokens_per_s"), get("dynamic", mid, rate, "tokens_per_s"))
+        ratios[f"rate{rate}_K{mid}_training_over_continuous_latency_p95"] = C.ratio(
+            get("training", mid, rate, "latency_p95_s"), get("continuous", mid, rate, "latency_p95_s"))
+        ratios[f"rate{rate}_K{mid}_training_over_continuous_tokens_per_s"] = C.ratio(
+            get("training", mid, rate, "tokens_per_s"), get("continuous", mid, rate, "tokens_per_s"))
         ratios[f"rate{rate}_base_continuous_over_anchor_tokens_per_s"] = C.ratio(
             get("base", 0, rate, "tokens_per_s"), get("anchor", 0, rate, "tokens_per_s"))
     for k in args.ks:
@@ -463,7 +495,7 @@ def main(argv=None) -> dict:
     table = C.print_table([{k: v for k, v in r.items() if k != "requests"} for r in runs],
                           [("rate", "rate/s"), ("system", "system"), ("k", "K"), ("tokens_per_s", "tok/s"),
                            ("ttft_p50_s", "TTFT p50"), ("ttft_p95_s", "TTFT p95"), ("latency_p50_s", "lat p50"),
-                           ("latency_p95_s", "lat p95"), ("errors", "errors")],
+                           ("latency_p95_s", "lat p95"), ("training_steps_per_s", "train steps/s"), ("errors", "errors")],
                           title=f"{args.requests} requests per run, {args.task} prompts, max_tokens "
                                 f"{args.min_new}-{args.max_new}, greedy")
     print(json.dumps({**ratios, **same}, indent=2))

@@ -42,6 +42,10 @@ def main(argv=None) -> dict:
     p.add_argument("--pairs", type=int, default=16, help="training pairs per job")
     p.add_argument("--rows-per-round", type=int, default=32, help="together: rows per forward/backward")
     p.add_argument("--mlp-hidden", type=int, default=512, help="width of each prefix's reparameterisation MLP")
+    p.add_argument("--round-costs", action="store_true",
+                   help="instead: time one forward+backward of the same rows_per_round rows as one round of "
+                   "rows_per_round/batch_size jobs (a prefix per job), as one batch with a single prefix, and as "
+                   "separate per-job steps; and the padding each layout adds")
     C.add_common_args(p, "results/perf/train_many.json")
     args = p.parse_args(argv)
     C.fill_defaults(args, normal=dict(jobs=[1, 4, 16, 64], steps=2, repeats=1, warmup=0),
@@ -57,6 +61,8 @@ def main(argv=None) -> dict:
     from prefixtune.train_many import Job, ManyTrainer
 
     train = read_task("e2e", "train")
+    if args.round_costs:
+        return round_costs(args, train, threads)
     rows_out, cases = [], {}
     for dtype_name in args.dtypes:
         model, tok = C.load_model(args.model, getattr(torch, dtype_name))
@@ -100,6 +106,64 @@ def main(argv=None) -> dict:
     result = {"benchmark": "train_many", "settings": {k: v for k, v in vars(args).items() if k != "memory_case"},
               "environment": C.environment(threads), "cases": cases, "table": table}
     print(f"\nwrote {C.write_json(args.out, result)}")
+    return result
+
+
+def round_costs(args, train, threads: int) -> dict:
+    """Where a train-many round's time goes, against the same rows trained one job at a time."""
+    import statistics
+
+    import torch
+
+    import prefixtune as pt
+    from prefixtune.batch import stack_prefixes
+    from prefixtune.loss import lm_forward
+    from prefixtune.template import collate_train, encode, special_ids
+
+    per_job, n_jobs = args.batch_size, args.rows_per_round // args.batch_size
+    result = {"benchmark": "train_many_round_costs", "settings": {k: v for k, v in vars(args).items()},
+              "environment": C.environment(threads), "dtypes": {}}
+    for dtype_name in args.dtypes:
+        model, tok = C.load_model(args.model, getattr(torch, dtype_name))
+        pad = special_ids(tok)[2]
+        tuners = []
+        for i in range(n_jobs):
+            torch.manual_seed(i)
+            tuners.append(pt.PrefixTuner(model, pt.PrefixConfig(length=10, mlp_hidden=args.mlp_hidden)).train())
+        rows = [[encode(model, tok, e.source, e.target) for e in train[i * per_job:(i + 1) * per_job]]
+                for i in range(n_jobs)]
+        head_dims = pt.attach.prefix_shapes(model).head_dims
+        everything = collate_train(model, sum(rows, []), pad)
+
+        def step(batch, prefix_batch):
+            out = lm_forward(model, "token_mean", return_logits=False, prefix_batch=prefix_batch, **batch)
+            out.nll_rows.sum().backward()
+
+        def round_of_jobs():  # what ManyTrainer does: one batch, a prefix per job
+            step(everything, stack_prefixes([(t.prefix_kv(), per_job) for t in tuners], head_dims))
+
+        def one_prefix():  # the same rows and padding, all with one job's prefix (broadcast, no slot mask)
+            step(everything, stack_prefixes([(tuners[0].prefix_kv(), per_job * n_jobs)], head_dims))
+
+        def jobs_one_by_one():  # what sequential training does: each job's own batch
+            for t, r in zip(tuners, rows):
+                step(collate_train(model, r, pad), stack_prefixes([(t.prefix_kv(), per_job)], head_dims))
+
+        times = C.interleaved({"round_of_jobs": round_of_jobs, "one_prefix": one_prefix,
+                               "jobs_one_by_one": jobs_one_by_one}, repeats=args.repeats, warmup=args.warmup)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        real = sum(len(e.prompt) + len(e.target) for r in rows for e in r)
+        slots = {"round": everything["input_ids"].numel(),
+                 "one_by_one": sum(collate_train(model, r, pad)["input_ids"].numel() for r in rows)}
+        result["dtypes"][dtype_name] = {
+            "seconds": {k: C.summary(v) for k, v in times.items()},
+            "round_over_one_by_one": medians["round_of_jobs"] / medians["jobs_one_by_one"],
+            "prefix_per_job_over_one_prefix": medians["round_of_jobs"] / medians["one_prefix"],
+            "padding_share": {k: 1 - real / v for k, v in slots.items()}}
+        print(dtype_name, {k: round(v, 3) for k, v in medians.items()}, result["dtypes"][dtype_name]["padding_share"],
+              flush=True)
+        del model
+    print(f"wrote {C.write_json(args.out, result)}")
     return result
 
 

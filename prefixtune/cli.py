@@ -290,7 +290,10 @@ def cmd_serve(args) -> int:
                          max_new_tokens_limit=args.max_new_tokens_limit,
                          max_prefixes_in_memory=args.max_prefixes_in_memory, max_upload_mb=args.max_upload_mb,
                          request_timeout_s=args.request_timeout_s, threads=args.threads, dtype=args.dtype,
-                         device=args.device, keys=keys)
+                         device=args.device, keys=keys, train=args.train, train_share=args.train_share,
+                         max_train_jobs=args.max_train_jobs, max_train_examples=args.max_train_examples,
+                         max_train_steps=args.max_train_steps, max_train_prefix_length=args.max_train_prefix_length,
+                         max_train_mb=args.max_train_mb)
     return serve(config)
 
 
@@ -510,6 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the frozen base model")
     s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    t = s.add_argument_group("training API", "POST /v1/prefixes/NAME/train, /v1/jobs (README, 'Training through the server')")
+    t.add_argument("--no-train", dest="train", action="store_false",
+                   help="turn the training API off, e.g. on all replicas but one where the shared disk has no reliable "
+                   "flock (training on: %(default)s)")
+    t.add_argument("--train-share", type=float, default=0.5,
+                   help="largest share of the time training takes while requests are being served (1 = no yielding)")
+    t.add_argument("--max-train-jobs", type=int, default=2, help="queued + running training jobs per tenant")
+    t.add_argument("--max-train-examples", type=int, default=5000, help="examples (train + dev) of one job")
+    t.add_argument("--max-train-steps", type=int, default=2000, help="optimizer steps of one job")
+    t.add_argument("--max-train-prefix-length", type=int, default=64, help="longest prefix a job may train")
+    t.add_argument("--max-train-mb", type=float, default=16.0, help="largest training request body")
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("train-many", help="train many prefixes (one per user) together on one frozen model",

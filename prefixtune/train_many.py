@@ -39,7 +39,7 @@ from .data.jsonl import read as read_pairs
 from .batch import stack_prefixes
 from .config import PrefixConfig
 from .loss import lm_forward
-from .template import collate_train
+from .template import collate_train, special_ids
 from .train import TrainConfig, Trainer, _StopAtStepEnd, autocast_context
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -109,7 +109,9 @@ def read_jobs(path: str | Path, prefix: PrefixConfig, train: TrainConfig) -> lis
 
 
 class ManyTrainer:
-    """Trains ``jobs`` together on one frozen ``model`` (see the module doc)."""
+    """Trains ``jobs`` together on one frozen ``model`` (see the module doc). ``fit`` runs them all
+    to their end; the server's training worker instead calls :meth:`add`, :meth:`round` and
+    :meth:`remove` as jobs come and go (prefixtune/serve/training.py)."""
 
     def __init__(self, model, tokenizer, jobs: list[Job], out_dir: str | Path, rows_per_round: int = 32,
                  autocast: bool = False, progress: bool = True):
@@ -117,45 +119,68 @@ class ManyTrainer:
             raise ValueError("train-many trains decoder-only models (the per-row loss split is decoder-only)")
         if rows_per_round < 1:
             raise ValueError(f"rows_per_round must be >= 1, got {rows_per_round}")
-        self.model, self.out, self.rows_per_round, self.progress = model, Path(out_dir), rows_per_round, progress
-        self.autocast = autocast
+        self.model, self.tokenizer, self.out = model, tokenizer, Path(out_dir)
+        self.rows_per_round, self.progress, self.autocast = rows_per_round, progress, autocast
         self.trainers: dict[str, Trainer] = {}
-        for job in jobs:
-            config = replace(job.train_config, autocast=autocast)
-            try:
-                self.trainers[job.name] = Trainer(model, tokenizer, job.train, job.dev, job.prefix, config,
-                                                  self.out / "jobs" / job.name, progress=False)
-            except ValueError as e:
-                raise ValueError(f"job {job.name!r}: {e}") from e
-        first = next(iter(self.trainers.values()))
-        if first.world > 1:
-            raise ValueError("train-many runs in one process (each job's gradient is its own: nothing to all-reduce)")
-        self.pad, self.device = first.pad, first.device
         self.head_dims = attach.prefix_shapes(model).head_dims
+        self.pad, self.device = special_ids(tokenizer)[2], next(model.parameters()).device
         self._turn = 0
+        for job in jobs:
+            self.trainers[job.name] = self.trainer(job, self.out / "jobs" / job.name)
+
+    def trainer(self, job: Job, run_dir: str | Path) -> Trainer:
+        """The job's Trainer on this model (not started, not added)."""
+        try:
+            t = Trainer(self.model, self.tokenizer, job.train, job.dev, job.prefix,
+                        replace(job.train_config, autocast=self.autocast), run_dir, progress=False)
+        except ValueError as e:
+            raise ValueError(f"job {job.name!r}: {e}") from e
+        if t.world > 1:
+            raise ValueError("train-many runs in one process (each job's gradient is its own: nothing to all-reduce)")
+        return t
+
+    def add(self, name: str, trainer: Trainer) -> None:
+        """Start ``trainer`` (resuming from its checkpoint) and train it from the next round on."""
+        trainer.start()
+        self.trainers[name] = trainer
+
+    def remove(self, name: str) -> Trainer:
+        return self.trainers.pop(name)
+
+    def active(self) -> list[str]:
+        return [name for name, t in self.trainers.items() if not t.finished()]
+
+    def round(self, active: list[str] | None = None) -> list[str]:
+        """The next optimizer step of as many ``active`` jobs (default: all unfinished) as fit in
+        ``rows_per_round`` rows, as one forward and backward; returns the jobs that stepped."""
+        active = self.active() if active is None else active
+        if not active:
+            return []
+        chosen = self._choose(active)
+        start = time.perf_counter()
+        losses, rows = self._round(chosen)
+        seconds = time.perf_counter() - start
+        for name, loss in zip(chosen, losses):
+            t = self.trainers[name]
+            t.apply_step()
+            t.optimizer.zero_grad(set_to_none=True)  # K jobs' gradients need not outlive their step
+            t.record_step(loss, seconds * rows[name] / sum(rows.values()))
+        return chosen
 
     def fit(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         for t in self.trainers.values():
             t.start()
-        active = [name for name, t in self.trainers.items() if not t.finished()]
+        active = self.active()
         total = sum(t.total_steps for t in self.trainers.values())
         bar = tqdm(total=total, initial=sum(t.step for t in self.trainers.values()), desc="train-many",
                    disable=not self.progress, dynamic_ncols=True)
         with _StopAtStepEnd() as stop:
             while active:
-                chosen = self._choose(active)
-                start = time.perf_counter()
-                losses, rows = self._round(chosen)
-                seconds = time.perf_counter() - start
-                for name, loss in zip(chosen, losses):
-                    t = self.trainers[name]
-                    t.apply_step()
-                    t.optimizer.zero_grad(set_to_none=True)  # K jobs' gradients need not outlive their step
-                    t.record_step(loss, seconds * rows[name] / sum(rows.values()))
+                chosen = self.round(active)
                 bar.update(len(chosen))
-                bar.set_postfix(jobs=len(active), round_rows=sum(rows.values()))
-                active = [name for name in active if not self.trainers[name].finished()]
+                bar.set_postfix(jobs=len(active))
+                active = self.active()
                 if stop.requested:
                     for t in self.trainers.values():
                         if t.pending["losses"]:  # steps since its last checkpoint

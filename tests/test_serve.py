@@ -494,6 +494,8 @@ FUZZ_VALUES = ["1e400", "-1e400", "NaN", "Infinity", "-0", "0", "1", "-1", "2", 
                '"p1\\u0000"', '[' * 50 + ']' * 50, '{"a": {"b": [1e400]}}']
 GENERATE_FIELDS = ["prefix", "inputs", "max_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "seed", "bogus"]
 COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "n", "seed", "stream", "stop", "logprobs"]
+TRAIN_FIELDS = ["examples", "dev", "settings", "keep_data", "length", "lr", "max_steps", "epochs", "batch_size", "seed",
+                "init", "patience", "bogus"]  # the last ones inside "settings"
 
 
 def _fuzz_requests(env, rng: random.Random, n: int) -> list[tuple]:
@@ -518,6 +520,19 @@ def _fuzz_requests(env, rng: random.Random, n: int) -> list[tuple]:
                 body[field] = rng.choice(FUZZ_VALUES)
             text = "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in body.items()) + "}"
             out.append(("POST", path, text.encode(), json_ct))
+        elif kind < 0.6:  # training requests (a few valid ones train while the others are served)
+            body = {"examples": '[{"source": "name : x", "target": "x"}]', "settings": {"max_steps": "2"}}
+            for field in rng.sample(TRAIN_FIELDS, rng.randint(0, 2)):  # 0: a valid request
+                if field in ("examples", "dev", "settings", "keep_data"):
+                    body[field] = rng.choice(FUZZ_VALUES)
+                elif isinstance(body["settings"], dict):
+                    body["settings"][field] = rng.choice(FUZZ_VALUES)
+            render = lambda v: v if isinstance(v, str) else "{" + ", ".join(  # noqa: E731
+                f"{json.dumps(k)}: {render(x)}" for k, x in v.items()) + "}"
+            jsonl = rng.random() < 0.3
+            data = (b'{"source": "a", "target": "b"}\n' + rng.choice(FUZZ_VALUES).encode()) if jsonl else render(body).encode()
+            out.append(("POST", f"/v1/prefixes/{rng.choice(['fz0', 'base', 'x' * 70])}/train", data,
+                        {"Content-Type": "application/jsonl"} if jsonl else json_ct))
         elif kind < 0.7:  # not JSON, or not an object
             junk = rng.choice([b"{not json", b"[1, 2", b"[" * 100_000, b'"just a string"', b"null", b"\xff\xfe\x00",
                                os.urandom(rng.randint(1, 200)), b'{"inputs": ["x"]' + b" " * 1000])
@@ -585,9 +600,11 @@ def test_fuzz_no_5xx_and_other_tenants_unharmed(env):
     assert [s for s in statuses if s[0] >= 500] == []
     assert not wrong and served[0] >= 10
     codes = {s[0] for s in statuses}
-    assert {200, 401, 404, 405, 413, 422} <= codes  # the fuzz reached every kind of answer, generation included
+    assert {200, 202, 401, 404, 405, 413, 422} <= codes  # every kind of answer, generation and training included
     assert time.time() - t0 < 120
     with env.client(A) as a, env.client(B) as b:
+        for job in a.get("/v1/jobs").json()["jobs"]:  # training jobs some fuzz requests started
+            assert a.delete(f"/v1/jobs/{job['id']}").status_code == 200
         for name in ("fz0", "fz1", "fz2"):
             a.delete(f"/v1/prefixes/{name}")
         for name in ("p2", "p3"):
@@ -806,3 +823,33 @@ def test_three_replicas_share_one_registry(env, tmp_path):
 def metric_at(url, name) -> float:
     text = httpx.get(url + "/metrics").text
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+
+
+def test_upload_a_peft_checkpoint_as_a_zip(env):
+    """PUT with Content-Type application/zip: a PEFT prefix-tuning checkpoint (adapter_config.json +
+    adapter_model.safetensors) is converted and served like the prefix it came from; bad zips are 4xx."""
+    import io
+    import zipfile
+
+    peft_dir = env.prefixes["p3"].to_peft(env.model, env.root / "peft-p3")
+
+    def zipped(names, folder=""):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for name in names:
+                path = peft_dir / name
+                z.writestr(folder + name, path.read_bytes() if path.exists() else b"\x80\x04pickle")
+        return buf.getvalue()
+
+    ct = {"Content-Type": "application/zip"}
+    with env.client(A) as a:
+        r = a.put("/v1/prefixes/from-peft", content=zipped(["adapter_config.json", "adapter_model.safetensors"], "ckpt/"),
+                  headers=ct)
+        assert r.status_code == 201 and r.json()["length"] == LENGTHS["p3"], r.text
+        out = a.post("/v1/generate", json={"prefix": "from-peft", "inputs": SOURCES, "max_new_tokens": NEW})
+        assert out.json()["outputs"] == [env.ref("p3", s) for s in SOURCES]
+        for body, words in [(b"not a zip", "not a usable PEFT"), (zipped(["adapter_config.json"]), "no adapter_model"),
+                            (zipped(["adapter_config.json", "adapter_model.bin"]), "pickle")]:
+            r = a.put("/v1/prefixes/bad-peft", content=body, headers=ct)
+            assert r.status_code == 422 and words in r.text, r.text
+        assert a.delete("/v1/prefixes/from-peft").status_code == 200

@@ -7,6 +7,7 @@ import copy
 import hmac
 import json
 import logging
+import math
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -18,15 +19,21 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
+from pydantic import (AfterValidator, AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt,
+                      StrictStr, ValidationError)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 import torch
 
 from .. import __version__
+from ..attach import is_seq2seq
+from ..data import Example
+from ..config import PrefixConfig
 from ..template import encode
+from ..train import TrainConfig
 from .metrics import Metrics
 from .registry import InvalidPrefix, NotFound, Registry, valid_name
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
+from .training import JobNotFound, Jobs, TooManyJobs, TrainLimits
 
 log = logging.getLogger("prefixtune.serve")
 
@@ -59,6 +66,13 @@ class ServeConfig:
     dtype: str = "float32"
     device: str | None = None
     keys: dict[str, str] = field(default_factory=dict)
+    train: bool = True  # the training API (prefixtune/serve/training.py)
+    train_share: float = 0.5
+    max_train_jobs: int = 2
+    max_train_examples: int = 5000
+    max_train_steps: int = 2000
+    max_train_prefix_length: int = 64
+    max_train_mb: float = 16.0
 
 
 def load_keys(path: str | None = None, env: str | None = None) -> dict[str, str]:
@@ -114,6 +128,44 @@ class GenerateRequest(BaseModel):
     stream: StrictBool = Field(False, description="server-sent events {index, text, finish_reason}, then [DONE]")
 
 
+class TrainExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: Text = Field(..., max_length=20000)
+    target: Text = Field(..., min_length=1, max_length=20000)
+
+
+class TrainSettings(BaseModel):
+    """The settings a tenant may choose (defaults: PrefixConfig's and TrainConfig's); the server's
+    limits (--max-train-steps, --max-train-prefix-length) bound them further."""
+
+    model_config = ConfigDict(extra="forbid")
+    length: StrictInt = Field(PrefixConfig.length, ge=1, description="prefix positions per layer")
+    reparameterize: StrictBool = PrefixConfig.reparameterize
+    mlp_hidden: StrictInt = Field(PrefixConfig.mlp_hidden, ge=1, le=4096)
+    init: Literal["random", "words"] = PrefixConfig.init
+    init_text: Text | None = Field(PrefixConfig.init_text, min_length=1, max_length=2000)
+    lr: Finite = Field(TrainConfig.lr, gt=0, le=0.1)
+    epochs: Finite = Field(TrainConfig.epochs, gt=0, le=10000)
+    max_steps: StrictInt | None = Field(TrainConfig.max_steps, ge=1)
+    batch_size: StrictInt = Field(TrainConfig.batch_size, ge=1, le=64)
+    warmup_steps: StrictInt = Field(TrainConfig.warmup_steps, ge=0)
+    weight_decay: Finite = Field(TrainConfig.weight_decay, ge=0, le=1)
+    eval_every: StrictInt = Field(TrainConfig.eval_every, ge=0, description="steps between dev evaluations (0: per epoch)")
+    patience: StrictInt = Field(TrainConfig.patience, ge=0, le=1000)
+    seed: StrictInt = Field(TrainConfig.seed, ge=0, le=2**31 - 1)
+
+
+class TrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    examples: list[TrainExample] = Field(..., min_length=1)
+    dev: list[TrainExample] = Field(default_factory=list, description="dev examples (dev loss, early stopping)")
+    settings: TrainSettings = Field(default_factory=TrainSettings)
+    keep_data: StrictBool = Field(False, description="keep the examples on the server after the job ends")
+
+
+JOB_ID = r"^job-[0-9a-f]{20}$"
+
+
 class GenerateResponse(BaseModel):
     outputs: list[str]
     prefix: str | None
@@ -144,6 +196,12 @@ class Server:
         self.req_tokenizer = copy.deepcopy(tokenizer)
         self.tok_lock = threading.Lock()
         self.draining = False
+        self.jobs = None if not config.train else Jobs(
+            config.registry, self.registry, model, tokenizer,
+            TrainLimits(jobs_per_tenant=config.max_train_jobs, examples=config.max_train_examples,
+                        steps=config.max_train_steps, prefix_length=config.max_train_prefix_length,
+                        share=config.train_share, rows_per_round=config.max_batch_rows),
+            busy=self.scheduler.busy)
         c = model.config  # decoder-only models with learned positions cannot go past them
         self.max_positions = None if c.is_encoder_decoder else (
             getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None))
@@ -185,6 +243,78 @@ class Server:
             if positions and n + max_new_tokens > positions:
                 raise HTTPException(422, f"input {i} is {n} tokens; with {max_new_tokens} new tokens that is more than "
                                     f"the model's {positions} positions")
+
+    # -- training ---------------------------------------------------------------------------------
+    @staticmethod
+    def parse_training(data: bytes, content_type: str, settings: str | None, keep_data: bool) -> TrainRequest:
+        """A training request from a JSON body (TrainRequest), or a JSONL body of examples (one
+        ``{"source", "target", "split"?: "train" | "dev"}`` per line) with settings in the query."""
+        def invalid(where: str, e: ValidationError):
+            return HTTPException(422, [{"loc": [where, *map(str, err["loc"])], "msg": err["msg"], "type": err["type"]}
+                                       for err in e.errors(include_url=False)])
+
+        if content_type.split(";")[0].strip() in ("application/jsonl", "application/x-ndjson", "application/json-lines"):
+            train, dev = [], []
+            for lineno, line in enumerate(data.split(b"\n"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise HTTPException(422, f"line {lineno}: not valid JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise HTTPException(422, f"line {lineno}: expected a JSON object {{\"source\", \"target\"}}")
+                split = row.pop("split", "train")
+                if split not in ("train", "dev"):
+                    raise HTTPException(422, f"line {lineno}: \"split\" must be \"train\" or \"dev\", got {split!r}")
+                try:
+                    (train if split == "train" else dev).append(TrainExample.model_validate(row))
+                except ValidationError as e:
+                    raise invalid(f"line {lineno}", e) from None
+            try:
+                options = TrainSettings.model_validate_json(settings or "{}")
+                return TrainRequest(examples=train, dev=dev, settings=options, keep_data=keep_data)
+            except ValidationError as e:
+                raise invalid("settings" if train else "body", e) from None
+        try:
+            return TrainRequest.model_validate_json(data)
+        except ValidationError as e:
+            raise invalid("body", e) from None
+
+    def check_training(self, req: TrainRequest) -> tuple[list[Example], list[Example], PrefixConfig, TrainConfig, int]:
+        """The job's data and configs, within the server's limits (4xx naming what is over)."""
+        c, s = self.config, req.settings
+        n = len(req.examples) + len(req.dev)
+        if n > c.max_train_examples:
+            raise HTTPException(413, f"{n} examples; the limit is {c.max_train_examples} (--max-train-examples)")
+        if s.length > c.max_train_prefix_length:
+            raise HTTPException(422, f"settings.length {s.length} is over the limit of {c.max_train_prefix_length} "
+                                "(--max-train-prefix-length)")
+        steps = s.max_steps or math.ceil(s.epochs * math.ceil(len(req.examples) / s.batch_size))
+        if steps > c.max_train_steps:
+            raise HTTPException(422, f"the job would take {steps} optimizer steps; the limit is {c.max_train_steps} "
+                                "(--max-train-steps): lower epochs or max_steps, or raise batch_size")
+        limit = min(c.max_input_tokens, self.max_positions or c.max_input_tokens)
+        with self.tok_lock:
+            for where, rows in (("examples", req.examples), ("dev", req.dev)):
+                for i, e in enumerate(rows):
+                    try:
+                        enc = encode(self.model, self.req_tokenizer, e.source, e.target)
+                    except Exception as err:
+                        raise HTTPException(422, f"{where}[{i}] could not be tokenised: {err}") from None
+                    if len(enc.prompt) + len(enc.target) > limit:
+                        raise HTTPException(413, f"{where}[{i}] is {len(enc.prompt) + len(enc.target)} tokens; the "
+                                            f"limit is {limit} (--max-input-tokens / the model's positions)")
+        try:
+            prefix = PrefixConfig(length=s.length, reparameterize=s.reparameterize, mlp_hidden=s.mlp_hidden,
+                                  init=s.init, init_text=s.init_text)
+            train = TrainConfig(lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
+                                warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, eval_every=s.eval_every,
+                                patience=s.patience, seed=s.seed)
+        except ValueError as e:
+            raise HTTPException(422, f"settings: {e}") from None
+        return ([Example(e.source, e.target) for e in req.examples], [Example(e.source, e.target) for e in req.dev],
+                prefix, train, steps)
 
     def lookup(self, tenant: str, name: str | None):
         if name is None:
@@ -267,6 +397,40 @@ class Server:
                 job.cancelled = True
 
 
+def prefix_from_peft_zip(data: bytes, model, allow_position_shift: bool, limit: int) -> bytes:
+    """A PEFT prefix-tuning checkpoint (a zip holding adapter_config.json and
+    adapter_model.safetensors, at its top or in one folder) as the bytes of our prefix file, converted
+    by prefixtune/peft_io.py; HTTPException 4xx naming what is wrong. Only those two members are
+    read (never a pickle), each at most ``limit`` bytes uncompressed."""
+    import io
+    import shutil
+    import tempfile
+    import zipfile
+
+    from ..peft_io import CONFIG_FILE, WEIGHTS_FILE, from_peft
+
+    tmp = tempfile.mkdtemp(prefix="prefixtune-peft-")
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        members = {Path(i.filename).name: i for i in archive.infolist() if not i.is_dir()}
+        missing = [f for f in (CONFIG_FILE, WEIGHTS_FILE) if f not in members]
+        if missing:
+            pickle_note = " (adapter_model.bin is a pickle, which is never loaded: save with safe_serialization=True)" \
+                if "adapter_model.bin" in members else ""
+            raise HTTPException(422, f"the zip has no {' and no '.join(missing)}{pickle_note}")
+        for f in (CONFIG_FILE, WEIGHTS_FILE):
+            if members[f].file_size > limit:
+                raise HTTPException(413, f"{f} is {members[f].file_size} bytes uncompressed, over the upload limit")
+            (Path(tmp) / f).write_bytes(archive.read(members[f]))
+        prefix = from_peft(tmp, model, allow_position_shift)
+        prefix.meta["peft_source"] = "upload"
+        return prefix.save(Path(tmp) / "prefix.safetensors").read_bytes()
+    except (zipfile.BadZipFile, ValueError, OSError, KeyError, RuntimeError, EOFError) as e:
+        raise HTTPException(422, "not a usable PEFT prefix-tuning checkpoint: " + str(e).replace(tmp, "upload")) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _tenant(request: Request) -> str:
     return request.app.state.server.tenant(request)
 
@@ -317,11 +481,15 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         srv.scheduler.start()
+        if srv.jobs is not None:
+            srv.jobs.start()
         log.info("serving %s: %d tenant(s), %d prefix(es) registered, %s batching", config.model,
                  len(set(srv.keys.values())), srv.registry.stats()["registered"], srv.scheduler.batching)
         yield
         # uvicorn has stopped accepting and finished in-flight requests; drain whatever is queued
         srv.draining = True
+        if srv.jobs is not None:  # after its current round; jobs keep their checkpoints and resume at restart
+            await run_in_threadpool(srv.jobs.stop)
         await run_in_threadpool(srv.scheduler.stop)
         log.info("scheduler drained; bye")
 
@@ -354,7 +522,7 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     async def guard(request: Request, call_next):
         if srv.draining and request.url.path != "/metrics":
             return _error(503, "server is shutting down")
-        if request.method == "POST":
+        if request.method == "POST" and not request.url.path.endswith("/train"):  # (training: --max-train-mb)
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > MAX_JSON_BYTES:
                 return _error(413, f"request body over {MAX_JSON_BYTES} bytes")
@@ -371,25 +539,33 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         return PlainTextResponse(srv.metrics.render(srv.registry.stats()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    async def read_body(request: Request, limit: int, flag: str) -> bytes:
+        """The request's body, refused with 413 as soon as it is over ``limit`` bytes."""
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise HTTPException(413, f"body is {int(length)} bytes, over the limit of {limit} ({flag})")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"body over the limit of {limit} bytes ({flag})")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     @app.put("/v1/prefixes/{name}", status_code=201, response_model=PrefixInfo)
-    async def put_prefix(name: Name, request: Request, tenant: Tenant):
+    async def put_prefix(name: Name, request: Request, tenant: Tenant, allow_position_shift: bool = False):
+        """The bytes of an exported prefix file; or (Content-Type application/zip) a PEFT
+        prefix-tuning checkpoint: a zip of adapter_config.json and adapter_model.safetensors."""
         if not valid_name(name):
             raise HTTPException(422, f"invalid prefix name {name!r}: use 1-64 of [A-Za-z0-9._-]")
         if name == "base":
             raise HTTPException(422, "the name 'base' is reserved: it is the base model in /v1/completions and chat")
         limit = int(config.max_upload_mb * 1024 * 1024)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise HTTPException(413, f"upload is {int(length)} bytes, over the limit of {limit} (--max-upload-mb)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPException(413, f"upload over the limit of {limit} bytes (--max-upload-mb)")
-            chunks.append(chunk)
-        data = b"".join(chunks)
+        data = await read_body(request, limit, "--max-upload-mb")
         if not data:
             raise HTTPException(422, "empty body: send the bytes of an exported prefix .safetensors file")
+        if request.headers.get("content-type", "").split(";")[0].strip() in ("application/zip", "application/x-zip-compressed"):
+            data = await run_in_threadpool(prefix_from_peft_zip, data, model, allow_position_shift, limit)
         try:
             entry, created = await run_in_threadpool(srv.registry.put, tenant, name, data)
         except InvalidPrefix as e:
@@ -409,6 +585,53 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
         except NotFound:
             raise HTTPException(404, f"prefix {name!r} not found") from None
         return {"deleted": name}
+
+    def jobs() -> Jobs:
+        if srv.jobs is None:
+            raise HTTPException(403, "training is turned off on this server (prefixtune serve --no-train)")
+        return srv.jobs
+
+    @app.post("/v1/prefixes/{name}/train", status_code=202)
+    async def train_prefix(name: Name, request: Request, tenant: Tenant, settings: str | None = None,
+                           keep_data: bool = False):
+        """Train a prefix on the tenant's examples; when the job succeeds, the prefix is registered
+        as ``name`` (as an upload would be). JSON body: TrainRequest. JSONL body
+        (Content-Type application/jsonl): one example per line, settings as ``?settings={...}``."""
+        store = jobs()
+        if name == "base":
+            raise HTTPException(422, "the name 'base' is reserved: it is the base model in /v1/completions and chat")
+        if is_seq2seq(model):
+            raise HTTPException(422, f"training through the server needs a decoder-only model; {type(model).__name__} "
+                                "is an encoder-decoder model (train with `prefixtune train` and upload the prefix)")
+        data = await read_body(request, int(config.max_train_mb * 1024 * 1024), "--max-train-mb")
+        req = srv.parse_training(data, request.headers.get("content-type", "application/json"), settings, keep_data)
+        train, dev, prefix, train_config, steps = await run_in_threadpool(srv.check_training, req)
+        try:
+            record = await run_in_threadpool(store.create, tenant, name, train, dev, prefix, train_config,
+                                             req.keep_data, steps)
+        except TooManyJobs as e:
+            raise HTTPException(429, str(e), headers={"Retry-After": "60"}) from None
+        return JSONResponse(record, status_code=202)
+
+    @app.get("/v1/jobs")
+    def list_jobs(tenant: Tenant):
+        return {"jobs": jobs().list(tenant)}
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(job_id: Annotated[str, PathParam(pattern=JOB_ID)], tenant: Tenant):
+        try:
+            return jobs().get(tenant, job_id)
+        except JobNotFound:
+            raise HTTPException(404, f"training job {job_id!r} not found") from None
+
+    @app.delete("/v1/jobs/{job_id}")
+    def delete_job(job_id: Annotated[str, PathParam(pattern=JOB_ID)], tenant: Tenant):
+        """Cancel a queued or running job (it ends as "cancelled" within a round); the record of an
+        ended job is deleted."""
+        try:
+            return jobs().cancel(tenant, job_id)
+        except JobNotFound:
+            raise HTTPException(404, f"training job {job_id!r} not found") from None
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate_route(body: GenerateRequest, tenant: Tenant):

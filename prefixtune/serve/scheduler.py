@@ -45,6 +45,11 @@ from .output import Delta, TextStream
 log = logging.getLogger("prefixtune.serve")
 
 
+# One process-wide lock for torch's global random generator: seeded sampling under mixed batching
+# seeds it and draws from it, and so does a Trainer of the training worker (prefixtune/serve/training.py).
+GLOBAL_RNG = threading.Lock()
+
+
 class QueueFull(Exception):
     pass
 
@@ -132,6 +137,7 @@ class Scheduler:
         self._queue: deque[Row] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._serving = False  # a batch of mixed/single-prefix batching is running
         self._ids = itertools.count(1)
         self.engine = None
         if batching == "continuous":
@@ -243,13 +249,21 @@ class Scheduler:
 
     def _generate(self, batch: list[Row]) -> list:
         job0 = batch[0].job
-        if job0.seed is not None:
-            torch.manual_seed(job0.seed)
         settings = dict(job0.settings, max_new_tokens=max(r.job.settings["max_new_tokens"] for r in batch))
         if job0.ignore_eos:
             settings["eos_token_id"] = -1  # no token stops generate
-        return generate(self.model, self.tokenizer, [r.prompt for r in batch], prefixes=[r.job.prefix for r in batch],
-                        batch_size=len(batch), return_tokens=True, logprobs=job0.logprobs, **settings)
+        run = lambda: generate(self.model, self.tokenizer, [r.prompt for r in batch],  # noqa: E731
+                               prefixes=[r.job.prefix for r in batch], batch_size=len(batch), return_tokens=True,
+                               logprobs=job0.logprobs, **settings)
+        if job0.seed is None:
+            return run()
+        with GLOBAL_RNG:  # the training worker must not draw from the generator between seeding and sampling
+            torch.manual_seed(job0.seed)
+            return run()
+
+    def busy(self) -> bool:
+        """Whether requests are waiting or being decoded (the training worker then yields its share)."""
+        return bool(self._queue) or self._serving or (self.engine is not None and self.engine.busy())
 
     def _run_isolated(self, batch: list[Row]) -> list:
         """One result per row: its Generation, or the exception of a row that fails.
@@ -271,7 +285,11 @@ class Scheduler:
         if not batch:
             return
         t0 = time.perf_counter()
-        outcomes = self._run_isolated(batch)
+        self._serving = True
+        try:
+            outcomes = self._run_isolated(batch)
+        finally:
+            self._serving = False
         seconds = time.perf_counter() - t0
         tokens = failed = 0
         for r, outcome in zip(batch, outcomes):
