@@ -86,7 +86,7 @@ class TrainConfig:
 _LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False, "compile": False}
 
 
-class _StopAtStepEnd:
+class StopAtStepEnd:
     """Ctrl-C (SIGINT) during training: the first one lets the current optimizer step finish, so the
     checkpoint then saved is exact (parameters, optimizer, RNG and data position all at a step's
     end); a second one interrupts at once (the last checkpoint stays). Only in the main thread of a
@@ -203,7 +203,7 @@ class Trainer:
     def fit(self) -> dict:
         self.start()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
-        with _StopAtStepEnd(active=self.world == 1) as stop:
+        with StopAtStepEnd(active=self.world == 1) as stop:
             try:
                 while not self.finished():
                     start = time.perf_counter()

@@ -30,7 +30,6 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from . import attach
@@ -40,7 +39,7 @@ from .batch import stack_prefixes
 from .config import PrefixConfig
 from .loss import lm_forward
 from .template import collate_train, special_ids
-from .train import TrainConfig, Trainer, _StopAtStepEnd, autocast_context
+from .train import TrainConfig, Trainer, StopAtStepEnd, autocast_context
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PREFIX_FIELDS = {f.name for f in fields(PrefixConfig)} - {"placements", "gradient_checkpointing"}
@@ -175,7 +174,7 @@ class ManyTrainer:
         total = sum(t.total_steps for t in self.trainers.values())
         bar = tqdm(total=total, initial=sum(t.step for t in self.trainers.values()), desc="train-many",
                    disable=not self.progress, dynamic_ncols=True)
-        with _StopAtStepEnd() as stop:
+        with StopAtStepEnd() as stop:
             while active:
                 chosen = self.round(active)
                 bar.update(len(chosen))
