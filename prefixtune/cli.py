@@ -10,6 +10,7 @@ process 0 alone prints and writes files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -283,17 +284,7 @@ def cmd_serve(args) -> int:
     from .serve import ServeConfig, load_keys, serve
 
     keys = load_keys(args.keys, os.environ.get("PREFIXTUNE_API_KEYS"))
-    config = ServeConfig(model=args.model, registry=args.registry, host=args.host, port=args.port,
-                         batching=args.batching, max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms,
-                         prefill_chunk=args.prefill_chunk,
-                         max_queue=args.max_queue, max_input_tokens=args.max_input_tokens,
-                         max_new_tokens_limit=args.max_new_tokens_limit,
-                         max_prefixes_in_memory=args.max_prefixes_in_memory, max_upload_mb=args.max_upload_mb,
-                         request_timeout_s=args.request_timeout_s, threads=args.threads, dtype=args.dtype,
-                         device=args.device, keys=keys, train=args.train, train_share=args.train_share,
-                         max_train_jobs=args.max_train_jobs, max_train_examples=args.max_train_examples,
-                         max_train_steps=args.max_train_steps, max_train_prefix_length=args.max_train_prefix_length,
-                         max_train_mb=args.max_train_mb)
+    config = from_options(ServeConfig, args, keys=keys)
     return serve(config)
 
 
@@ -485,45 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One process, one frozen base model, an HTTP API (FastAPI; docs at /docs): tenants "
                        "upload exported prefixes and generate with them; concurrent requests for different prefixes "
                        "decode together in one running batch that rows join and leave at every step. See README, 'Serving'.")
-    s.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
-    s.add_argument("--registry", default="./prefix-registry", help="directory of the tenants' prefix files")
+    from .serve.app import TRAINING_OPTIONS, ServeConfig
+
     s.add_argument("--keys", default=None,
                    help="JSON file {\"api-key\": \"tenant\", ...}; or set PREFIXTUNE_API_KEYS='key1:tenantA,key2:tenantB'")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--batching", choices=["continuous", "mixed", "single-prefix"], default="continuous",
-                   help="continuous: rows join and leave the running batch at every decoding step, whatever their "
-                   "prefixes (beam search rows, and models it cannot serve, use mixed); mixed: dynamic batches of "
-                   "rows of any prefixes, each run to its longest row's end; single-prefix: one prefix per batch, "
-                   "as single-active-adapter serving does (see results/serve.md)")
-    s.add_argument("--max-batch-rows", type=int, default=32, help="rows decoded together (running batch or generate batch)")
-    s.add_argument("--batch-wait-ms", type=float, default=50.0,
-                   help="mixed/single-prefix: how long a batch waits for more rows once one is queued")
-    s.add_argument("--prefill-chunk", type=int, default=256,
-                   help="continuous: prompt tokens prefilled per decoding step (a long prompt takes several steps, so "
-                   "newcomers never stall the running rows for long)")
-    s.add_argument("--max-queue", type=int, default=256, help="queued rows before requests get 429")
-    s.add_argument("--max-input-tokens", type=int, default=1024, help="longest input, in prompt tokens")
-    s.add_argument("--max-new-tokens-limit", type=int, default=256, help="largest max_new_tokens a request may ask")
-    s.add_argument("--max-prefixes-in-memory", type=int, default=64, help="LRU bound; evicted prefixes reload from disk")
-    s.add_argument("--max-upload-mb", type=float, default=64.0, help="largest prefix upload")
-    s.add_argument("--request-timeout-s", type=float, default=120.0, help="a request not done by then gets 504")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the frozen base model")
-    s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
-    t = s.add_argument_group("training API", "POST /v1/prefixes/NAME/train, /v1/jobs (README, 'Training through the server')")
-    t.add_argument("--no-train", dest="train", action="store_false",
-                   help="turn the training API off, e.g. on all replicas but one where the shared disk has no reliable "
-                   "flock (training on: %(default)s)")
-    t.add_argument("--train-share", type=float, default=0.5,
-                   help="largest share of the time training takes while requests are being served (1 = no yielding)")
-    t.add_argument("--max-train-jobs", type=int, default=2, help="queued + running training jobs per tenant")
-    t.add_argument("--max-train-examples", type=int, default=5000, help="examples (train + dev) of one job")
-    t.add_argument("--max-train-steps", type=int, default=2000, help="optimizer steps of one job")
-    t.add_argument("--max-train-prefix-length", type=int, default=64, help="longest prefix a job may train")
-    t.add_argument("--max-train-mb", type=float, default=16.0, help="largest training request body")
+    add_options(s, ServeConfig, [f.name for f in dataclasses.fields(ServeConfig) if f.name not in TRAINING_OPTIONS])
+    add_options(s.add_argument_group("training API", "POST /v1/prefixes/NAME/train, /v1/jobs (README, 'Training "
+                                     "through the server')"), ServeConfig, TRAINING_OPTIONS)
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("train-many", help="train many prefixes (one per user) together on one frozen model",

@@ -21,11 +21,12 @@ def option(default, help: str, **meta):
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
-def add_options(parser, cls) -> None:
-    """Add an option to ``parser`` (or an argument group) for every :func:`option` field of ``cls``."""
+def add_options(parser, cls, names=None) -> None:
+    """Add an option to ``parser`` (or an argument group) for every :func:`option` field of ``cls``
+    (those in ``names`` only, when given)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if "help" not in f.metadata:
+        if "help" not in f.metadata or (names is not None and f.name not in names):
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         kw = dict(dest=f.name, help=f.metadata["help"].replace("%", "%%"))
