@@ -116,7 +116,8 @@ def round_costs(args, train, threads: int) -> dict:
     import torch
 
     import prefixtune as pt
-    from prefixtune.prefix import lm_forward, stack_prefixes
+    from prefixtune.batch import stack_prefixes
+    from prefixtune.loss import lm_forward
     from prefixtune.template import collate_train, encode, special_ids
 
     per_job, n_jobs = args.batch_size, args.rows_per_round // args.batch_size

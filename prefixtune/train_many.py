@@ -5,7 +5,7 @@ early stopping...), P'/MLP, AdamW state, schedule, checkpoint, log and exported 
 is a :class:`prefixtune.train.Trainer` whose run directory is ``OUT/jobs/NAME``; this module only
 replaces ``Trainer.fit``'s loop. Every *round* takes the next optimizer step of as many jobs as
 fit in ``rows_per_round`` rows (jobs take turns), runs all their rows as one forward with each
-row's own prefix (:func:`prefixtune.prefix.stack_prefixes`), and gives each job the loss of its
+row's own prefix (:func:`prefixtune.batch.stack_prefixes`), and gives each job the loss of its
 own rows over its own step's normaliser (target tokens, or rows for ``sequence_sum``). One
 backward, then each job's clipping, AdamW step, schedule, evaluation, checkpoint and early stopping,
 exactly as ``Trainer.fit`` does them.
@@ -30,15 +30,16 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from . import attach
 from .data import Example
 from .data.jsonl import read as read_pairs
-from .prefix import PrefixConfig, lm_forward, stack_prefixes
+from .batch import stack_prefixes
+from .config import PrefixConfig
+from .loss import lm_forward
 from .template import collate_train, special_ids
-from .train import TrainConfig, Trainer, _StopAtStepEnd, autocast_context
+from .train import TrainConfig, Trainer, StopAtStepEnd, autocast_context
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PREFIX_FIELDS = {f.name for f in fields(PrefixConfig)} - {"placements", "gradient_checkpointing"}
@@ -173,7 +174,7 @@ class ManyTrainer:
         total = sum(t.total_steps for t in self.trainers.values())
         bar = tqdm(total=total, initial=sum(t.step for t in self.trainers.values()), desc="train-many",
                    disable=not self.progress, dynamic_ncols=True)
-        with _StopAtStepEnd() as stop:
+        with StopAtStepEnd() as stop:
             while active:
                 chosen = self.round(active)
                 bar.update(len(chosen))

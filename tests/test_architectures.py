@@ -37,7 +37,7 @@ def _ids(model):
 
 
 def _logits(model, prefix=None, **kw):
-    batch = pt.prefix.make_batch([prefix] * 2) if prefix is not None else None
+    batch = pt.batch.make_batch([prefix] * 2) if prefix is not None else None
     with torch.no_grad():
         return model(**_ids(model), **kw, **({"prefix_batch": batch} if batch is not None else {})).logits
 
@@ -128,7 +128,7 @@ def test_architecture(arch, attn, tokenizer):
             with torch.no_grad():
                 joint = model(input_ids=torch.cat([torch.tensor([ids]), x], 1), use_cache=False).logits[:, 4:]
                 prefixed = model(input_ids=x, use_cache=False,
-                                 prefix_batch=pt.prefix.make_batch([words.export()])).logits
+                                 prefix_batch=pt.batch.make_batch([words.export()])).logits
             assert torch.allclose(prefixed, joint, atol=1e-4, rtol=1e-4), (prefixed - joint).abs().max()
 
 

@@ -46,7 +46,7 @@ def test_eager_model_without_prefix_is_unchanged_by_enable(arch):
     # and a prefix on an eager model gives what it gives on the same model under sdpa
     sdpa = tiny_model(arch)
     prefix = random_prefix(sdpa, 3, seed=1, scale=3.0)
-    batch = pt.prefix.make_batch([prefix, None])
+    batch = pt.batch.make_batch([prefix, None])
     assert torch.allclose(_logits(model, prefix_batch=batch), _logits(sdpa, prefix_batch=batch), atol=1e-5)
 
 
@@ -90,12 +90,12 @@ def test_padding_mask_implementations_keep_their_kernel_without_a_prefix():
     assert torch.allclose(_logits(flashlike), _logits(sdpa), atol=1e-5)
     assert calls  # its own function ran
     prefix = random_prefix(sdpa, 3, seed=1, scale=3.0)
-    batch = pt.prefix.make_batch([prefix, None])
+    batch = pt.batch.make_batch([prefix, None])
     calls.clear()
     assert torch.allclose(_logits(flashlike, prefix_batch=batch), _logits(sdpa, prefix_batch=batch), atol=1e-5)
     assert not calls  # sdpa with the widened mask ran instead
     # without padding the flash-style mask is None: causality and the window still apply
-    full = dict(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]]), use_cache=False, prefix_batch=pt.prefix.make_batch([prefix]))
+    full = dict(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10]]), use_cache=False, prefix_batch=pt.batch.make_batch([prefix]))
     with torch.no_grad():
         assert torch.allclose(flashlike(**full).logits, sdpa(**full).logits, atol=1e-5)
 
@@ -186,7 +186,7 @@ def test_words_prefix_is_the_words_in_front(tokenizer):
     x = torch.tensor([[11, 12, 13, 14]])
     with torch.no_grad():
         joint = model(input_ids=torch.cat([torch.tensor([words]), x], 1), use_cache=False).logits[:, 5:]
-        prefixed = model(input_ids=x, use_cache=False, prefix_batch=pt.prefix.make_batch([tuner.export()])).logits
+        prefixed = model(input_ids=x, use_cache=False, prefix_batch=pt.batch.make_batch([tuner.export()])).logits
     assert torch.allclose(prefixed, joint, atol=1e-4), (prefixed - joint).abs().max()
 
 
@@ -195,7 +195,7 @@ def test_low_precision_training_attention_runs_in_float32_on_cpu(arch, monkeypat
     """bfloat16 model, training: the prefixed attention runs in float32 on CPU (3x faster backward
     there). Loss and prefix gradients agree with the bfloat16 kernel's within bfloat16 rounding, and
     are at least as close to a float32 model's."""
-    from prefixtune.prefix import lm_forward
+    from prefixtune.loss import lm_forward
 
     def grads(model, fp32):
         monkeypatch.setattr(attach, "CPU_FP32_BACKWARD", fp32)

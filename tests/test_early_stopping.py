@@ -9,7 +9,7 @@ import torch
 
 import prefixtune as pt
 from prefixtune.data import Example
-from prefixtune.methods import MethodConfig, decoding_kwargs
+from prefixtune.methods import MethodConfig
 from prefixtune.train import TrainConfig, Trainer, autocast_context
 from conftest import tiny_model
 
@@ -98,7 +98,7 @@ def test_decoding_kwargs_decode_what_is_being_trained(tmp_path, tokenizer, metho
     trainer.fit()
     trainer.tuner.eval()
     live = pt.generate(trainer.model, tokenizer, ["name : Place1 | food : French"], max_new_tokens=5,
-                       **decoding_kwargs(trainer.tuner))
+                       **trainer.tuner.decode_inputs())
     fresh = tiny_model("llama-gqa", init_range=0.2)
     kwargs = load_trained(MethodConfig(method, size=0.05), fresh, tmp_path / "run", pt.PrefixConfig(length=3, mlp_hidden=16))
     assert live == pt.generate(fresh, tokenizer, ["name : Place1 | food : French"], max_new_tokens=5, **kwargs)

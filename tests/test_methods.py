@@ -16,7 +16,7 @@ from prefixtune.baselines.prompt import PromptModel
 from prefixtune.cli import main
 from prefixtune.data import Example
 from prefixtune.methods import METHODS, MethodConfig, load_trained, read_run
-from prefixtune.prefix import make_batch
+from prefixtune.batch import make_batch
 from prefixtune.template import collate_train, encode
 from prefixtune.train import TrainConfig, Trainer
 from conftest import tiny_model
@@ -189,7 +189,7 @@ def test_cli_trains_every_method_and_records_its_costs(tmp_path, tokenizer):
                      "--method", method, "--max-steps", "2", "--batch-size", "4", "--length", "3", "--size", "0.03"]) == 0
         summary = json.loads((run / "summary.json").read_text())
         assert summary["method"]["method"] == method
-        assert 0 < summary["trainable_parameters"] <= n_model and 0 < summary["exported_parameters"] <= n_model
+        assert 0 < summary["trainable_parameters"] <= n_model and 0 < summary["stored_parameters"] <= n_model
         assert summary["wall_seconds"] > 0 and summary["peak_memory_mb"] > 100
         out = tmp_path / f"{method}.txt"
         assert main(["generate", "--model", str(model_dir), "--run", str(run), "--input", str(data),

@@ -62,7 +62,7 @@ def test_decode_steps_without_concatenation_equal_concatenation(arch, num_beams,
     """Decoding steps attend to the prefix without re-concatenating it (attach._decode_step_attention):
     the step logits equal those of the plain concatenated attention."""
     from prefixtune import attach
-    from prefixtune.prefix import make_batch
+    from prefixtune.batch import make_batch
     from prefixtune.template import collate_prompts, encode, special_ids
 
     model = tiny_model(arch)

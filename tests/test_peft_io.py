@@ -9,7 +9,7 @@ from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import prefixtune as pt
 from prefixtune.cli import main
-from prefixtune.prefix import make_batch
+from prefixtune.batch import make_batch
 from conftest import random_prefix, tiny_model
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])

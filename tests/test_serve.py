@@ -617,7 +617,7 @@ def _tokens_and_logprobs(env, name, prompt, max_new_tokens=NEW):
     pass of the model with the prefix (independent of the generation code)."""
     import torch
 
-    from prefixtune.prefix import make_batch
+    from prefixtune.batch import make_batch
 
     prefix = None if name is None else env.prefixes[name]
     gen = pt.generate(env.model, env.tokenizer, [prompt], prefixes=[prefix], max_new_tokens=max_new_tokens,

@@ -8,6 +8,7 @@ import torch
 import prefixtune as pt
 from prefixtune.cli import main
 from prefixtune.data import Example
+from prefixtune.template import collate_train
 from prefixtune.train import TrainConfig, Trainer
 from conftest import tiny_model
 
@@ -68,7 +69,7 @@ def test_cli_train_and_generate_on_a_local_model(tmp_path, tokenizer, capsys):
     assert main(["train", "--model", str(model_dir), "--train", str(data), "--dev", str(data), "--out", str(run),
                  "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--length", "4", "--mlp-hidden", "16"]) == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["exported_parameters"] == 4 * 2 * 2 * 4 * 8
+    assert summary["steps"] == 4 and summary["stored_parameters"] == 4 * 2 * 2 * 4 * 8
     sources = tmp_path / "sources.txt"
     sources.write_text("name : Place1 | food : Italian\nname : Place2 | food : French\n")
     out = tmp_path / "out.txt"
@@ -130,7 +131,8 @@ def test_length_bucketing_keeps_every_row_once_and_cuts_padding(tmp_path, tokeni
                        TrainConfig(batch_size=4, bucket=bucket, seed=3), tmp_path / name, progress=False)
 
     def padding(t):  # padded fraction of the token slots of one epoch's micro-batches
-        masks = [t.micro_batch(i)["attention_mask"] for i in range(t.batches_per_epoch)]
+        masks = [collate_train(t.model, [t.train_set[j] for j in t.micro_batch_rows(i)], t.pad)["attention_mask"]
+                 for i in range(t.batches_per_epoch)]
         return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
     plain, bucketed = trainer(0), trainer(5)

@@ -1,64 +1,56 @@
 """Baselines of the paper's comparisons: fine-tuning (full, top-k layers), adapter-tuning, LoRA (PEFT),
 the embedding-only (prompt) and infix ablations, and PEFT's own prefix tuning.
 
-Every baseline is a wrapper around the base model with the same contract as
-:class:`prefixtune.PrefixTuner`, so one trainer, data pipeline and decoding serve them all:
-``parameters()`` are exactly the trainable weights, ``forward(input_ids, attention_mask, labels,
-return_logits)`` returns the loss on the target tokens, ``save_trained(run_dir)`` writes what the
-method keeps after training, ``num_stored_parameters()`` counts it. See prefixtune/methods.py.
+Every baseline is a :class:`prefixtune.methods.Tuner`, as :class:`prefixtune.PrefixTuner` is, so one
+trainer, data pipeline and decoding serve them all; each is registered in prefixtune/methods.py.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
 
-from ..prefix import lm_forward
+from ..methods import Tuner
+from ..prefix import save_safetensors
 
 WEIGHTS = "weights.safetensors"
 
 
-class Tuned(nn.Module):
-    """Base of the wrappers whose trained weights live inside the model (fine-tuning, adapters, LoRA,
-    soft prompt): the base model is held, not registered, so ``parameters()`` is what subclasses
-    yield; ``train()``/``eval()`` switch the base model too."""
+def trainable(module, prefix: str = "", remove_duplicate: bool = True):
+    """(name, parameter) of ``module``'s parameters that train (``requires_grad``): the
+    ``named_parameters`` of a method whose weights train inside the base model or PEFT's wrapper."""
+    named = module.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate)
+    return ((n, p) for n, p in named if p.requires_grad)
 
-    method = "?"
+
+class Tuned(Tuner):
+    """Base of the wrappers whose trained weights live inside the model (fine-tuning, adapters, LoRA):
+    ``parameters()`` is what subclasses yield, kept by name in weights.safetensors after training.
+    The soft prompt and PEFT's prefix build on it and keep something else besides (or instead)."""
+
+    trained_file = WEIGHTS
 
     def __init__(self, model, reduction: str = "token_mean"):
-        super().__init__()
-        self.__dict__["model"] = model
+        super().__init__(model)
         self.reduction = reduction
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.model.train(mode)
-        return self
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        return cls(model, reduction=prefix_config.loss)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True, **kwargs):
-        return lm_forward(self.model, self.reduction, input_ids, attention_mask, labels, return_logits, **kwargs)
-
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def num_stored_parameters(self) -> int:
-        return self.num_trainable_parameters()
+    @classmethod
+    def load_trained(cls, model, run_dir, config, prefix_config) -> dict:
+        """The trained weights go into ``model``; decoding needs nothing else."""
+        cls.build(model, config, prefix_config).load_weights(run_dir)
+        model.requires_grad_(False)
+        return {}
 
     def save_trained(self, out_dir: str | Path) -> Path:
-        """The trained weights by name, as safetensors (atomic: temp file + rename)."""
-        path = Path(out_dir) / WEIGHTS
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {n: p.detach().float().contiguous().cpu() for n, p in self.named_parameters()}
-        save_file(tensors, str(tmp), metadata={"prefixtune": json.dumps({"method": self.method})})
-        tmp.replace(path)
-        return path
+        """The trained weights by name, as safetensors."""
+        return save_safetensors(Path(out_dir) / WEIGHTS, dict(self.named_parameters()), {"method": self.method})
 
-    def load_trained(self, out_dir: str | Path) -> None:
+    def load_weights(self, out_dir: str | Path) -> None:
         """Load weights that :meth:`save_trained` wrote (every trainable tensor must be there)."""
         path = Path(out_dir) / WEIGHTS
         if not path.is_file():

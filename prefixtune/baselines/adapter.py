@@ -70,6 +70,11 @@ class AdapterModel(Tuned):
         self.adapters = nn.ModuleList(Adapter(d, bottleneck).to(device, dtype) for _ in sites)
         self._hooks = [site.register_forward_hook(self._hook(a)) for site, a in zip(sites, self.adapters)]
 
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        config.bottleneck = config.bottleneck or bottleneck_for(model, config.size)  # recorded in run.json
+        return cls(model, config.bottleneck, reduction=prefix_config.loss)
+
     @staticmethod
     def _hook(adapter: Adapter):
         def hook(module, args, output):

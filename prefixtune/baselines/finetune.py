@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import Tuned
+from . import Tuned, trainable
 
 
 def transformer_layers(model) -> list[nn.Module]:
@@ -41,7 +41,10 @@ class FineTuneModel(Tuned):
             for block in layers[-top_layers:]:
                 block.requires_grad_(True)
 
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        """"finetune": every weight; "ft-top2": the top ``config.top_layers`` blocks."""
+        return cls(model, None if config.method == "finetune" else config.top_layers, reduction=prefix_config.loss)
+
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, p in self.model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
-            if p.requires_grad:
-                yield name, p
+        return trainable(self.model, prefix, remove_duplicate)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 
 from .. import attach
-from ..prefix import Prefix, PrefixConfig, PrefixTuner, lm_forward, make_meta
+from ..config import PrefixConfig
+from ..loss import lm_forward
+from ..prefix import Prefix, make_meta
+from ..tuner import PrefixTuner
 
 
 def separator_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -37,7 +40,7 @@ class InfixTuner(PrefixTuner):
             raise ValueError("InfixTuner.forward needs labels (they mark where the target starts)")
         batch = self.prefix_batch()
         batch.visible_from = separator_positions(labels)
-        return lm_forward(self.model, self.config.loss, input_ids, attention_mask, labels, return_logits,
+        return lm_forward(self.model, self.reduction, input_ids, attention_mask, labels, return_logits,
                           prefix_batch=batch, **kwargs)
 
     def export(self) -> Prefix:

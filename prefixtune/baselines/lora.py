@@ -4,7 +4,7 @@ its default target modules per architecture are used (q and v projections for Ll
 
 from __future__ import annotations
 
-from . import Tuned
+from . import Tuned, trainable
 
 
 def _lora_size(model, rank: int) -> int:
@@ -38,7 +38,10 @@ class LoraModel(Tuned):
         self.__dict__["peft_model"] = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
                                                                        lora_dropout=dropout))
 
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        config.rank = config.rank or rank_for(model, config.size)  # recorded in run.json
+        return cls(model, config.rank, reduction=prefix_config.loss)
+
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
-            if p.requires_grad:
-                yield name, p
+        return trainable(self.peft_model, prefix, remove_duplicate)

@@ -18,12 +18,17 @@ from pathlib import Path
 import torch
 
 from .. import attach
-from ..prefix import Prefix, PrefixConfig, token_logprobs, _reduce
-from . import Tuned
+from ..config import PrefixConfig
+from ..loss import lm_forward
+from ..modes import eval_mode
+from ..prefix import Prefix
+from ..tuner import PrefixTuner
+from . import Tuned, trainable
 
 
 class PeftPrefixModel(Tuned):
     method = "peft-prefix"
+    trained_file = PrefixTuner.trained_file  # written last, after PEFT's own weights
 
     def __init__(self, model, config: PrefixConfig):
         from peft import PrefixTuningConfig, get_peft_model
@@ -38,10 +43,19 @@ class PeftPrefixModel(Tuned):
                                          prefix_projection=config.reparameterize, encoder_hidden_size=config.mlp_hidden)
         self.__dict__["peft_model"] = get_peft_model(model, peft_config)
 
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        return cls(model, prefix_config)
+
+    @classmethod
+    def load_trained(cls, model, run_dir, config, prefix_config) -> dict:
+        return PrefixTuner.load_trained(model, run_dir, config, prefix_config)  # our converted prefix
+
+    def decode_inputs(self) -> dict:
+        return {"prefixes": self.export()}
+
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, p in self.peft_model.named_parameters(prefix=prefix, remove_duplicate=remove_duplicate):
-            if p.requires_grad:
-                yield name, p
+        return trainable(self.peft_model, prefix, remove_duplicate)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -49,16 +63,9 @@ class PeftPrefixModel(Tuned):
         return self
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, return_logits: bool = True, **kwargs):
-        """PEFT's forward (its prefix in the cache), with our loss on the target tokens."""
-        from ..prefix import PrefixTunerOutput
-
-        logits = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        if labels is None:
-            return PrefixTunerOutput(logits=logits)
-        logp, mask = token_logprobs(logits, labels, shift=True)
-        nll_sum, n_targets = -logp.sum(), mask.sum()
-        return PrefixTunerOutput(loss=_reduce(nll_sum, n_targets, labels.shape[0], self.reduction),
-                                 logits=logits if return_logits else None, nll_sum=nll_sum, n_targets=n_targets)
+        """PEFT's forward (its prefix in the cache), with our loss on the target tokens. Always with
+        logits: PEFT's model runs its LM head on every position (our head split does not apply)."""
+        return lm_forward(self.peft_model, self.reduction, input_ids, attention_mask, labels, return_logits=True)
 
     def peft_kv(self) -> torch.Tensor:
         """PEFT's prefix as it enters the cache: ``[layers, 2, kv_heads, length, head_dim]``."""
@@ -73,10 +80,8 @@ class PeftPrefixModel(Tuned):
         """PEFT's trained prefix in our format (keys rotated back for rotary models, see module doc)."""
         from ..peft_io import convert
 
-        was = self.training
-        self.eval()
-        kv = self.peft_kv().detach().float()  # [layers, 2, heads, length, dim] -> PEFT's flat layout
-        self.train(was)
+        with eval_mode(self):
+            kv = self.peft_kv().detach().float()  # [layers, 2, heads, length, dim] -> PEFT's flat layout
         flat = kv.permute(3, 0, 1, 2, 4).reshape(self.config.length, -1).cpu()
         prefix = convert(flat, self.model, self.config.length)
         prefix.meta["config"] = self.config.to_json()
@@ -89,4 +94,4 @@ class PeftPrefixModel(Tuned):
     def save_trained(self, out_dir: str | Path) -> Path:
         """prefix.safetensors (converted, for our decoding) and PEFT's own weights (weights.safetensors)."""
         super().save_trained(out_dir)
-        return self.export().save(Path(out_dir) / "prefix.safetensors")
+        return self.export().save(Path(out_dir) / self.trained_file)

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .. import attach
-from ..prefix import PrefixConfig, decoder_inputs_from_labels, lm_forward
+from ..config import PrefixConfig
+from ..loss import decoder_inputs_from_labels, lm_forward
+from ..modes import eval_mode
+from ..prefix import save_safetensors
 from ..template import prepend_soft_prompt
+from ..tuner import reparameterisation
 from . import Tuned
 
 FILE = "prompt.safetensors"
@@ -28,6 +31,7 @@ FILE = "prompt.safetensors"
 
 class PromptModel(Tuned):
     method = "prompt"
+    trained_file = FILE
 
     def __init__(self, model, config: PrefixConfig):
         super().__init__(model, config.loss)
@@ -36,14 +40,24 @@ class PromptModel(Tuned):
         emb = model.get_input_embeddings().weight
         d = emb.shape[1]
         if config.reparameterize:
-            self.embedding = nn.Parameter(torch.randn(config.length, config.embed_dim or d))
-            self.mlp = nn.Sequential(nn.Linear(self.embedding.shape[1], config.mlp_hidden), nn.Tanh(),
-                                     nn.Linear(config.mlp_hidden, d))
+            self.embedding, self.mlp = reparameterisation(config.length, config.embed_dim or d, config.mlp_hidden, d)
         else:  # start from the embeddings of random vocabulary tokens (Lester et al., 2021)
             rows = torch.randint(0, emb.shape[0], (config.length,))
             self.embedding = nn.Parameter(emb.detach()[rows].float().clone())
             self.mlp = None
         self.to(emb.device)
+
+    @classmethod
+    def build(cls, model, config, prefix_config, tokenizer=None):
+        return cls(model, prefix_config)
+
+    @classmethod
+    def load_trained(cls, model, run_dir, config, prefix_config) -> dict:
+        return {"soft_prompt": load_soft_prompt(run_dir, model).to(next(model.parameters()).device)}
+
+    def decode_inputs(self) -> dict:
+        with torch.no_grad(), eval_mode(self):
+            return {"soft_prompt": self.soft_prompt().detach().float()}
 
     def soft_prompt(self) -> torch.Tensor:
         """P: ``[length, hidden]`` input embeddings."""
@@ -60,18 +74,9 @@ class PromptModel(Tuned):
         return self.length * self.model.get_input_embeddings().weight.shape[1]
 
     def save_trained(self, out_dir: str | Path) -> Path:
-        path = Path(out_dir) / FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with torch.no_grad():
-            was = self.training
-            self.eval()
-            soft = self.soft_prompt().detach().float().cpu().contiguous()
-            self.train(was)
+        soft = self.decode_inputs()["soft_prompt"]
         meta = {"method": self.method, "base_model": attach.model_identity(self.model), "length": self.length}
-        save_file({"soft_prompt": soft}, str(tmp), metadata={"prefixtune": json.dumps(meta)})
-        tmp.replace(path)
-        return path
+        return save_safetensors(Path(out_dir) / FILE, {"soft_prompt": soft}, meta)
 
 
 def load_soft_prompt(path: str | Path, model=None) -> torch.Tensor:

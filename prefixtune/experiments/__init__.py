@@ -18,16 +18,28 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
+from ..methods import METHODS
+from ..options import check_choices, option
 from .runs import Eval, Run, run_all
 
 NAMES = ("lr-grid", "low-data", "initialisation", "table-to-text", "extrapolation", "prefix-length", "summarization")
 
-# The learning-rate grid: 3 values per method name (of Scale.methods), around the rates that 40-step
-# probes had found (prefix 5e-4, fine-tuning 5e-5, adapters/LoRA 1e-3), a factor ~3 apart.
-LR_GRID = {"prefix": (1e-4, 3e-4, 1e-3), "infix": (1e-4, 3e-4, 1e-3), "prompt": (1e-4, 3e-4, 1e-3),
-           "peft-prefix": (1e-4, 3e-4, 1e-3), "finetune": (1e-5, 3e-5, 1e-4), "ft-top2": (3e-5, 1e-4, 3e-4),
-           "adapter-0.1": (3e-4, 1e-3, 3e-3), "adapter-3": (3e-4, 1e-3, 3e-3), "lora": (3e-4, 1e-3, 3e-3)}
+
+def split_name(name: str) -> tuple[str, float | None]:
+    """"adapter-3" -> ("adapter", 0.03): a method sized by a fraction of the model (a ``size``
+    option), with its percentage; "prefix" -> ("prefix", None)."""
+    for method, spec in METHODS.items():
+        if "size" in spec.options and name.startswith(method + "-"):
+            return method, float(name[len(method) + 1 :]) / 100
+    return name, None
+
+
+# The method names (with sizes) of the paper's table, and the learning-rate grid of each: its
+# method's (prefixtune/methods.py).
+TABLE_METHODS = ("prefix", "finetune", "ft-top2", "adapter-0.1", "adapter-3", "lora", "peft-prefix", "prompt", "infix")
+LR_GRID = {name: METHODS[split_name(name)[0]].lr_grid for name in TABLE_METHODS}
 
 DIFFERENCES = (
     "**What differs from the paper.** Base model: SmolLM2-135M-Instruct (the paper: GPT-2 medium, 345M, for "
@@ -42,56 +54,56 @@ class Scale:
     """How every experiment is run: the protocol of issue 11 (train to the best dev score, full test
     sets, the paper's decoding) at sizes that fit 2 CPU cores. See README, "Experiments"."""
 
-    batch_size: int = 8
-    summary_batch_size: int = 4
-    max_source_tokens: int = 192  # summarization sources are cut to this many tokens
-    max_epochs: float = 10.0  # cap per run: max(max_epochs epochs, min_steps steps)
-    summary_max_epochs: float = 4.0
-    min_steps: int = 600
-    eval_epochs: float = 0.5  # evaluate every half epoch, but at most every min_eval_steps steps
-    min_eval_steps: int = 10
-    patience: int = 3
+    batch_size: int = option(8, "table-to-text batch size")
+    summary_batch_size: int = option(4, "summarization batch size")
+    max_source_tokens: int = option(192, "summarization sources are cut to this many tokens")
+    max_epochs: float = option(10.0, "cap per run: max(this many epochs, --min-steps)")
+    summary_max_epochs: float = option(4.0, "the same for summarization")
+    min_steps: int = option(600, "cap: at least this many steps")
+    eval_epochs: float = option(0.5, "evaluate every this many epochs...")
+    min_eval_steps: int = option(10, "...but at most every this many steps")
+    patience: int = option(3, "evaluations without improvement before stopping")
     dev_examples: int = 200  # dev pairs for the dev loss (table-to-text)
     summary_dev_examples: int = 100
-    dev_score_examples: int = 100  # dev tables decoded for the dev BLEU that selects table-to-text runs
-    select: str = "dev_bleu"  # table-to-text selection: dev_bleu or dev_loss (summarization: always dev_loss)
-    arithmetic: str = "bf16-autocast"  # or "float32"
-    decode_dtype: str = "bfloat16"  # test decoding (see results/perf.md, "bfloat16 decoding"); or "float32"
-    test_examples: int = 0  # table-to-text test inputs (0 = all: 630 E2E, 1,862 WebNLG)
-    summary_test_examples: int = 200
-    num_beams: int = 0  # 0 = the paper's decoding per task (beam 5; summarization beam 6 with length limits)
-    train_size: int = 500  # the E2E training size of the reference cell (LR grid, main table, prefix length)
+    dev_score_examples: int = option(100, "dev inputs decoded for the dev BLEU that selects table-to-text runs")
+    select: Literal["dev_bleu", "dev_loss"] = option(
+        "dev_bleu", "what table-to-text runs are selected and stopped on (summarization: dev loss)")
+    arithmetic: Literal["bf16-autocast", "float32"] = option(
+        "bf16-autocast", "bfloat16 autocast with float32 master weights for every method, or float32 throughout")
+    decode_dtype: Literal["bfloat16", "float32"] = option(
+        "bfloat16", "dtype of test decoding (bfloat16: ~2x faster on CPUs with AMX/avx512_bf16; E2E BLEU within 0.3 of "
+        "float32 on the validation cell, see results/perf.md)")
+    test_examples: int = option(0, "table-to-text test inputs (0 = all: 630 E2E, 1,862 WebNLG)")
+    summary_test_examples: int = option(200, "summarization test documents")
+    num_beams: int = option(0, "beam size (0 = the paper's decoding per task: beam 5; summarization beam 6 with "
+                            "length limits)")
+    train_size: int = option(500, "E2E size of the reference cell (LR grid, main table, prefix length)")
     arithmetic_cell: int = 100  # E2E size of the low-data cell also trained in the other arithmetic
-    webnlg_train_examples: int = 2000  # WebNLG seen-category training subset
-    dialogsum_train_examples: int = 1000  # DialogSum training subset (XSUM: our whole 1,210-article split)
-    train_sizes: tuple[int, ...] = (50, 100, 200, 500)
-    init_sizes: tuple[int, ...] = (50, 100)
-    init_texts: tuple[str, ...] = ("table-to-text:", "elephant", "divide")
-    samplings: int = 3
-    seeds: int = 2
-    lengths: tuple[int, ...] = (1, 5, 10, 20, 40)
-    summary_lengths: tuple[int, ...] = (10, 50, 200)
-    summary_prefix_lengths: tuple[int, ...] = (10, 200)  # the two prefix sizes (~0.1% and ~2% of the model)
-    methods: tuple[str, ...] = ("prefix", "finetune", "ft-top2", "adapter-0.1", "adapter-3", "lora", "peft-prefix",
-                                "prompt", "infix")
+    webnlg_train_examples: int = option(2000, "WebNLG seen-category training subset")
+    dialogsum_train_examples: int = option(1000, "DialogSum training subset (XSUM: our whole 1,210-article split)")
+    train_sizes: tuple[int, ...] = option((50, 100, 200, 500), "low-data E2E sizes")
+    init_sizes: tuple[int, ...] = option((50, 100), "initialisation experiment sizes")
+    init_texts: tuple[str, ...] = option(("table-to-text:", "elephant", "divide"),
+                                         "word initialisations compared with random (task words: table-to-text:, summarize)")
+    samplings: int = option(3, "random training subsets per low-data size")
+    seeds: int = option(2, "seeds per subset and cell")
+    lengths: tuple[int, ...] = option((1, 5, 10, 20, 40), "E2E prefix lengths")
+    summary_lengths: tuple[int, ...] = option((10, 50, 200), "XSUM prefix lengths")
+    summary_prefix_lengths: tuple[int, ...] = option((10, 200), "the two prefix sizes of the summarization experiment "
+                                                     "(~0.1% and ~2% of the model)")
+    methods: tuple[str, ...] = option(TABLE_METHODS, "table-to-text methods (adapter-3 = adapters of 3% of the model)")
     lr_grid: dict = field(default_factory=lambda: dict(LR_GRID))  # the rates tried per method name
     lr: dict = field(default_factory=dict)  # explicit learning rates per method name (else: the grid's choice)
     chosen_lr: dict = field(default_factory=dict)  # filled from the ledger by resolve_lrs()
-    model: str = "smollm2-135m"
+    model: str = option("smollm2-135m", "base model (embedded default, or a Hugging Face id / directory)")
 
     def __post_init__(self):
-        from ..methods import METHODS
-
         for name in self.methods:
             method, size = split_name(name)
             if method not in METHODS:
                 raise ValueError(f"unknown method {name!r} in --methods; use {', '.join(METHODS)} (adapter-3 = 3%)")
-        if self.arithmetic not in ("bf16-autocast", "float32"):
-            raise ValueError(f"arithmetic must be bf16-autocast or float32, got {self.arithmetic!r}")
-        if self.decode_dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"decode_dtype must be bfloat16 or float32, got {self.decode_dtype!r}")
-        if self.select not in ("dev_bleu", "dev_loss"):
-            raise ValueError(f"select must be dev_bleu or dev_loss, got {self.select!r}")
+            self.lr_grid.setdefault(name, METHODS[method].lr_grid)  # e.g. adapter-1, not in LR_GRID
+        check_choices(self)
 
     def lr_for(self, name: str) -> float | None:
         """The learning rate of method ``name``: explicit, else the grid's choice, else None (not chosen yet)."""
@@ -132,14 +144,6 @@ class Scale:
         training = ("bfloat16 autocast for every method (float32 weights, gradients and AdamW state; matrix products "
                     "in bfloat16)" if self.arithmetic == "bf16-autocast" else "float32 training")
         return f"{training}; test decoding in {self.decode_dtype} (dev BLEU for selection in float32)"
-
-
-def split_name(name: str) -> tuple[str, float | None]:
-    """"adapter-3" -> ("adapter", 0.03); "prefix" -> ("prefix", None)."""
-    if name.startswith(("adapter-", "lora-")):
-        method, _, size = name.partition("-")
-        return method, float(size) / 100
-    return name, None
 
 
 def resolve_lrs(scale: Scale, ledger_dir: str | Path) -> Scale:

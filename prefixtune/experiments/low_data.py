@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import Scale
-from .report import compare, finding, fmt, line_plot, mean, metric, sd, spread, table
+from .report import compare, finding, line_plot, mean, metric, sd, spread, table
 
 TITLE = "Low-data: prefix-tuning vs fine-tuning on 50-500 E2E training examples, BLEU and slot errors"
 SCALE_TEXT = ("E2E training subsets of {s.train_sizes} pairs, {s.samplings} random samplings x {s.seeds} seeds per "

@@ -134,18 +134,6 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def within_noise(diff: float | None, noise: float | None) -> bool:
-    """Whether a difference is no larger than the spread across seeds (so it shows nothing)."""
-    return diff is not None and noise is not None and abs(diff) <= noise
-
-
-NOISE = "Within the spread across seeds: neither confirmed nor contradicted at this scale."
-
-
-def holds(ours: bool | None, text_yes: str, text_no: str) -> str:
-    if ours is None:
-        return "cannot be judged (runs missing)"
-    return text_yes if ours else text_no
 
 
 def _plt():

@@ -153,8 +153,11 @@ class Run:
 
     def label(self) -> str:
         """A readable name (the key is what identifies the run)."""
-        extra = {"adapter": f"-{100 * self.size:g}%", "lora": f"-{100 * self.size:g}%"}.get(self.method, "")
-        if self.method in ("prefix", "infix", "prompt", "peft-prefix") and self.length != 10:
+        from ..methods import METHODS
+
+        method = METHODS[self.method]
+        extra = f"-{100 * self.size:g}%" if "size" in method.options else ""
+        if method.has_length and self.length != 10:
             extra += f"-L{self.length}"
         if self.init == "words":
             extra += f"-init:{self.init_text}"
@@ -273,19 +276,15 @@ def dev_bleu(run: Run, model, tokenizer, data):
     greedy outputs for the first ``dev_score_examples`` dev inputs, decoded with the weights being
     trained (float32, batch 32: a selection score, not a reported one)."""
     from .. import generate
-    from ..methods import decoding_kwargs
+    from ..modes import eval_mode
 
     groups = fixed_sample(group_references(read_task(run.task, "dev", data)), run.dev_score_examples)
     sources, refs = [g.source for g in groups], [g.references for g in groups]
 
     def score(trainer) -> float:
         tuner = trainer.tuner
-        was = tuner.training
-        tuner.eval()
-        try:
-            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **decoding_kwargs(tuner))
-        finally:
-            tuner.train(was)
+        with eval_mode(tuner):
+            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **tuner.decode_inputs())
         return corpus_bleu(run.task, outputs, refs)
 
     return score
@@ -302,8 +301,8 @@ def corpus_bleu(task: str, outputs: list[str], refs: list[list[str]]) -> float:
 
 def train(run: Run, out: Path, data, threads: int | None) -> dict:
     from ..methods import MethodConfig
-    from ..prefix import PrefixConfig
-    from ..train import TrainConfig, Trainer
+    from ..config import PrefixConfig
+    from ..train import TrainConfig, train_method
 
     start, cpu = time.perf_counter(), time.process_time()
     model, tokenizer = _load(run, threads)
@@ -319,17 +318,13 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
     hook = dev_bleu(run, model, tokenizer, data) if run.select == "dev_bleu" else None
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = _reset_peak_rss()
-    trainer = Trainer(model, tokenizer, train_set, dev, prefix_config, train_config, out, method=method, dev_score=hook)
-    result = trainer.fit()
-    n_model = sum(p.numel() for p in model.parameters())
-    n_train, n_stored = trainer.tuner.num_trainable_parameters(), trainer.tuner.num_stored_parameters()
+    trainer, sizes, result = train_method(model, tokenizer, train_set, dev, prefix_config, train_config, out,
+                                          method=method, dev_score=hook)
     curve = result["history"]
     best = next((h for h in curve if h["step"] == result["best_step"]), curve[-1])
     train_seconds = sum((h["seconds_per_step"] or 0) * (h["step"] - p["step"]) for p, h in zip(curve, curve[1:]))
     summary = {
-        "method": method.to_json(), "model_parameters": n_model, "trainable_parameters": n_train,
-        "trainable_percent": 100 * n_train / n_model, "stored_parameters": n_stored,
-        "stored_percent": 100 * n_stored / n_model, "n_train": len(train_set), "n_dev": len(dev), **plan,
+        **sizes, "n_train": len(train_set), "n_dev": len(dev), **plan,
         "steps": result["steps"], "best_step": result["best_step"], "best_epoch": (result["best_step"] or 0) / plan["batches_per_epoch"],
         "stopped_early": result["stopped_early"], "selected_by": result["selected_by"],
         "dev_loss_start": curve[0]["dev_loss"], "dev_loss": best["dev_loss"],  # at the selected evaluation
@@ -374,6 +369,7 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
     the ledger. Returns {eval key: result}."""
     from .. import generate
     from ..methods import load_trained, read_run
+    from ..template import special_ids
 
     method, prefix_config = read_run(out)
     results = {}
@@ -388,11 +384,14 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
             sources = [g.source for g in groups]
             start, cpu = time.perf_counter(), time.process_time()
             if decoder == "peft":
-                outputs = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
+                tokens = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
             else:
-                outputs = generate(model, tokenizer, sources, batch_size=DECODE_BATCH, progress=True, **kwargs, **decoding)
+                tokens = [g.tokens for g in generate(model, tokenizer, sources, batch_size=DECODE_BATCH, progress=True,
+                                                     return_tokens=True, **kwargs, **decoding)]
+            outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
             seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
-            new_tokens = sum(len(tokenizer(o, add_special_tokens=False).input_ids) for o in outputs)
+            eos = special_ids(tokenizer)[1]
+            new_tokens = sum(len(t) - (t[-1:] == [eos]) for t in tokens)  # the outputs' tokens (EOS not counted)
             scores, items = score_outputs(ev, groups, outputs, data)
             files = ledger.write_eval_files(ledger_dir.parent, ledger_dir.name, ev, outputs, items)
             seen = seen_categories(data) if ev.task == "webnlg" else set()
@@ -406,25 +405,24 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
 
 
 @torch.no_grad()
-def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[str], decoding: dict) -> list[str]:
-    """Decode with PEFT's own ``PeftModel.generate`` and its trained prefix (the peer's decoding path)."""
+def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[str], decoding: dict) -> list[list[int]]:
+    """Decode with PEFT's own ``PeftModel.generate`` and its trained prefix (the peer's decoding path);
+    the generated tokens of each source, up to its EOS, as :func:`prefixtune.generate` returns them."""
     from ..baselines.peft_prefix import PeftPrefixModel
-    from ..template import collate_prompts, encode, special_ids
+    from ..generate import until_eos
+    from ..template import collate_prompts, prompt_batches, special_ids
 
     tuner = PeftPrefixModel(model, prefix_config)
-    tuner.load_trained(run_dir)
+    tuner.load_weights(run_dir)
     tuner.eval()
     _, eos, pad = special_ids(tokenizer)
-    prompts = [encode(model, tokenizer, s).prompt for s in sources]
-    outputs = [""] * len(sources)
-    order = sorted(range(len(sources)), key=lambda i: len(prompts[i]))
-    for k in range(0, len(order), 16):
-        rows = order[k : k + 16]
+    prompts, batches = prompt_batches(model, tokenizer, sources, 16)
+    outputs: list[list[int]] = [[] for _ in sources]
+    for rows in batches:
         batch = collate_prompts(model, [prompts[i] for i in rows], pad)
         out = tuner.peft_model.generate(**batch, do_sample=False, eos_token_id=eos, pad_token_id=pad, **decoding)
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        for i, t in zip(rows, texts):
-            outputs[i] = t.strip()
+        for i, row in zip(rows, out[:, batch["input_ids"].shape[1]:]):
+            outputs[i] = until_eos(row, eos)
     return outputs
 
 
@@ -434,8 +432,9 @@ def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[
 def _trained(out: Path) -> bool:
     """Whether ``out`` holds a finished training's weights (absent on a fresh clone: the ledger has
     no weights)."""
-    return (out / "run.json").is_file() and any((out / f).is_file() for f in
-                                                ("prefix.safetensors", "prompt.safetensors", "weights.safetensors"))
+    from ..methods import METHODS, read_run
+
+    return (out / "run.json").is_file() and (out / METHODS[read_run(out)[0].method].tuner.trained_file).is_file()
 
 
 def complete(run: Run, result: dict | None) -> bool:

@@ -56,11 +56,5 @@ class Meteor15:
         self.close()
 
 
-def corpus_meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """METEOR 1.5 of one corpus (starts and stops its own JVM)."""
-    with Meteor15() as meteor:
-        return meteor.corpus_score(hypotheses, references)
-
-
 def _one_line(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")

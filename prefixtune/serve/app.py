@@ -26,8 +26,10 @@ import torch
 
 from .. import __version__
 from ..attach import is_seq2seq
+from ..models import DEFAULT_MODEL
+from ..options import option
 from ..data import Example
-from ..prefix import PrefixConfig
+from ..config import PrefixConfig
 from ..template import encode
 from ..train import TrainConfig
 from .metrics import Metrics
@@ -48,31 +50,45 @@ MAX_ROWS = 64  # rows (inputs x n) of one request
 
 @dataclass
 class ServeConfig:
-    model: str = "smollm2-135m"
-    registry: str = "./prefix-registry"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    batching: Literal["continuous", "mixed", "single-prefix"] = "continuous"
-    max_batch_rows: int = 32
-    batch_wait_ms: float = 50.0
-    prefill_chunk: int = 256
-    max_queue: int = 256
-    max_input_tokens: int = 1024
-    max_new_tokens_limit: int = 256
-    max_prefixes_in_memory: int = 64
-    max_upload_mb: float = 64.0
-    request_timeout_s: float = 120.0
-    threads: int | None = None
-    dtype: str = "float32"
-    device: str | None = None
-    keys: dict[str, str] = field(default_factory=dict)
-    train: bool = True  # the training API (prefixtune/serve/training.py)
-    train_share: float = 0.5
-    max_train_jobs: int = 2
-    max_train_examples: int = 5000
-    max_train_steps: int = 2000
-    max_train_prefix_length: int = 64
-    max_train_mb: float = 16.0
+    """The server's settings; each field is also a ``prefixtune serve`` option (prefixtune/options.py)."""
+
+    model: str = option(DEFAULT_MODEL, f"base model: {DEFAULT_MODEL!r} (embedded) or any Hugging Face id or local directory")
+    registry: str = option("./prefix-registry", "directory of the tenants' prefix files (and training jobs)")
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(8000, "port to listen on")
+    batching: Literal["continuous", "mixed", "single-prefix"] = option(
+        "continuous", "continuous: rows join and leave the running batch at every decoding step, whatever their "
+        "prefixes (beam search rows, and models it cannot serve, use mixed); mixed: dynamic batches of rows of any "
+        "prefixes, each run to its longest row's end; single-prefix: one prefix per batch, as single-active-adapter "
+        "serving does (see results/serve.md)")
+    max_batch_rows: int = option(32, "rows decoded together (running batch or generate batch); training rows per round")
+    batch_wait_ms: float = option(50.0, "mixed/single-prefix: how long a batch waits for more rows once one is queued")
+    prefill_chunk: int = option(256, "continuous: prompt tokens prefilled per decoding step (a long prompt takes "
+                                "several steps, so newcomers never stall the running rows for long)")
+    max_queue: int = option(256, "queued rows before requests get 429")
+    max_input_tokens: int = option(1024, "longest input, in prompt tokens (training: prompt + target)")
+    max_new_tokens_limit: int = option(256, "largest max_new_tokens a request may ask")
+    max_prefixes_in_memory: int = option(64, "LRU bound; evicted prefixes reload from disk")
+    max_upload_mb: float = option(64.0, "largest prefix upload")
+    request_timeout_s: float = option(120.0, "a request not done by then gets 504")
+    threads: int | None = option(None, "torch CPU threads (None: torch's choice)")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the frozen base model")
+    device: str | None = option(None, "torch device, e.g. cuda (None: cpu)")
+    keys: dict[str, str] = field(default_factory=dict)  # API key -> tenant (--keys / PREFIXTUNE_API_KEYS)
+    # the training API (prefixtune/serve/training.py)
+    train: bool = option(True, "turn the training API off, e.g. on all replicas but one where the shared disk has "
+                         "no reliable flock", flag="--no-train")
+    train_share: float = option(0.5, "largest share of the time training takes while requests are being served "
+                                "(1 = no yielding)")
+    max_train_jobs: int = option(2, "queued + running training jobs per tenant")
+    max_train_examples: int = option(5000, "examples (train + dev) of one job")
+    max_train_steps: int = option(2000, "optimizer steps of one job")
+    max_train_prefix_length: int = option(64, "longest prefix a job may train")
+    max_train_mb: float = option(16.0, "largest training request body")
+
+
+TRAINING_OPTIONS = ("train", "train_share", "max_train_jobs", "max_train_examples", "max_train_steps",
+                    "max_train_prefix_length", "max_train_mb")
 
 
 def load_keys(path: str | None = None, env: str | None = None) -> dict[str, str]:

@@ -50,7 +50,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from .. import attach
 from ..attach import PrefixBatch
 from ..generate import token_logprobs_at
-from ..prefix import Prefix, make_batch
+from ..batch import make_batch
+from ..prefix import Prefix
 
 log = logging.getLogger("prefixtune.serve")
 

@@ -153,7 +153,8 @@ class Scheduler:
     def _check_engine(self) -> None:
         """Before serving: the engine must give exactly what ``generate`` gives alone (two rows of
         different lengths, one with a random prefix). Guards architectures nobody tested."""
-        from ..prefix import PrefixConfig, PrefixTuner
+        from ..config import PrefixConfig
+        from ..tuner import PrefixTuner
 
         torch.manual_seed(0)
         prefix = PrefixTuner(self.model, PrefixConfig(length=3, reparameterize=False)).export()

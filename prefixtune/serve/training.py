@@ -45,7 +45,7 @@ from pathlib import Path
 
 from ..data import Example
 from ..data.jsonl import read as read_pairs
-from ..prefix import PrefixConfig
+from ..config import PrefixConfig
 from ..train import TrainConfig
 from ..train_many import Job, ManyTrainer
 from .registry import InvalidPrefix, tenant_dir_name
