@@ -174,7 +174,8 @@ def report(args, result: dict, users: list[str]) -> str:
              f"one `prefixtune train-many` run: prefix length {args.length}, MLP 512, lr {args.lr}, "
              f"{args.steps} steps of batch {args.batch_size} per user, {args.rows_per_round} rows per round "
              f"(its rounds took {result['train_seconds']:.0f} s of {args.threads or 'all'} CPU thread(s) in all, from the "
-             "jobs' logs). Users: see `scripts/personalise_demo.py`.", "",
+             "jobs' logs). Users: see `scripts/personalise_demo.py`. One run (one seed per user), 40 dev pairs per "
+             "user: margins of a few hundredths of a nat would be noise; those below are 0.8 nats or more.", "",
              "## Dev NLL per target token (lower is better): rows = whose dev data, columns = whose prefix", "",
              "| data \\ prefix | " + " | ".join(users) + " | base |", "|---|" + "---:|" * (len(users) + 1)]
     for d in users:
