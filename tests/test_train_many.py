@@ -180,7 +180,7 @@ def test_personalise_demo_runs_end_to_end(tmp_path, tokenizer):
                            "--max-new-tokens", "3", "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "demo" / "personalise.json").read_text())
-    users = ["e2e-prose", "e2e-terse", "e2e-shout", "e2e-json", "webnlg", "dart", "dialogsum", "xsum"]
+    users = ["e2e-prose", "e2e-terse", "e2e-shout", "e2e-json", "webnlg", "topics", "dialogsum", "xsum"]
     assert list(result["matrix"]) == users and all(len(row) == 9 for row in result["matrix"].values())
     assert all(0 < v < 50 for row in result["matrix"].values() for v in row.values())
     assert set(result["served"]["answers"]) == set(users)

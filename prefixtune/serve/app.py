@@ -32,6 +32,7 @@ from ..data import Example
 from ..config import PrefixConfig
 from ..template import encode
 from ..train import TrainConfig
+from ..train_many import PREFIX_FIELDS, TRAIN_FIELDS
 from .metrics import Metrics
 from .registry import InvalidPrefix, NotFound, Registry, valid_name
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
@@ -321,12 +322,10 @@ class Server:
                     if len(enc.prompt) + len(enc.target) > limit:
                         raise HTTPException(413, f"{where}[{i}] is {len(enc.prompt) + len(enc.target)} tokens; the "
                                             f"limit is {limit} (--max-input-tokens / the model's positions)")
-        try:
-            prefix = PrefixConfig(length=s.length, reparameterize=s.reparameterize, mlp_hidden=s.mlp_hidden,
-                                  init=s.init, init_text=s.init_text)
-            train = TrainConfig(lr=s.lr, epochs=s.epochs, max_steps=s.max_steps, batch_size=s.batch_size,
-                                warmup_steps=s.warmup_steps, weight_decay=s.weight_decay, eval_every=s.eval_every,
-                                patience=s.patience, seed=s.seed)
+        values = s.model_dump()
+        try:  # every TrainSettings field is a PrefixConfig or TrainConfig field (as in a train-many jobs file)
+            prefix = PrefixConfig(**{k: v for k, v in values.items() if k in PREFIX_FIELDS})
+            train = TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
         except ValueError as e:
             raise HTTPException(422, f"settings: {e}") from None
         return ([Example(e.source, e.target) for e in req.examples], [Example(e.source, e.target) for e in req.dev],

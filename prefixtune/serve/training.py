@@ -40,7 +40,7 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..data import Example
@@ -110,6 +110,7 @@ class Jobs:
         self._thread = threading.Thread(target=self._run, name="prefixtune-training", daemon=True)
         self._many: ManyTrainer | None = None
         self._mine: dict[str, dict] = {}  # job id -> {"dir", "lock" (open file), "rate", ...} of jobs trained here
+        self._ended: set[str] = set()  # jobs seen ended: an ended job never runs again, so _claim skips its record
         self.error: BaseException | None = None  # a worker fault (logged); jobs stay on disk for a restart
 
     # -- records ---------------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class Jobs:
                       "started": None, "finished": None, "step": 0, "total_steps": total_steps, "train_loss": None,
                       "dev_loss": None, "best_dev_loss": None, "best_step": None, "eta_s": None, "error": None,
                       "n_train": len(train), "n_dev": len(dev), "keep_data": keep_data,
-                      "settings": {"prefix": prefix.to_json(), "train": _train_settings(config)}}
+                      "settings": {"prefix": prefix.to_json(), "train": asdict(config)}}
             _write_json(tmp / "job.json", record)
             os.replace(tmp, jobs / job_id)
         self._wake.set()
@@ -238,7 +239,7 @@ class Jobs:
         """Take queued jobs, and running jobs whose trainer died, oldest first, whose lock is free."""
         candidates = []
         for f in self.root.glob("t-*/jobs/job-*/job.json"):
-            if f.parent.name in self._mine:
+            if f.parent.name in self._mine or f.parent.name in self._ended:
                 continue
             try:
                 record = json.loads(f.read_text())
@@ -246,6 +247,8 @@ class Jobs:
                 continue
             if record.get("state") in ACTIVE:
                 candidates.append((record["created"], f.parent))
+            elif record.get("state") in DONE:
+                self._ended.add(f.parent.name)
         for _, d in sorted(candidates):
             lock = _try_lock(d)
             if lock is None:
@@ -364,7 +367,3 @@ def _try_lock(d: Path):
         f.close()
         return None
     return f
-
-
-def _train_settings(config: TrainConfig) -> dict:
-    return {f.name: getattr(config, f.name) for f in fields(TrainConfig)}
