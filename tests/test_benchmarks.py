@@ -3,6 +3,7 @@
 The benchmarks themselves are not run here (minutes each); these checks take a few seconds.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -84,3 +85,22 @@ def test_serve_benchmark_help():
     proc = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--rates" in proc.stdout and "Poisson" in proc.stdout
+
+
+def test_attention_kernels_benchmark_runs_and_checks_errors(tmp_path):
+    out = tmp_path / "attn.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "attention_kernels.py"), "--batch", "2", "--length", "3",
+                           "--tokens", "4", "--repeats", "1", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"flash_fp32", "flash_bf16", "split_fp32", "split_bf16"}
+    # every implementation computes the same attention: errors against float64 are bf16-input rounding
+    assert all(r["err_output"] < 0.05 and r["err_grad_q"] < 0.05 for r in rows.values()), rows
+
+
+def test_bf16_quality_help():
+    proc = subprocess.run([sys.executable, str(BENCH / "bf16_quality.py"), "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--variants" in proc.stdout and "scored by the" in proc.stdout

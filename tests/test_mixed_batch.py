@@ -148,3 +148,18 @@ def test_low_precision_decoding_gives_the_lm_head_a_contiguous_input(tokenizer):
     assert not head._forward_pre_hooks  # nothing left on the model
     from prefixtune.generate import _contiguous_lm_head_input
     assert _contiguous_lm_head_input(tiny_model("llama-gqa")) is None
+
+
+@pytest.mark.parametrize("arch", CAUSAL_ARCHS)
+def test_static_cache_decoding_equals_the_default_cache(arch, tokenizer):
+    """transformers' static KV cache (``cache_implementation="static"``, a generate keyword that passes
+    through): keys and values preallocated to the full length, unused positions masked. With prefixes
+    (mixed, and a row without) the tokens equal the default cache's in float32 (benchmarks/precision.py
+    measures its speed)."""
+    model = tiny_model(arch)
+    p1, p2 = random_prefix(model, 2, seed=1, scale=3.0), random_prefix(model, 5, seed=2, scale=3.0)
+    prefixes = [p1, p2, None, p2]
+    kw = dict(max_new_tokens=8)
+    static = pt.generate(model, tokenizer, SOURCES, prefixes=prefixes, cache_implementation="static", **kw)
+    assert static == pt.generate(model, tokenizer, SOURCES, prefixes=prefixes, **kw)
+    assert static != pt.generate(model, tokenizer, SOURCES, **kw)  # the prefixes are used
