@@ -9,6 +9,7 @@ the batch. Inputs in bfloat16 (a bf16 base model); the loss is the sum of square
 * ``flash_bf16``: the same kernel in bfloat16 (before issue 16).
 * ``split_fp32`` / ``split_bf16``: attention written as matmuls, the prefix scores as one GEMM per
   key/value head for the whole batch (the prefix is shared), one softmax over prefix and tokens.
+  (the many-query form of ``attach._decode_step_attention``, which is single-query only).
 
 Reports the median milliseconds per call and each one's error against float64 (output, and the
 gradient of q and of the prefix keys, relative to their largest value).
@@ -19,9 +20,7 @@ Example: ``python benchmarks/attention_kernels.py --threads 2 --batch 8 --length
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,7 +75,6 @@ def main(argv=None) -> dict:
     exact = [t.detach().double().requires_grad_() for t in inputs]
     ref = flash(*exact, torch.float64)
     ref.square().sum().backward()
-    times = {name: [] for name in impls}
     errors = {}
     for name, (fn, dtype) in impls.items():
         for t in inputs:
@@ -85,12 +83,11 @@ def main(argv=None) -> dict:
         out.float().square().sum().backward()
         errors[name] = {"output": rel(out, ref), "grad_q": rel(inputs[0].grad, exact[0].grad),
                         "grad_prefix_keys": rel(inputs[1].grad, exact[1].grad)}
-    for _ in range(args.repeats):  # interleaved rounds
-        for name, (fn, dtype) in impls.items():
-            start = time.perf_counter()
-            fn(*inputs, dtype).float().square().sum().backward()
-            times[name].append(time.perf_counter() - start)
-    rows = [{"case": n, "ms": 1000 * statistics.median(t), **{f"err_{k}": v for k, v in errors[n].items()}}
+    # the error pass above was each implementation's warm-up
+    cases = {name: (lambda fn=fn, dtype=dtype: fn(*inputs, dtype).float().square().sum().backward())
+             for name, (fn, dtype) in impls.items()}
+    times = C.interleaved(cases, args.repeats, warmup=0, log=None)
+    rows = [{"case": n, "ms": 1000 * C.summary(t)["median"], **{f"err_{k}": v for k, v in errors[n].items()}}
             for n, t in times.items()]
     table = C.print_table(rows, [("case", "implementation"), ("ms", "ms fwd+bwd"), ("err_output", "output err"),
                                  ("err_grad_q", "dq err"), ("err_grad_prefix_keys", "d prefix-k err")],
