@@ -201,9 +201,9 @@ def fake_result(run, rng):
         {"step": s, "dev_loss": 2.0 + rng.random(), "train_loss": 1.0, "seconds_per_step": 2.0,
          **({"dev_score": 40 + 10 * rng.random()} if run.select == "dev_bleu" else {})} for s in (25, 50, 75)]
     name = f"adapter-{100 * run.size:g}" if run.method == "adapter" else run.method
-    middle = LR_GRID[name][1]  # made the grid's choice: the lowest dev loss
+    middle = LR_GRID[name][1]  # made the grid's choice: the best dev BLEU (and the lowest dev loss)
     train = {"trainable_percent": 1.0, "stored_percent": 0.1, "dev_loss": 2.1, "min_dev_loss": 2.0 if run.lr == middle else 3.0,
-             "dev_score": 45.0, "best_step": 50, "best_epoch": 1.5, "steps": 75, "stopped_early": True,
+             "dev_score": 45.0 if run.lr == middle else 44.0, "best_step": 50, "best_epoch": 1.5, "steps": 75, "stopped_early": True,
              "seconds_per_step": 2.0, "wall_seconds": 600.0, "cpu_seconds": 590.0, "peak_memory_mb": 2000.0,
              "peak_memory_mb_before": None, "dev_curve": curve}
     evals = {}
@@ -223,6 +223,37 @@ def fake_result(run, rng):
         evals[ev.key()] = {"eval": {}, "n": n, "scores": scores, "items": items, "decode_seconds": 100.0,
                            "decode_cpu_seconds": 99.0, "output_tokens": 500}
     return {"run": run.training(), "train": train, "evals": evals}
+
+
+def test_the_rate_is_chosen_on_the_selection_score_not_on_dev_loss(tmp_path):
+    """When dev loss and dev BLEU disagree (fine-tuning on the real grid: the lowest dev loss at 3.9 dev
+    BLEU less), the learning-rate grid takes the rate whose run selected the best dev BLEU, and its
+    report marks the rate dev loss would have taken."""
+    import numpy as np
+
+    from prefixtune.experiments import lr_grid
+
+    rng, scale = np.random.default_rng(0), Scale()
+    grid_runs = lr_grid.runs_for(scale, "finetune")
+    low, mid, high = (r.lr for r in grid_runs)
+    for run in grid_runs:
+        result = fake_result(run, rng)
+        result["evals"] = {}
+        result["train"].update(min_dev_loss={low: 1.34, mid: 1.28, high: 1.27}[run.lr],
+                               dev_score={low: 61.9, mid: 64.8, high: 60.9}[run.lr])
+        ledger.write(tmp_path / "ledger", run.key(), result)
+    assert lr_grid.chosen(scale, tmp_path / "ledger")["finetune"] == mid
+    assert lr_grid.chosen(scale, tmp_path / "ledger", by="dev_loss")["finetune"] == high
+    assert resolve_lrs(scale, tmp_path / "ledger").chosen_lr["finetune"] == mid
+    md = write_report("lr-grid", scale, tmp_path, "cmd").read_text()
+    rows = {}
+    for line in md.splitlines():  # the grid table (the first with a row per method and rate)
+        if line.startswith("| finetune |"):
+            rows.setdefault(line.split("|")[2].strip(), line)
+    assert "**chosen**" in rows[f"{mid:g}"] and "lowest dev loss" in rows[f"{high:g}"] and "chosen" not in rows[f"{high:g}"]
+    # an incomplete grid chooses nothing
+    (tmp_path / "ledger" / grid_runs[0].key() / "result.json").unlink()
+    assert "finetune" not in lr_grid.chosen(scale, tmp_path / "ledger")
 
 
 def test_every_report_on_a_full_synthetic_ledger(tmp_path):

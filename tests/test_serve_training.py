@@ -170,6 +170,28 @@ def test_job_limit_and_cancel(server):
     assert client.post("/v1/prefixes/again/train", json=body(examples, settings), headers=A).status_code == 202
 
 
+def test_a_cancel_during_the_last_round_registers_nothing(server, monkeypatch):
+    """A DELETE that lands while the job takes its last step: the job ends cancelled, not succeeded,
+    and its prefix never appears (so a client that cancels, then lists its prefixes, sees no late one)."""
+    client, _, _ = server
+    jobs = client.app.state.server.jobs
+    original = type(jobs)._round
+
+    def round_then_cancel(self):  # the DELETE arrives after the last step, before the job is finished
+        stepped = original(self)
+        for job_id in stepped:
+            if self._many.trainers[job_id].finished():
+                (self._mine[job_id]["dir"] / "cancel").touch()
+        return stepped
+
+    monkeypatch.setattr(type(jobs), "_round", round_then_cancel)
+    examples, settings = SETTINGS["bob"]
+    job = client.post("/v1/prefixes/late/train", json=body(examples, settings), headers=B).json()
+    record = wait(client, job["id"], B)
+    assert record["state"] == "cancelled" and record["step"] == settings["max_steps"]
+    assert client.get("/v1/prefixes", headers=B).json()["prefixes"] == []
+
+
 def test_kill_9_during_training_then_resume(tmp_path, tokenizer):
     """A real server process is killed (SIGKILL) mid-job; a new one resumes the job from its last
     checkpoint and ends with the prefix of an uninterrupted run."""

@@ -9,7 +9,7 @@ rewrites the report from the ledger alone. ``prefixtune experiment grid`` works 
 experiment's runs in the order of ``grid.py`` (learning-rate grid first), one process per core.
 
 Learning rates: one per method, chosen by the ``lr-grid`` experiment (3 values per method at the
-reference cell, E2E 500 examples, by the lowest dev loss reached) and read from the ledger; a run
+reference cell, E2E 500 examples, by the dev BLEU its run selected) and read from the ledger; a run
 whose method's grid is not complete yet has ``lr=None`` and waits.
 """
 
@@ -148,7 +148,7 @@ class Scale:
 
 def resolve_lrs(scale: Scale, ledger_dir: str | Path) -> Scale:
     """``scale`` with ``chosen_lr`` read from the ledger: per method whose learning-rate grid is complete,
-    the rate whose run reached the lowest dev loss."""
+    the rate whose run selected the best dev BLEU (see lr_grid.chosen)."""
     from . import lr_grid
 
     return replace(scale, chosen_lr=lr_grid.chosen(scale, ledger_dir))
@@ -235,7 +235,7 @@ PROTOCOL = ("Every run is trained to its best dev score: it evaluates every half
             "(the larger of {{s.max_epochs:g}} epochs and {{s.min_steps}} steps; linear learning-rate decay to 0 over "
             "the cap), and keeps its best evaluation. Table-to-text runs are selected on dev BLEU (greedy, "
             "{{s.dev_score_examples}} dev inputs, a fixed random sample), summarization runs on dev loss. Each method uses its own learning "
-            "rate, chosen on dev loss by the learning-rate grid (`results/lr-grid.md`). Arithmetic: {arithmetic}. "
+            "rate, chosen on dev BLEU by the learning-rate grid (`results/lr-grid.md`). Arithmetic: {arithmetic}. "
             "Comparisons are paired (same training subsample and seed for both methods, same test items); intervals "
             "are 95% bootstrap intervals over test items and run pairs; a finding *holds* when its interval excludes "
             "0 on the paper's side, is *reversed* when it excludes 0 on the other side, else it is *not separable at "

@@ -333,6 +333,9 @@ class Jobs:
         """Register the job's prefix under its tenant's name, exactly as an upload would be."""
         mine = self._mine[job_id]
         d, record = mine["dir"], self._read(mine["dir"])
+        if (d / "cancel").exists():  # cancelled during its last round: a cancelled job registers nothing
+            self._release(job_id, state="cancelled")
+            return
         try:
             data = (d / "run" / "prefix.safetensors").read_bytes()
             entry, _ = self.registry.put(record["tenant"], record["prefix"], data)
