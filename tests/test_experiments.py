@@ -286,3 +286,44 @@ def test_every_report_on_a_full_synthetic_ledger(tmp_path):
     state = grid.status(base, tmp_path / "runs", tmp_path / "ledger")
     assert not state["todo"] and not state["waiting"] and len(state["done"]) == len(runs)
     assert abs(grid.estimate(state, tmp_path / "ledger")["done_hours"] - len(runs) * (590 + 99 * 1) / 3600) < 2
+
+
+def test_runs_are_selected_on_dev_bleu_decoded_as_the_test_set(tokenizer, monkeypatch):
+    """The dev BLEU that selects a table-to-text run decodes as the test set does (the task's beam search,
+    by a bfloat16 copy: the trained weights stay float32); ledger entries from before the setting keep
+    their keys and read back as greedy float32 runs."""
+    import torch
+
+    import prefixtune
+    from prefixtune.data import DECODING
+    from prefixtune.experiments import runs as runs_mod
+
+    run = Scale().run("e2e", "prefix", lr=1e-3, train_examples=50)
+    assert (run.dev_score_decoding, run.dev_score_dtype) == ("test", "bfloat16")
+    legacy = {k: v for k, v in run.training().items() if k not in ("dev_score_decoding", "dev_score_dtype")}
+    old = Run(**legacy)  # a ledger entry written before the fields existed
+    assert (old.dev_score_decoding, old.dev_score_dtype) == ("greedy", "float32")
+    assert old.key() == runs_mod._hash(legacy) and run.key() != old.key()
+    assert Scale(dev_decoding="greedy").run("e2e", "prefix", lr=1e-3, train_examples=50).key() == old.key()
+
+    seen = []
+
+    def fake_generate(model, tokenizer, sources, **kw):
+        seen.append((next(model.parameters()).dtype, kw))
+        return ["x"] * len(sources)
+
+    monkeypatch.setattr(prefixtune, "generate", fake_generate)  # what the hook imports
+    model = tiny_model("llama-gqa")
+
+    class FakeTrainer:  # what the hook reads: the tuner, its eval mode and its decoding inputs
+        tuner = torch.nn.Module()
+
+    FakeTrainer.tuner.decode_inputs = lambda: {}
+    groups = [runs_mod.Example("name : A", "A.", ["A."], "k", None)] * 3
+    monkeypatch.setattr(runs_mod, "read_task", lambda *a, **k: groups)
+    monkeypatch.setattr(runs_mod, "group_references", lambda g: g)
+    for r, dtype, beams in ((run, torch.bfloat16, DECODING["e2e"]["num_beams"]), (old, torch.float32, None)):
+        runs_mod.dev_bleu(r, model, tokenizer, data=None)(FakeTrainer())
+        got_dtype, kw = seen.pop()
+        assert got_dtype == dtype and kw.get("num_beams") == beams, (r.dev_score_decoding, got_dtype, kw)
+    assert next(model.parameters()).dtype == torch.float32  # the model being trained is untouched

@@ -68,6 +68,9 @@ class Scale:
     dev_score_examples: int = option(100, "dev inputs decoded for the dev BLEU that selects table-to-text runs")
     select: Literal["dev_bleu", "dev_loss"] = option(
         "dev_bleu", "what table-to-text runs are selected and stopped on (summarization: dev loss)")
+    dev_decoding: Literal["test", "greedy"] = option(
+        "test", "how the dev BLEU decodes: as the test set (the paper's beam search, in --decode-dtype) or greedy "
+        "float32 (earlier runs; greedy outputs can end where the beam's repeat themselves)")
     arithmetic: Literal["bf16-autocast", "float32"] = option(
         "bf16-autocast", "bfloat16 autocast with float32 master weights for every method, or float32 throughout")
     decode_dtype: Literal["bfloat16", "float32"] = option(
@@ -120,6 +123,9 @@ class Scale:
                     dev_examples=self.summary_dev_examples if summary else self.dev_examples,
                     select="dev_loss" if summary else self.select, dev_score_examples=self.dev_score_examples,
                     autocast=self.arithmetic == "bf16-autocast")
+        if base["select"] == "dev_bleu":  # (how dev BLEU decodes; runs selected on dev loss keep their keys)
+            base.update(dev_score_decoding=self.dev_decoding,
+                        dev_score_dtype=self.decode_dtype if self.dev_decoding == "test" else "float32")
         if size:
             base["size"] = size
         return Run(**{**base, **kw})
@@ -139,6 +145,11 @@ class Scale:
                 "webnlg": f"a fixed random {n} of the 1,862 WebNLG test entries" if n else
                 "all 1,862 WebNLG test entries (971 seen, 891 unseen categories)",
                 "beams": f"beam {self.num_beams}" if self.num_beams else "the paper's decoding (beam 5)"}
+
+    def describe_dev_decoding(self) -> str:
+        if self.dev_decoding == "greedy":
+            return "greedy, float32"
+        return (f"decoded as the test set is: {self.test_sets()['beams']}, {self.decode_dtype}")
 
     def describe_arithmetic(self) -> str:
         training = ("bfloat16 autocast for every method (float32 weights, gradients and AdamW state; matrix products "
@@ -205,7 +216,7 @@ def write_report(name: str, scale: Scale, results_dir: str | Path = "results", c
     body = mod.report(results, scale, ctx)
     header = [
         f"# {mod.TITLE}", "",
-        f"**Protocol.** {PROTOCOL.format(s=scale, arithmetic=scale.describe_arithmetic())} "
+        f"**Protocol.** {PROTOCOL.format(s=scale, arithmetic=scale.describe_arithmetic(), dev_decoding=scale.describe_dev_decoding())} "
         f"{mod.SCALE_TEXT.format(s=scale, **scale.test_sets())}", "",
         DIFFERENCES.format(arithmetic=scale.describe_arithmetic()), "",
         "Produced by (every run is recorded in `results/ledger/` as it finishes; rerunning does only what the ledger "
@@ -233,7 +244,7 @@ def write_report(name: str, scale: Scale, results_dir: str | Path = "results", c
 PROTOCOL = ("Every run is trained to its best dev score: it evaluates every half epoch (at most every "
             "{{s.min_eval_steps}} steps), stops after {{s.patience}} evaluations without improvement or at the cap "
             "(the larger of {{s.max_epochs:g}} epochs and {{s.min_steps}} steps; linear learning-rate decay to 0 over "
-            "the cap), and keeps its best evaluation. Table-to-text runs are selected on dev BLEU (greedy, "
+            "the cap), and keeps its best evaluation. Table-to-text runs are selected on dev BLEU ({{dev_decoding}}, "
             "{{s.dev_score_examples}} dev inputs, a fixed random sample), summarization runs on dev loss. Each method uses its own learning "
             "rate, chosen on dev BLEU by the learning-rate grid (`results/lr-grid.md`). Arithmetic: {arithmetic}. "
             "Comparisons are paired (same training subsample and seed for both methods, same test items); intervals "

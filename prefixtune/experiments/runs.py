@@ -13,12 +13,15 @@ the others go on.
 ``min_eval_steps`` steps), stops when ``patience`` evaluations in a row brought no better selection
 score, within a cap of ``max(max_epochs epochs, min_steps steps)`` (the learning rate decays linearly
 to 0 over the cap), and keeps its best evaluation's weights. Selection: ``select="dev_bleu"`` decodes
-``dev_score_examples`` dev inputs greedily at each evaluation and scores them with the task's BLEU;
-``"dev_loss"``: dev NLL per target token. ``autocast``: bfloat16 autocast with float32 master weights.
+``dev_score_examples`` dev inputs at each evaluation and scores them with the task's BLEU, decoded as
+the test set is (``dev_score_decoding="test"``: the task's beam search, in ``dev_score_dtype``) or,
+in runs from before that setting, greedily in float32 (``"greedy"``); ``"dev_loss"``: dev NLL per
+target token. ``autocast``: bfloat16 autocast with float32 master weights.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -131,7 +134,12 @@ class Run:
     min_eval_steps: int = 10  # ...but not more often than every 10 steps
     patience: int = 3  # evaluations without a better selection score before stopping
     select: str = "dev_bleu"  # or "dev_loss"
-    dev_score_examples: int = 100  # dev inputs decoded (greedy) for "dev_bleu"
+    dev_score_examples: int = 100  # dev inputs decoded for "dev_bleu"...
+    # ...as the test set is ("test": the task's decoding, beam 5, in dev_score_dtype), or greedily in float32
+    # ("greedy", the default only so that ledger entries from before these fields read back as they ran:
+    # Scale.run sets "test"). Why: greedy dev BLEU chose a 50-example prefix whose beam-5 test outputs ran on.
+    dev_score_decoding: str = "greedy"
+    dev_score_dtype: str = "float32"
     autocast: bool = True  # bfloat16 autocast, float32 master weights (False: float32 throughout)
     evals: tuple[Eval, ...] = field(default=(), compare=False)
     model: str = "smollm2-135m"
@@ -142,10 +150,14 @@ class Run:
             raise ValueError(f"select must be dev_bleu or dev_loss, got {self.select!r}")
         if self.select == "dev_bleu" and self.task not in DEV_BLEU_TASKS:
             raise ValueError(f"select='dev_bleu' is for {DEV_BLEU_TASKS}; use dev_loss for {self.task}")
+        if self.dev_score_decoding not in ("test", "greedy"):
+            raise ValueError(f"dev_score_decoding must be test or greedy, got {self.dev_score_decoding!r}")
 
     def training(self) -> dict:
         d = asdict(self)
         d.pop("evals")
+        if (d["dev_score_decoding"], d["dev_score_dtype"]) == ("greedy", "float32"):  # runs from before the fields
+            del d["dev_score_decoding"], d["dev_score_dtype"]  # keep their keys
         return d
 
     def key(self) -> str:
@@ -272,10 +284,14 @@ def _load(run: Run, threads: int | None):
 
 
 def dev_bleu(run: Run, model, tokenizer, data):
-    """The Trainer's ``dev_score`` hook for ``select="dev_bleu"``: BLEU (the task's test scorer) of
-    greedy outputs for the first ``dev_score_examples`` dev inputs, decoded with the weights being
-    trained (float32, batch 32: a selection score, not a reported one)."""
+    """The Trainer's ``dev_score`` hook for ``select="dev_bleu"``: BLEU (the task's test scorer) of the
+    outputs for a fixed sample of ``dev_score_examples`` dev inputs, decoded with the weights being
+    trained. ``dev_score_decoding="test"``: decoded as the test set is (the task's beam search, by a
+    copy of the model in ``dev_score_dtype``), so a run is selected on what is reported: greedy outputs
+    can end where beam-5 outputs of the same weights repeat themselves to the length limit.
+    ``"greedy"``: greedy, float32, batch 32 (runs from before)."""
     from .. import generate
+    from ..data import DECODING
     from ..modes import eval_mode
 
     groups = fixed_sample(group_references(read_task(run.task, "dev", data)), run.dev_score_examples)
@@ -284,7 +300,13 @@ def dev_bleu(run: Run, model, tokenizer, data):
     def score(trainer) -> float:
         tuner = trainer.tuner
         with eval_mode(tuner):
-            outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **tuner.decode_inputs())
+            if run.dev_score_decoding == "greedy":
+                outputs = generate(model, tokenizer, sources, batch_size=32, max_new_tokens=80, **tuner.decode_inputs())
+            else:  # a copy: the trained weights themselves stay float32
+                decoder = copy.deepcopy(model).to(getattr(torch, run.dev_score_dtype))
+                outputs = generate(decoder, tokenizer, sources, batch_size=DECODE_BATCH, **DECODING[run.task],
+                                   **tuner.decode_inputs())
+                del decoder
         return corpus_bleu(run.task, outputs, refs)
 
     return score
