@@ -20,7 +20,7 @@ from .report import fmt, table
 TITLE = "Learning rate per method: a 3-value grid at E2E 500 examples, chosen on dev BLEU"
 SCALE_TEXT = ("Grid: E2E, {s.train_size} training pairs (random sampling 0), seed 0, batch {s.batch_size}; per method "
               "the 3 peak rates of the table below; the rate whose run selected the best dev BLEU (the score every "
-              "table-to-text run is selected and stopped on: greedy, {s.dev_score_examples} dev inputs) is chosen; the "
+              "table-to-text run is selected and stopped on, {s.dev_score_examples} dev inputs decoded as the protocol says) is chosen; the "
               "rate with the lowest dev loss (per target token, {s.dev_examples} dev pairs) is shown beside it. A chosen "
               "rate at the edge of its grid is flagged: the grid should then be extended.")
 
