@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import attach
+from . import attach, beam
 from .batch import make_batch
 from .loss import decoder_inputs_from_labels, token_logprobs
 from .prefix import Prefix
@@ -24,6 +24,9 @@ from .template import collate_prompts, collate_train, encode, length_batches, pr
 
 # See _contiguous_lm_head_input; False = as before (the switch exists for benchmarks).
 CONTIGUOUS_LM_HEAD = True
+# Beam search without sampling runs prefixtune.beam.beam_search (final rows leave the batch; same
+# outputs); False = transformers' own loop (the switch exists for tests and benchmarks).
+RETIRE_ROWS = True
 
 
 def _per_row(prefixes, n: int) -> list[Prefix | None]:
@@ -105,6 +108,8 @@ def generate(
         if not return_tokens or generate_kwargs.get("num_beams", 1) != 1:
             raise ValueError("logprobs need return_tokens=True and num_beams=1")
         generate_kwargs.update(return_dict_in_generate=True, output_logits=True)
+    if RETIRE_ROWS and generate_kwargs.get("num_beams", 1) > 1 and not generate_kwargs["do_sample"]:
+        generate_kwargs.setdefault("custom_generate", beam.beam_search)
     device = next(model.parameters()).device
     prompts, batches = prompt_batches(model, tokenizer, sources, batch_size)
     results: list = [None] * len(sources)

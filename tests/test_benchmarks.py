@@ -53,7 +53,7 @@ def test_count_new_tokens_stops_at_first_eos():
     assert decode.count_new_tokens(out, prompt_width=2, eos=eos) == [3, 5, 1]
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "decode.py", "mixed.py", "precision.py", "train_many.py"])
+@pytest.mark.parametrize("script", ["train_step.py", "decode.py", "mixed.py", "precision.py", "train_many.py", "beam_rows.py"])
 def test_help(script):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

@@ -56,3 +56,28 @@ def test_short_e2e_training_lowers_dev_loss(smollm2, tmp_path):
     prefix = pt.Prefix.load(tmp_path / "prefix.safetensors")
     text = pt.generate(model, tokenizer, [dev[0].source], prefixes=prefix, max_new_tokens=30)[0]
     assert "Alimentum" in text  # the table's name field
+
+
+def test_beam_search_with_final_rows_retired_on_the_real_model(smollm2, monkeypatch):
+    """prefixtune.beam on real E2E test tables (float32): transformers' beam-5 outputs, with rows
+    leaving the batch as they end (tests/test_beam.py covers the architectures)."""
+    import importlib
+
+    from prefixtune.data import group_references, read_task
+
+    generate_module = importlib.import_module("prefixtune.generate")
+    model, tokenizer = smollm2
+    sources = [g.source for g in group_references(read_task("e2e", "test"))[:6]]
+    rows, out = [], {}
+    hook = model.register_forward_pre_hook(
+        lambda m, a, k: rows.append(k["input_ids"].shape[0]) if k["input_ids"].shape[1] == 1 else None, with_kwargs=True)
+    for retire in (True, False):
+        monkeypatch.setattr(generate_module, "RETIRE_ROWS", retire)
+        rows.clear()
+        out[retire] = [g.tokens for g in pt.generate(model, tokenizer, sources, num_beams=5, max_new_tokens=40,
+                                                     return_tokens=True)]
+        out[retire, "rows"] = list(rows)
+    hook.remove()
+    assert out[True] == out[False]
+    assert min(out[True, "rows"]) < 30 == max(out[True, "rows"])  # rows left as they ended
+    assert set(out[False, "rows"]) == {30}

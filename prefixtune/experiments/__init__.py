@@ -154,7 +154,8 @@ class Scale:
     def describe_arithmetic(self) -> str:
         training = ("bfloat16 autocast for every method (float32 weights, gradients and AdamW state; matrix products "
                     "in bfloat16)" if self.arithmetic == "bf16-autocast" else "float32 training")
-        return f"{training}; test decoding in {self.decode_dtype} (dev BLEU for selection in float32)"
+        dev = self.decode_dtype if self.dev_decoding == "test" else "float32"
+        return f"{training}; test decoding in {self.decode_dtype} (dev BLEU for selection in {dev})"
 
 
 def resolve_lrs(scale: Scale, ledger_dir: str | Path) -> Scale:

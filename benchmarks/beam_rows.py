@@ -1,0 +1,109 @@
+"""Beam search with final rows retired (prefixtune/beam.py) vs transformers' beam search loop.
+
+What is measured: the E2E test decoding of the experiments (prefixtune/experiments/runs.py): a
+random sample of ``--n`` test tables (seed ``--seed``), the task's decoding (beam 5, up to 80 new
+tokens, rows end at EOS), batches of ``--batch-size`` (48, the experiments' decode batch), the
+base model in ``--dtype`` (bfloat16, as the experiments decode), with the prefix ``--prefix`` (a
+prefix file, e.g. a trained run's ``prefix.safetensors``; default: none, the base model). Two cases,
+interleaved: ``transformers`` (``generate.RETIRE_ROWS = False``) and ``retire`` (the default).
+
+Reported: median seconds per case, the ratio retire / transformers (and its per-round median),
+how many outputs differ and each case's BLEU (the paper's E2E scorer; in bfloat16 the batch shape
+changes matmul rounding, so near-ties can resolve differently), and the share of row-steps that the transformers loop spends
+on rows whose result is already final (counted from the retiring run's batch sizes).
+
+Example: ``python benchmarks/beam_rows.py --threads 1 --prefix runs/e2e/prefix.safetensors``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=None, help="E2E test tables decoded per call (default 96, --quick 8)")
+    p.add_argument("--batch-size", type=int, default=48, help="tables per generate batch (default 48)")
+    p.add_argument("--prefix", default=None, help="a prefix file to decode with (default: none)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the base model's dtype")
+    C.add_common_args(p, "results/perf/beam_rows.json")
+    args = p.parse_args(argv)
+    C.fill_defaults(args, normal=dict(repeats=3, warmup=0, n=96), quick=dict(repeats=1, warmup=0, n=8))
+    C.quiet()
+    threads = C.setup_threads(args.threads)
+
+    import torch
+
+    import prefixtune as pt
+    from prefixtune.data import DECODING, group_references, read_task
+    from prefixtune.metrics import e2e
+
+    generate_module = importlib.import_module("prefixtune.generate")
+    model, tok = C.load_model(args.model, getattr(torch, args.dtype))
+    prefix = pt.Prefix.load(args.prefix) if args.prefix else None
+    groups = random.Random(args.seed).sample(group_references(read_task("e2e", "test")), args.n)
+    sources = [g.source for g in groups]
+    rows, outputs = [], {}
+
+    def record(module, a, kw):  # batch size of each decoding step; None where a batch's prompt pass starts
+        rows.append(kw["input_ids"].shape[0] if kw["input_ids"].shape[1] == 1 else None)
+
+    def case(retire: bool):
+        def run():
+            generate_module.RETIRE_ROWS = retire
+            rows.clear()
+            hook = model.register_forward_pre_hook(record, with_kwargs=True)
+            try:
+                outputs[retire] = pt.generate(model, tok, sources, prefixes=prefix, batch_size=args.batch_size,
+                                              **DECODING["e2e"])
+            finally:
+                hook.remove()
+                generate_module.RETIRE_ROWS = True
+            if retire:
+                outputs["rows"] = list(rows)
+        return run
+
+    cases = {"transformers": case(False), "retire": case(True)}
+    print(f"beam_rows: {len(sources)} tables, {args.repeats} rounds, {threads} threads", flush=True)
+    times = C.interleaved(cases, args.repeats, args.warmup)
+    med = {n: C.summary(t)["median"] for n, t in times.items()}
+    # row-steps: the transformers loop runs every step of a batch at its first step's size
+    batches = []
+    for r in outputs["rows"]:
+        if r is None:
+            batches.append([])
+        else:
+            batches[-1].append(r)
+    batches = [b for b in batches if b]
+    steps, full = sum(sum(b) for b in batches), sum(b[0] * len(b) for b in batches)
+    rows_out = [{"case": n, "median": med[n], "vs_transformers": med[n] / med["transformers"]} for n in cases]
+    table = C.print_table(rows_out, [("case", "case"), ("median", "median s"), ("vs_transformers", "vs transformers")],
+                          title=f"Beam 5 on {len(sources)} E2E test tables, batch {args.batch_size}, {args.dtype}, "
+                                f"prefix {args.prefix or 'none'}, {threads} threads")
+    result = {
+        "benchmark": "beam_rows", "settings": {k: v for k, v in vars(args).items() if k != "memory_case"},
+        "environment": C.environment(threads), "cases": {n: C.summary(t) for n, t in times.items()},
+        "ratio_retire_vs_transformers": med["retire"] / med["transformers"],
+        "paired_ratio": C.paired_ratio(times["retire"], times["transformers"]),
+        "identical_outputs": outputs[True] == outputs[False],
+        "differing_outputs": sum(a != b for a, b in zip(outputs[True], outputs[False])),
+        "bleu": {n: 100 * e2e.pymteval_bleu_nist(outputs[n == "retire"], [g.references for g in groups])[0] for n in cases},
+        "row_steps_final_share": 1 - steps / full if full else None,
+        "table": table,
+    }
+    print(f"outputs that differ: {result['differing_outputs']} of {len(sources)}; BLEU {result['bleu']}; share of the transformers loop's row-steps on final "
+          f"rows: {result['row_steps_final_share']:.3f}")
+    print(f"\nwrote {C.write_json(args.out, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
