@@ -24,8 +24,8 @@ from .template import collate_prompts, collate_train, encode, length_batches, pr
 
 # See _contiguous_lm_head_input; False = as before (the switch exists for benchmarks).
 CONTIGUOUS_LM_HEAD = True
-# Beam search without sampling runs prefixtune.beam.beam_search (final rows leave the batch; same
-# outputs); False = transformers' own loop (the switch exists for tests and benchmarks).
+# Beam search without sampling runs prefixtune.beam.beam_search (prompts run once, final rows leave
+# the batch; transformers' outputs in float32); False = transformers' own loop (for tests and benchmarks).
 RETIRE_ROWS = True
 
 
