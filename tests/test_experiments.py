@@ -24,7 +24,7 @@ TINY = dict(batch_size=2, summary_batch_size=2, max_epochs=1, summary_max_epochs
             eval_epochs=1, patience=1, dev_examples=4, summary_dev_examples=2, dev_score_examples=3, test_examples=3,
             summary_test_examples=2, train_size=4, arithmetic_cell=4, train_sizes=(4,), init_sizes=(4,), samplings=1,
             seeds=1, methods=("prefix", "finetune"), lr_grid={"prefix": (1e-2, 5e-2), "finetune": (1e-3,)},
-            max_source_tokens=24)
+            lr_grid_extra=0, max_source_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +254,41 @@ def test_the_rate_is_chosen_on_the_selection_score_not_on_dev_loss(tmp_path):
     # an incomplete grid chooses nothing
     (tmp_path / "ledger" / grid_runs[0].key() / "result.json").unlink()
     assert "finetune" not in lr_grid.chosen(scale, tmp_path / "ledger")
+
+
+def test_a_rate_chosen_at_the_edge_of_its_grid_extends_the_grid(tmp_path):
+    """The prefix grid's lowest rate wins: the next lower rate joins the grid and prefix-tuning waits for
+    its run; it loses, so the edge rate is chosen (now inside); at most lr_grid_extra rates are added."""
+    import numpy as np
+
+    from prefixtune.experiments import lr_grid
+
+    rng, scale = np.random.default_rng(0), Scale()
+    base = sorted(scale.lr_grid["prefix"])
+
+    def record(lr, score):
+        run = scale.run("e2e", "prefix", lr=lr, train_examples=scale.train_size, sampling=0, seed=0)
+        result = fake_result(run, rng)
+        result["train"].update(min_dev_loss=1.3, dev_score=score)
+        ledger.write(tmp_path / "ledger", run.key(), result)
+
+    for lr, score in zip(base, (66.1, 64.9, 56.6)):  # the lowest rate wins, as on the real grid
+        record(lr, score)
+    resolved = resolve_lrs(scale, tmp_path / "ledger")
+    lower = lr_grid.next_rate(base[0], down=True)
+    assert lower == pytest.approx(base[0] / 10 ** 0.5, rel=0.06) and sorted(resolved.lr_grid["prefix"]) == [lower, *base]
+    assert "prefix" not in resolved.chosen_lr  # waits for the new rate's run
+    assert lower in [r.lr for r in lr_grid.plan(resolved)]  # which the grid now plans
+    record(lower, 65.0)
+    assert resolve_lrs(scale, tmp_path / "ledger").chosen_lr["prefix"] == base[0]  # inside: chosen
+    record(lower, 67.0)  # had it won, the grid would go on, up to lr_grid_extra rates past the base grid
+    lowest = lr_grid.next_rate(lower, down=True)
+    record(lowest, 68.0)
+    resolved = resolve_lrs(scale, tmp_path / "ledger")
+    assert len(resolved.lr_grid["prefix"]) == len(base) + scale.lr_grid_extra == len(base) + 2
+    assert resolved.chosen_lr["prefix"] == lowest  # still at the edge: chosen, and flagged in the report
+    md = write_report("lr-grid", scale, tmp_path, "cmd").read_text()
+    assert "(edge of the grid)" in md
 
 
 def test_every_report_on_a_full_synthetic_ledger(tmp_path):

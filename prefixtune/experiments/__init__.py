@@ -96,6 +96,8 @@ class Scale:
                                                      "(~0.1% and ~2% of the model)")
     methods: tuple[str, ...] = option(TABLE_METHODS, "table-to-text methods (adapter-3 = adapters of 3% of the model)")
     lr_grid: dict = field(default_factory=lambda: dict(LR_GRID))  # the rates tried per method name
+    lr_grid_extra: int = option(2, "rates a learning-rate grid may add past its edge while the edge rate wins "
+                                "(0: none)")
     lr: dict = field(default_factory=dict)  # explicit learning rates per method name (else: the grid's choice)
     chosen_lr: dict = field(default_factory=dict)  # filled from the ledger by resolve_lrs()
     model: str = option("smollm2-135m", "base model (embedded default, or a Hugging Face id / directory)")
@@ -160,9 +162,12 @@ class Scale:
 
 def resolve_lrs(scale: Scale, ledger_dir: str | Path) -> Scale:
     """``scale`` with ``chosen_lr`` read from the ledger: per method whose learning-rate grid is complete,
-    the rate whose run selected the best dev BLEU (see lr_grid.chosen)."""
+    the rate whose run selected the best dev BLEU (see lr_grid.chosen). A rate chosen at the edge of its
+    grid extends the grid by the next rate past that edge (lr_grid.extend), and the method waits for
+    that run: the choice must be inside the rates tried."""
     from . import lr_grid
 
+    scale = replace(scale, lr_grid=lr_grid.extend(scale, ledger_dir))
     return replace(scale, chosen_lr=lr_grid.chosen(scale, ledger_dir))
 
 

@@ -1,5 +1,6 @@
 """The learning-rate grid: 3 peak learning rates per method at the reference cell (E2E, 500 training
-pairs, sampling 0, seed 0), each run trained to its best dev score; a method's rate is the one
+pairs, sampling 0, seed 0), extended past an edge that wins (``extend``), each run trained to its
+best dev score; a method's rate is the one
 whose run selected the best evaluation by the score runs are selected on (dev BLEU at this E2E
 cell; dev loss for runs without a dev score). Every other experiment reads the chosen rates from
 the ledger (``chosen``); the chosen run itself is the seed-0 run of that cell in the other experiments.
@@ -11,18 +12,20 @@ handicap it; the report shows the rate dev loss would have chosen beside each ch
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from . import Scale
 from . import ledger as ledger_mod
 from .report import fmt, table
 
-TITLE = "Learning rate per method: a 3-value grid at E2E 500 examples, chosen on dev BLEU"
+TITLE = "Learning rate per method: a grid at E2E 500 examples (3 rates, extended past an edge), chosen on dev BLEU"
 SCALE_TEXT = ("Grid: E2E, {s.train_size} training pairs (random sampling 0), seed 0, batch {s.batch_size}; per method "
-              "the 3 peak rates of the table below; the rate whose run selected the best dev BLEU (the score every "
+              "the peak rates of the table below (3, and up to {s.lr_grid_extra} more: while a grid's chosen rate is at its edge, the next rate "
+              "past that edge on the 1-3-10 steps is added and run); the rate whose run selected the best dev BLEU (the score every "
               "table-to-text run is selected and stopped on, {s.dev_score_examples} dev inputs decoded as the protocol says) is chosen; the "
               "rate with the lowest dev loss (per target token, {s.dev_examples} dev pairs) is shown beside it. A chosen "
-              "rate at the edge of its grid is flagged: the grid should then be extended.")
+              "rate still at the edge of its grid (after the added rates) is flagged.")
 
 
 def names(scale: Scale) -> list[str]:
@@ -56,6 +59,31 @@ def chosen(scale: Scale, ledger_dir: str | Path, by: str = "selection") -> dict[
         else:
             out[name] = min(ranked)[1]
     return out
+
+
+def next_rate(lr: float, down: bool) -> float:
+    """The next rate on the 1-3-10 steps of the grids (1e-4 -> 3e-5 down, 3e-4 up)."""
+    mantissa, exponent = (int(x) for x in f"{lr:.0e}".split("e"))
+    if down:
+        return float(f"3e{exponent - 1}") if mantissa < 3 else float(f"1e{exponent}")
+    return float(f"3e{exponent}") if mantissa < 3 else float(f"1e{exponent + 1}")
+
+
+def extend(scale: Scale, ledger_dir: str | Path) -> dict:
+    """``scale.lr_grid`` with the rates the ledger calls for: while a method's complete grid chooses
+    its lowest (highest) rate, the next lower (higher) rate joins it, up to ``scale.lr_grid_extra`` per method.
+    A choice at the edge can be beaten just past it (the paper's prefix rate is outside some grids)."""
+    grids = dict(scale.lr_grid)
+    while True:
+        picks = chosen(replace(scale, lr_grid=grids), ledger_dir)
+        grown = {}
+        for name, lr in picks.items():
+            rates = sorted(grids[name])
+            if len(rates) > 1 and lr in (rates[0], rates[-1]) and len(rates) < len(scale.lr_grid[name]) + scale.lr_grid_extra:
+                grown[name] = tuple(rates) + (next_rate(lr, down=lr == rates[0]),)
+        if not grown:
+            return grids
+        grids.update(grown)
 
 
 def report(results, scale: Scale, ctx) -> str:
