@@ -93,6 +93,14 @@ class PrefixBatch:
             hit = self._expanded[key] = _expand_rows(t, rows)
         return hit
 
+    def select(self, rows: torch.Tensor) -> "PrefixBatch":
+        """The batch of rows ``rows`` only (a prefix shared by all rows stays shared)."""
+        def pick(t):
+            return t if t is None or t.shape[0] == 1 else t.index_select(0, rows.to(t.device))
+
+        return PrefixBatch(kv={p: [(pick(k), pick(v)) for k, v in layers] for p, layers in self.kv.items()},
+                           mask={p: pick(m) for p, m in self.mask.items()}, visible_from=pick(self.visible_from))
+
     def slot_mask(self, placement: str, rows: int, length: int, device) -> torch.Tensor:
         """``[rows, length]``: which prefix slots each attention row may see (built once per batch)."""
         hit = self._expanded.get(("mask", placement))

@@ -29,8 +29,6 @@ from transformers.generation import logits_process as lp
 from transformers.generation import stopping_criteria as sc
 from transformers.generation.utils import GenerationMixin
 
-from .attach import PrefixBatch
-
 # Processors and criteria that look only at each row's own tokens (no state across steps or rows),
 # so they give the same result on a smaller batch.
 ROW_LOCAL = (lp.MinLengthLogitsProcessor, lp.MinNewTokensLengthLogitsProcessor, lp.NoRepeatNGramLogitsProcessor,
@@ -55,18 +53,6 @@ def supported(model, logits_processor, stopping_criteria, generation_config, syn
             and set(model_kwargs) <= KNOWN
             and all(model_kwargs.get(k) is None or model_kwargs[k].ndim == 2 for k in PER_ROW)
             and (model_kwargs.get("cache") is None or hasattr(model_kwargs["cache"], "reorder_cache")))
-
-
-def select_prefix_rows(batch: PrefixBatch | None, rows: torch.Tensor) -> PrefixBatch | None:
-    """The prefix batch of input rows ``rows`` (a prefix shared by all rows stays shared)."""
-    if batch is None:
-        return None
-
-    def pick(t):
-        return t if t is None or t.shape[0] == 1 else t.index_select(0, rows.to(t.device))
-
-    return PrefixBatch(kv={p: [(pick(k), pick(v)) for k, v in layers] for p, layers in batch.kv.items()},
-                       mask={p: pick(m) for p, m in batch.mask.items()}, visible_from=pick(batch.visible_from))
 
 
 @torch.no_grad()
@@ -170,7 +156,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, generatio
                 if t is not None and t.shape[0] == len(done) * num_beams:
                     model_kwargs[name] = t[flat_keep]
             if model_kwargs.get("prefix_batch") is not None:  # one row per input row (or 1)
-                model_kwargs["prefix_batch"] = select_prefix_rows(model_kwargs["prefix_batch"], keep)
+                model_kwargs["prefix_batch"] = model_kwargs["prefix_batch"].select(keep)
         if model_kwargs.get("cache") is not None:
             model_kwargs["cache"].reorder_cache(beam_idx)
 

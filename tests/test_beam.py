@@ -99,7 +99,7 @@ def test_unsupported_settings_run_transformers_loop(tokenizer, monkeypatch):
     assert not beam.supported(bart, [], [], bart.generation_config, False, {})
 
 
-def test_select_prefix_rows_equals_a_batch_of_those_rows():
+def test_selected_prefix_rows_equal_a_batch_of_those_rows():
     model = CAUSAL[1].build("sdpa")
     p1, p2 = random_prefix(model, 2, seed=2), random_prefix(model, 5, seed=3)
     infix = random_prefix(model, 3, seed=4)
@@ -107,11 +107,11 @@ def test_select_prefix_rows_equals_a_batch_of_those_rows():
     prefixes, seps = [p1, None, p2, infix], [4, 5, 6, 7]
     batch = make_batch(prefixes, separators=seps)
     rows = torch.tensor([3, 0, 2])
-    got, want = beam.select_prefix_rows(batch, rows), make_batch([prefixes[i] for i in rows], separators=[seps[i] for i in rows])
+    got, want = batch.select(rows), make_batch([prefixes[i] for i in rows], separators=[seps[i] for i in rows])
     for placement in want.kv:
         for (gk, gv), (wk, wv) in zip(got.kv[placement], want.kv[placement]):
             assert torch.equal(gk, wk) and torch.equal(gv, wv)
         assert torch.equal(got.mask[placement], want.mask[placement])
     assert torch.equal(got.visible_from, want.visible_from)
     shared = make_batch([p1] * 4)
-    assert beam.select_prefix_rows(shared, rows).kv["self"][0][0] is shared.kv["self"][0][0]  # stays shared
+    assert shared.select(rows).kv["self"][0][0] is shared.kv["self"][0][0]  # stays shared

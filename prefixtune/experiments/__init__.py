@@ -167,8 +167,8 @@ def resolve_lrs(scale: Scale, ledger_dir: str | Path) -> Scale:
     that run: the choice must be inside the rates tried."""
     from . import lr_grid
 
-    scale = replace(scale, lr_grid=lr_grid.extend(scale, ledger_dir))
-    return replace(scale, chosen_lr=lr_grid.chosen(scale, ledger_dir))
+    grids, picks = lr_grid.extend(scale, ledger_dir)
+    return replace(scale, lr_grid=grids, chosen_lr=picks)
 
 
 class Context:

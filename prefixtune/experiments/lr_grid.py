@@ -69,8 +69,8 @@ def next_rate(lr: float, down: bool) -> float:
     return float(f"3e{exponent}") if mantissa < 3 else float(f"1e{exponent + 1}")
 
 
-def extend(scale: Scale, ledger_dir: str | Path) -> dict:
-    """``scale.lr_grid`` with the rates the ledger calls for: while a method's complete grid chooses
+def extend(scale: Scale, ledger_dir: str | Path) -> tuple[dict, dict]:
+    """(``scale.lr_grid`` with the rates the ledger calls for, the rates chosen on it: see ``chosen``): while a method's complete grid chooses
     its lowest (highest) rate, the next lower (higher) rate joins it, up to ``scale.lr_grid_extra`` per method.
     A choice at the edge can be beaten just past it (the paper's prefix rate is outside some grids)."""
     grids = dict(scale.lr_grid)
@@ -82,7 +82,7 @@ def extend(scale: Scale, ledger_dir: str | Path) -> dict:
             if len(rates) > 1 and lr in (rates[0], rates[-1]) and len(rates) < len(scale.lr_grid[name]) + scale.lr_grid_extra:
                 grown[name] = tuple(rates) + (next_rate(lr, down=lr == rates[0]),)
         if not grown:
-            return grids
+            return grids, picks
         grids.update(grown)
 
 
