@@ -9,7 +9,10 @@ cases below are exactly those wrappers, on a fixed batch of real E2E training pa
 * ``prefix/autocast``, ``finetune/autocast``, ``adapter/autocast``: float32 weights (the master copy
   that AdamW updates) and ``torch.autocast("cpu", torch.bfloat16)`` around the forward: matmuls in
   bfloat16, reductions and the loss in float32: the standard mixed-precision recipe
-  (``TrainConfig.autocast``).
+  (``TrainConfig.autocast``), with the frozen weights' bfloat16 copies kept across steps
+  (``prefixtune.train.FrozenCasts``, what the Trainer does).
+* ``prefix/autocast-recast``: the same, with autocast casting the frozen weights at every forward
+  (as before FrozenCasts).
 * ``decode/float32``, ``decode/bf16``: beam-5 decoding (the paper's table-to-text decoding, at most
   80 new tokens) of the same E2E test tables with a trained-shape prefix, base in float32 / bfloat16.
 
@@ -28,8 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-TRAIN_CASES = ("prefix/float32", "prefix/bf16", "prefix/autocast", "finetune/float32", "finetune/autocast",
-               "adapter/float32", "adapter/autocast")
+TRAIN_CASES = ("prefix/float32", "prefix/bf16", "prefix/autocast", "prefix/autocast-recast", "finetune/float32",
+               "finetune/autocast", "adapter/float32", "adapter/autocast")
 DECODE_CASES = ("decode/float32", "decode/bf16")
 
 
@@ -57,7 +60,7 @@ def build_cases(args):
     from prefixtune.data import DECODING, group_references, read_task
     from prefixtune.methods import MethodConfig, build
     from prefixtune.template import collate_train, encode, special_ids
-    from prefixtune.train import autocast_context
+    from prefixtune.train import FrozenCasts, autocast_context
 
     models = {}
 
@@ -92,9 +95,10 @@ def build_cases(args):
         tuner.train()
         opt = torch.optim.AdamW([p for p in tuner.parameters() if p.requires_grad], lr=1e-5)
 
-        def step(tuner=tuner, opt=opt, batch=batch, auto=mode == "autocast"):
+        def step(tuner=tuner, opt=opt, batch=batch, auto=mode.startswith("autocast"),
+                 casts=FrozenCasts() if mode == "autocast" else None):
             opt.zero_grad(set_to_none=True)
-            with autocast_context(auto, "cpu"):
+            with autocast_context(auto, "cpu", casts):
                 loss = tuner(**batch, return_logits=False).loss
             loss.backward()
             opt.step()
@@ -116,6 +120,7 @@ def main(argv=None) -> int:
     med = {n: C.summary(t)["median"] for n, t in times.items()}
     ratios = {}
     for a, b in (("prefix/bf16", "prefix/float32"), ("prefix/autocast", "prefix/float32"),
+                 ("prefix/autocast", "prefix/autocast-recast"),
                  ("finetune/autocast", "finetune/float32"), ("adapter/autocast", "adapter/float32"),
                  ("decode/bf16", "decode/float32"), ("finetune/float32", "prefix/float32"),
                  ("finetune/autocast", "prefix/bf16")):

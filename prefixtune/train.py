@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast, broadcast_object_list, gather_object, reduce
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from .attach import is_seq2seq
@@ -170,6 +171,8 @@ class Trainer:
         # evaluations keeps them, so a resumed run logs the same interval means as a straight one
         self.pending: dict = {"losses": [], "seconds": 0.0}
         self._compiled = None  # see _forward
+        # see autocast_context; not under torch.compile, which traces the forward itself
+        self.casts = FrozenCasts() if self.world == 1 and not config.compile else None
         self.dev_score = dev_score
         if dev_score is not None and self.world > 1:
             raise ValueError("a dev_score hook runs in one process only (it decodes with the whole model)")
@@ -266,7 +269,7 @@ class Trainer:
             # an empty share (a last batch with fewer rows than processes) runs one row with
             # weight 0: every process then makes the same collective calls (FSDP's gathers)
             batch = collate_train(self.model, [self.train_set[i] for i in mine or rows[-1:]], self.pad)
-            with autocast_context(self.config.autocast, self.device.type):
+            with autocast_context(self.config.autocast, self.device.type, self.casts):
                 nll_sum = self._forward(**{n: t.to(self.device) for n, t in batch.items()})
             loss = nll_sum / total if mine else nll_sum * 0.0
             loss.backward()
@@ -371,7 +374,7 @@ class Trainer:
         """Mean negative log-likelihood per target token over the dev set (no dropout). Under N
         processes each takes every N-th length-sorted batch; the sums are gathered and added in rank
         order, so every process gets the same value (and the same "best")."""
-        with autocast_context(self.config.autocast, self.device.type):
+        with autocast_context(self.config.autocast, self.device.type, self.casts):
             if self.world == 1:
                 return mean_target_nll(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress)
             sums = target_nll_sums(self.tuner, self.dev_set, self.pad, self.config.dev_batch_size, self.progress,
@@ -515,12 +518,51 @@ def train_method(model, tokenizer, train: list[Example], dev: list[Example] | No
     return trainer, sizes, trainer.fit()
 
 
-def autocast_context(enabled: bool, device_type: str = "cpu"):
+def autocast_context(enabled: bool, device_type: str = "cpu", casts: FrozenCasts | None = None):
     """bfloat16 autocast on ``device_type`` when ``enabled`` (float32 weights stay the master copy),
-    else a no-op context."""
+    else a no-op context. ``casts``: the frozen weights' bfloat16 copies to use (see FrozenCasts)."""
     import contextlib
 
-    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+    if not enabled:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device_type, dtype=torch.bfloat16))
+    if casts is not None and CACHE_FROZEN_CASTS:
+        stack.enter_context(casts)
+    return stack
+
+
+class FrozenCasts(TorchFunctionMode):
+    """Under bfloat16 autocast, ``F.linear`` on a frozen float32 weight gets a bfloat16 copy of it made
+    once (remade if the weight changes in place) instead of autocast's own cast at every call.
+
+    Why: autocast keeps its casts only for trainable weights, and only within one autocast region, so
+    a frozen base was cast again at every forward: ~0.3 s of a ~3 s SmolLM2 training step on one CPU
+    thread (benchmarks/arithmetic.py). The copy is the cast autocast makes, so the results are the
+    same bits (tests/test_early_stopping.py). Only a module's own parameters are cached (a trainer
+    owns one of these, so the copies live as long as it does), only where autocast is on at the call.
+    Single process only: a sharded base (FSDP) swaps its weights' storage between forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear and len(args) > 1:
+            weight = args[1]
+            if (type(weight) is torch.nn.Parameter and not weight.requires_grad and weight.dtype == torch.float32
+                    and torch.is_autocast_enabled(weight.device.type)
+                    and torch.get_autocast_dtype(weight.device.type) == torch.bfloat16):
+                entry = self.copies.get(id(weight))
+                if entry is None or entry[0] is not weight or entry[1] != weight._version:
+                    entry = self.copies[id(weight)] = (weight, weight._version, weight.detach().to(torch.bfloat16))
+                args = (args[0], entry[2], *args[2:])
+        return func(*args, **kwargs)
+
+
+# False: autocast casts the frozen weights at every forward, as before FrozenCasts (for benchmarks).
+CACHE_FROZEN_CASTS = True
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ from .batch import stack_prefixes
 from .config import PrefixConfig
 from .loss import lm_forward
 from .template import collate_train, special_ids
-from .train import TrainConfig, Trainer, StopAtStepEnd, autocast_context
+from .train import FrozenCasts, TrainConfig, Trainer, StopAtStepEnd, autocast_context
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PREFIX_FIELDS = {f.name for f in fields(PrefixConfig)} - {"placements", "gradient_checkpointing"}
@@ -124,6 +124,8 @@ class ManyTrainer:
         self.head_dims = attach.prefix_shapes(model).head_dims
         self.pad, self.device = special_ids(tokenizer)[2], next(model.parameters()).device
         self._turn = 0
+        # the frozen base's bfloat16 copies, one set for all jobs (each Trainer would make its own)
+        self.casts = FrozenCasts()
         for job in jobs:
             self.trainers[job.name] = self.trainer(job, self.out / "jobs" / job.name)
 
@@ -136,6 +138,7 @@ class ManyTrainer:
             raise ValueError(f"job {job.name!r}: {e}") from e
         if t.world > 1:
             raise ValueError("train-many runs in one process (each job's gradient is its own: nothing to all-reduce)")
+        t.casts = self.casts
         return t
 
     def add(self, name: str, trainer: Trainer) -> None:
@@ -218,7 +221,7 @@ class ManyTrainer:
             parts.append((t, sum(t.step_rows(), [])))
         examples = [t.train_set[i] for t, rows in parts for i in rows]
         batch = {k: v.to(self.device) for k, v in collate_train(self.model, examples, self.pad).items()}
-        with autocast_context(self.autocast, self.device.type):
+        with autocast_context(self.autocast, self.device.type, self.casts):
             prefix_batch = stack_prefixes([(t.tuner.prefix_kv(), len(rows)) for t, rows in parts], self.head_dims)
             out = lm_forward(self.model, "token_mean", return_logits=False, prefix_batch=prefix_batch, **batch)
         losses, total, offset = [], 0.0, 0

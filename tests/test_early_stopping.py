@@ -10,7 +10,9 @@ import torch
 import prefixtune as pt
 from prefixtune.data import Example
 from prefixtune.methods import MethodConfig
+from prefixtune import train as train_module
 from prefixtune.train import TrainConfig, Trainer, autocast_context
+from architectures import ARCHS, tiny_tokenizer
 from conftest import tiny_model
 
 PAIRS = [Example(f"name : Place{i} | food : {f}", f"Place{i} serves {f} food .")
@@ -102,3 +104,41 @@ def test_decoding_kwargs_decode_what_is_being_trained(tmp_path, tokenizer, metho
     fresh = tiny_model("llama-gqa", init_range=0.2)
     kwargs = load_trained(MethodConfig(method, size=0.05), fresh, tmp_path / "run", pt.PrefixConfig(length=3, mlp_hidden=16))
     assert live == pt.generate(fresh, tokenizer, ["name : Place1 | food : French"], max_new_tokens=5, **kwargs)
+
+
+WORKING = [a for a in ARCHS if a.expect == "works"]
+
+
+def _autocast_steps(model, tokenizer, tmp_path, method, cached, monkeypatch):
+    """Two training steps and a dev loss under bfloat16 autocast: losses, dev loss, trained weights,
+    and how many frozen weights got a kept bfloat16 copy."""
+    monkeypatch.setattr(train_module, "CACHE_FROZEN_CASTS", cached)
+    trainer = Trainer(model, tokenizer, PAIRS, PAIRS[:4], pt.PrefixConfig(length=3, mlp_hidden=16),
+                      TrainConfig(max_steps=4, batch_size=4, lr=5e-2, seed=0, autocast=True), tmp_path / f"c{cached}",
+                      progress=False, method=method)
+    losses = []
+    for _ in range(2):
+        losses.append(trainer._train_step())
+        trainer.step += 1
+    weights = [p.detach().clone() for p in trainer.tuner.parameters() if p.requires_grad]
+    return losses, trainer.dev_loss(), weights, len(trainer.casts.copies)
+
+
+@pytest.mark.parametrize("arch", WORKING, ids=[f"{a.model_type}-{i}" for i, a in enumerate(WORKING)])
+def test_kept_bfloat16_copies_of_frozen_weights_give_autocasts_bits(arch, tmp_path, monkeypatch):
+    """FrozenCasts: the frozen base's weights cast once, not at every forward; the same bits as autocast."""
+    got = {cached: _autocast_steps(arch.build(arch.attn[0]), tiny_tokenizer(), tmp_path, None, cached, monkeypatch)
+           for cached in (True, False)}
+    (l1, d1, w1, n1), (l2, d2, w2, n2) = got[True], got[False]
+    assert l1 == l2 and d1 == d2 and all(torch.equal(a, b) for a, b in zip(w1, w2))
+    assert n1 > 0 and n2 == 0  # the copies were used (and not when switched off)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "ft-top2", "finetune", "peft-prefix"])
+def test_kept_bfloat16_copies_give_autocasts_bits_for_every_method(method, tokenizer, tmp_path, monkeypatch):
+    """Methods that train some base weights: only the frozen ones are cached (a trained weight changes)."""
+    got = {cached: _autocast_steps(tiny_model("llama-gqa", init_range=0.2), tokenizer, tmp_path,
+                                   MethodConfig(method, size=0.05), cached, monkeypatch) for cached in (True, False)}
+    (l1, d1, w1, n1), (l2, d2, w2, _) = got[True], got[False]
+    assert l1 == l2 and d1 == d2 and len(w1) == len(w2) and all(torch.equal(a, b) for a, b in zip(w1, w2))
+    assert (n1 > 0) == (method != "finetune")  # fine-tuning trains every weight: nothing to keep
