@@ -4,11 +4,13 @@ What is measured: the E2E test decoding of the experiments (prefixtune/experimen
 random sample of ``--n`` test tables (seed ``--seed``), the task's decoding (beam 5, up to 80 new
 tokens, rows end at EOS), batches of ``--batch-size`` (48, the experiments' decode batch), the
 base model in ``--dtype`` (bfloat16, as the experiments decode), with the prefix ``--prefix`` (a
-prefix file, e.g. a trained run's ``prefix.safetensors``; default: none, the base model). Two cases,
-interleaved: ``transformers`` (``generate.RETIRE_ROWS = False``) and ``retire`` (the default).
+prefix file, e.g. a trained run's ``prefix.safetensors``; default: none, the base model). Three cases,
+interleaved: ``transformers`` (``generate.RETIRE_ROWS = False``), ``retire`` (the default) and
+``retire-cat`` (rows retired, but the cache reordered at once and grown by torch.cat as transformers
+does: ``beam.GATHER_ON_UPDATE = False``).
 
-Reported: median seconds per case, the ratio retire / transformers (and its per-round median),
-how many outputs differ and each case's BLEU (the paper's E2E scorer; in bfloat16 the batch shape
+Reported: median seconds per case, the ratios retire / transformers and retire / retire-cat (and
+their per-round medians), how many outputs differ from transformers' and from retire-cat's, and each case's BLEU (the paper's E2E scorer; in bfloat16 the batch shape
 changes matmul rounding, so near-ties can resolve differently), and the share of row-steps that the transformers loop spends
 on rows whose result is already final (counted from the retiring run's batch sizes).
 
@@ -46,6 +48,8 @@ def main(argv=None) -> dict:
     from prefixtune.data import DECODING, group_references, read_task
     from prefixtune.metrics import e2e
 
+    from prefixtune import beam
+
     generate_module = importlib.import_module("prefixtune.generate")
     model, tok = C.load_model(args.model, getattr(torch, args.dtype))
     prefix = pt.Prefix.load(args.prefix) if args.prefix else None
@@ -56,22 +60,23 @@ def main(argv=None) -> dict:
     def record(module, a, kw):  # batch size of each decoding step; None where a batch's prompt pass starts
         rows.append(kw["input_ids"].shape[0] if kw["input_ids"].shape[1] == 1 else None)
 
-    def case(retire: bool):
+    def case(name: str, retire: bool, gather: bool = True):
         def run():
-            generate_module.RETIRE_ROWS = retire
+            generate_module.RETIRE_ROWS, beam.GATHER_ON_UPDATE = retire, gather
             rows.clear()
             hook = model.register_forward_pre_hook(record, with_kwargs=True)
             try:
-                outputs[retire] = pt.generate(model, tok, sources, prefixes=prefix, batch_size=args.batch_size,
-                                              **DECODING["e2e"])
+                outputs[name] = pt.generate(model, tok, sources, prefixes=prefix, batch_size=args.batch_size,
+                                            **DECODING["e2e"])
             finally:
                 hook.remove()
-                generate_module.RETIRE_ROWS = True
-            if retire:
+                generate_module.RETIRE_ROWS, beam.GATHER_ON_UPDATE = True, True
+            if name == "retire":
                 outputs["rows"] = list(rows)
         return run
 
-    cases = {"transformers": case(False), "retire": case(True)}
+    cases = {"transformers": case("transformers", False), "retire": case("retire", True),
+             "retire-cat": case("retire-cat", True, gather=False)}
     print(f"beam_rows: {len(sources)} tables, {args.repeats} rounds, {threads} threads", flush=True)
     times = C.interleaved(cases, args.repeats, args.warmup)
     med = {n: C.summary(t)["median"] for n, t in times.items()}
@@ -93,13 +98,18 @@ def main(argv=None) -> dict:
         "environment": C.environment(threads), "cases": {n: C.summary(t) for n, t in times.items()},
         "ratio_retire_vs_transformers": med["retire"] / med["transformers"],
         "paired_ratio": C.paired_ratio(times["retire"], times["transformers"]),
-        "identical_outputs": outputs[True] == outputs[False],
-        "differing_outputs": sum(a != b for a, b in zip(outputs[True], outputs[False])),
-        "bleu": {n: 100 * e2e.pymteval_bleu_nist(outputs[n == "retire"], [g.references for g in groups])[0] for n in cases},
+        "ratio_gather_vs_cat": med["retire"] / med["retire-cat"],
+        "paired_ratio_gather_vs_cat": C.paired_ratio(times["retire"], times["retire-cat"]),
+        "identical_outputs": outputs["retire"] == outputs["transformers"],
+        "differing_outputs": sum(a != b for a, b in zip(outputs["retire"], outputs["transformers"])),
+        "differing_outputs_gather_vs_cat": sum(a != b for a, b in zip(outputs["retire"], outputs["retire-cat"])),
+        "bleu": {n: 100 * e2e.pymteval_bleu_nist(outputs[n], [g.references for g in groups])[0] for n in cases},
         "row_steps_final_share": 1 - steps / full if full else None,
         "table": table,
     }
-    print(f"outputs that differ: {result['differing_outputs']} of {len(sources)}; BLEU {result['bleu']}; share of the transformers loop's row-steps on final "
+    print(f"retire / retire-cat: {result['ratio_gather_vs_cat']:.3f} (paired {result['paired_ratio_gather_vs_cat']:.3f}); "
+          f"outputs that differ between them: {result['differing_outputs_gather_vs_cat']}")
+    print(f"outputs that differ from transformers': {result['differing_outputs']} of {len(sources)}; BLEU {result['bleu']}; share of the transformers loop's row-steps on final "
           f"rows: {result['row_steps_final_share']:.3f}")
     print(f"\nwrote {C.write_json(args.out, result)}")
     return result

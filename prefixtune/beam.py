@@ -10,7 +10,9 @@ uneven length.
 :func:`beam_search` is transformers' loop, with its own helper methods in the same order, plus two
 changes. The prompt pass runs each prompt once and copies its cache rows to the beams (transformers
 runs the num_beams identical copies). After each step the final rows leave the batch (their beams,
-cache rows, attention mask rows and prefix rows), and their sequences are kept aside. In float32 the
+cache rows, attention mask rows and prefix rows), and their sequences are kept aside. A cache layer's
+beam reorder waits for its next update, which gathers the reordered rows straight into the grown
+tensor (one copy of the cache per step instead of two; same tensors). In float32 the
 outputs are transformers' (tests/test_beam.py: the decoder-only architectures; tests/test_smollm2.py).
 In bfloat16 a smaller batch rounds its matrix products differently, so near-ties can resolve
 differently, as with any change of batch size (3 of 192 E2E test outputs of a trained prefix,
@@ -25,6 +27,7 @@ model inputs that could keep per-row state it does not know how to shrink.
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.generation import logits_process as lp
 from transformers.generation import stopping_criteria as sc
 from transformers.generation.utils import GenerationMixin
@@ -41,6 +44,37 @@ PER_ROW = ("attention_mask", "position_ids")
 KNOWN = {*PER_ROW, "cache", "cache_position", "use_cache", "logits_to_keep", "prefix_batch"}
 
 _HF = GenerationMixin
+# False: the cache is reordered at once (index_select) and grown by torch.cat, as in transformers (for benchmarks)
+GATHER_ON_UPDATE = True
+
+
+class _GatherOnUpdate(DynamicLayer):
+    """A DynamicLayer whose beam reorder waits for its next update, which gathers the reordered rows
+    straight into the grown tensor: one copy of the cache per decoding step where reorder_cache
+    (index_select) and update (torch.cat) make two. The tensors are the same."""
+
+    rows = None  # the pending reorder: new row i is the current row rows[i]
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            idx = beam_idx.to(self.keys.device)
+            self.rows = idx if self.rows is None else self.rows[idx]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.rows is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.keys, self.values = _gather_cat(self.keys, self.rows, key_states), _gather_cat(self.values, self.rows, value_states)
+        self.rows = None
+        return self.keys, self.values
+
+
+def _gather_cat(old: torch.Tensor, rows: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([old.index_select(0, rows), new], dim=-2)``, copying ``old`` once."""
+    length = old.shape[-2]
+    out = old.new_empty(len(rows), *old.shape[1:-2], length + new.shape[-2], old.shape[-1])
+    torch.index_select(old, 0, rows, out=out[..., :length, :])
+    out[..., length:, :] = new
+    return out
 
 
 def supported(model, logits_processor, stopping_criteria, generation_config, synced_gpus, model_kwargs) -> bool:
@@ -91,6 +125,9 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, generatio
     outputs = model._prefill(input_ids[::num_beams], g, one, is_first_iteration=True)
     beams = torch.arange(batch, device=dev).repeat_interleave(num_beams)
     if model_kwargs.get("cache") is not None:
+        for layer in getattr(model_kwargs["cache"], "layers", ()) if GATHER_ON_UPDATE else ():
+            if type(layer) is DynamicLayer:  # (sliding-window and other layers reorder at once)
+                layer.__class__ = _GatherOnUpdate  # same state, one more attribute with a default
         model_kwargs["cache"].reorder_cache(beams)
     logits, flat = outputs.logits[:, -1, :][beams], input_ids
     while True:
