@@ -225,6 +225,19 @@ def fake_result(run, rng):
     return {"run": run.training(), "train": train, "evals": evals}
 
 
+def test_a_resumed_runs_time_counts_all_its_sessions():
+    """A run's wall_seconds cover its last session only; its evaluation intervals cover all of them
+    (numbers of a real resumed run: 182 s in its last session, 2523 s of steps and 1401 s of dev BLEU)."""
+    from prefixtune.experiments import grid
+    from prefixtune.experiments.runs import training_seconds
+
+    resumed = {"wall_seconds": 182.0, "cpu_seconds": 178.0, "train_seconds": 2523.0, "dev_score_seconds": 1401.0}
+    straight = {"wall_seconds": 1592.0, "cpu_seconds": 1149.0, "train_seconds": 1190.0, "dev_score_seconds": 300.0}
+    assert training_seconds(resumed) == 3924.0 and training_seconds(straight) == 1592.0
+    test = {"x": {"decode_seconds": 700.0, "decode_cpu_seconds": 460.0}}
+    assert grid.hours({"train": resumed, "evals": test}) == (3924.0 + 460.0) / 3600
+
+
 def test_the_rate_is_chosen_on_the_selection_score_not_on_dev_loss(tmp_path):
     """When dev loss and dev BLEU disagree (fine-tuning on the real grid: the lowest dev loss at 3.9 dev
     BLEU less), the learning-rate grid takes the rate whose run selected the best dev BLEU, and its

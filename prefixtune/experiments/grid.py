@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import NAMES, Scale, module, resolve_lrs, write_report
 from . import ledger as ledger_mod
-from .runs import Run, complete, failed, merge, run_one
+from .runs import Run, complete, failed, merge, run_one, training_seconds
 
 
 def order(scale: Scale, names: tuple[str, ...] = NAMES) -> list[Run]:
@@ -53,10 +53,12 @@ def status(scale: Scale, runs_dir: str | Path, ledger_dir: str | Path, names: tu
 
 def hours(result: dict) -> float:
     """CPU hours of a finished run (one thread): training with its evaluations, plus test decoding
-    (CPU time where recorded, else wall time)."""
+    (CPU time where recorded, else wall time). A resumed run's CPU time covers its last session only,
+    so its training counts at least its recorded intervals (``training_seconds``)."""
     t = result["train"]
     evals = result["evals"].values()
-    return (t.get("cpu_seconds", t["wall_seconds"]) + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
+    train = max(t.get("cpu_seconds", 0), training_seconds(t))
+    return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
 
 
 def estimate(state: dict[str, list[Run]], ledger_dir: str | Path) -> dict:

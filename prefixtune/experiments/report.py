@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 
 from . import stats
-from .runs import Eval, Run
+from .runs import Eval, Run, training_seconds
 
 
 def find(results: list[dict], run: Run) -> dict | None:
@@ -93,7 +93,7 @@ def run_minutes(results: list[dict], run: Run) -> float | None:
     r = find(results, run)
     if r is None:
         return None
-    return (r["train"]["wall_seconds"] + sum(e.get("decode_seconds", 0) for e in r["evals"].values())) / 60
+    return (training_seconds(r["train"]) + sum(e.get("decode_seconds", 0) for e in r["evals"].values())) / 60
 
 
 def peak_cell(results: list[dict], run: Run) -> str:

@@ -366,6 +366,14 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
     return summary
 
 
+def training_seconds(train: dict) -> float:
+    """Seconds a run's training took, its evaluations included, over all its sessions: the larger of
+    its last session's wall time (``wall_seconds``: a resumed run's earlier sessions are not in it)
+    and the sum of its evaluation intervals (training steps and dev-BLEU decoding, which the Trainer's
+    history keeps across sessions; model loading and the dev-loss passes are not in it)."""
+    return max(train["wall_seconds"], train.get("train_seconds", 0) + (train.get("dev_score_seconds") or 0))
+
+
 def _reset_peak_rss() -> bool:
     """Reset this process's peak resident set size (Linux: /proc/self/clear_refs, "5")."""
     try:

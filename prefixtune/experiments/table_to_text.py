@@ -85,8 +85,8 @@ def report(results, scale: Scale, ctx) -> str:
                   "run min", "peak RSS MB"], rows), "",
            "Cells with several seeds: mean ± sd (min–max, n). trainable %: what the optimizer updates (the prefix-like "
            "methods include their reparameterisation MLP); stored %: what is kept after training. best epoch: mean over "
-           "seeds of the epoch of the selected evaluation. s/step, run min (training with its evaluations, plus test "
-           "decoding) and peak RSS: seed 0, one thread. Paper: GPT-2 medium, all 42k training pairs, beam 5 (Table 1).", "",
+           "seeds of the epoch of the selected evaluation. s/step, run min (training with its evaluations over all of a "
+           "resumed run's sessions, plus test decoding; wall time) and peak RSS: seed 0, one thread. Paper: GPT-2 medium, all 42k training pairs, beam 5 (Table 1).", "",
            f"![E2E BLEU]({plot.name})", "", "## Findings", "", *findings, ""]
     peft = methods.get("peft-prefix")
     if peft:
