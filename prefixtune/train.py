@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .attach import is_seq2seq
 from .config import PrefixConfig
 from .data import Example
+from .files import write_atomic
 from .loss import normaliser
 from .methods import MethodConfig, build
 from .modes import eval_mode
@@ -402,10 +403,7 @@ class Trainer:
 
     def _write_run_config(self) -> None:
         self._main_only("run.json")
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "run.json.tmp"
-        tmp.write_text(json.dumps(self.run_info, indent=2))
-        tmp.replace(self.out / "run.json")
+        write_atomic(self.out / "run.json", json.dumps(self.run_info, indent=2))
 
     def _check_run_config(self) -> None:
         """Process 0 compares run.json with this run's configuration (or writes it); all processes
@@ -537,11 +535,12 @@ class FrozenCasts(TorchFunctionMode):
     once (remade if the weight changes in place) instead of autocast's own cast at every call.
 
     Why: autocast keeps its casts only for trainable weights, and only within one autocast region, so
-    a frozen base was cast again at every forward: ~0.3 s of a ~3 s SmolLM2 training step on one CPU
-    thread (benchmarks/arithmetic.py). The copy is the cast autocast makes, so the results are the
-    same bits (tests/test_early_stopping.py). Only a module's own parameters are cached (a trainer
-    owns one of these, so the copies live as long as it does), only where autocast is on at the call.
-    Single process only: a sharded base (FSDP) swaps its weights' storage between forwards."""
+    a frozen base was cast again at every forward: with the copies kept, a SmolLM2 prefix step takes
+    0.89x the time on one CPU thread (benchmarks/arithmetic.py, results/perf/frozen_casts.json). The
+    copy is the cast autocast makes, so the results are the same bits (tests/test_early_stopping.py).
+    Only parameters are cached, and only where autocast is on at the call; a trainer owns one of
+    these, so the copies live as long as it does. Single process only: a sharded base (FSDP) swaps
+    its weights' storage between forwards."""
 
     def __init__(self):
         super().__init__()

@@ -209,7 +209,7 @@ def run_experiment(name: str, scale: Scale, runs_dir: str | Path = "runs/experim
 
 def write_report(name: str, scale: Scale, results_dir: str | Path = "results", command: str | None = None) -> Path:
     """results/NAME.md (+ .json, plots) from the ledger alone (no model, no data)."""
-    from .ledger import _atomic
+    from ..files import write_atomic
 
     ledger_dir = Path(results_dir) / "ledger"
     scale = resolve_lrs(scale, ledger_dir)
@@ -239,8 +239,8 @@ def write_report(name: str, scale: Scale, results_dir: str | Path = "results", c
         header += ["", "</details>", ""]
     md = "\n".join(header) + "\n" + body + "\n"
     path = Path(results_dir) / f"{name}.md"
-    _atomic(path, md)
-    _atomic(Path(results_dir) / f"{name}.json", json.dumps(
+    write_atomic(path, md)
+    write_atomic(Path(results_dir) / f"{name}.json", json.dumps(
         {"experiment": name, "command": ctx.command, "scale": asdict(scale), "findings": ctx.findings,
          "runs": [{"key": k, "run": r["run"], "error": r.get("error")} for k, r in unique.items()]},
         indent=1, sort_keys=True) + "\n")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from . import NAMES, Scale, module, resolve_lrs, write_report
 from . import ledger as ledger_mod
+from ..files import write_atomic
 from .runs import Run, complete, failed, merge, run_one, training_seconds
 
 
@@ -163,5 +164,5 @@ def update_readme(results_dir: str | Path, readme: str | Path = "README.md") -> 
         return False
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    ledger_mod._atomic(Path(readme), f"{head}{START}\n{verdict_table(results_dir)}\n{END}{tail}")
+    write_atomic(Path(readme), f"{head}{START}\n{verdict_table(results_dir)}\n{END}{tail}")
     return True

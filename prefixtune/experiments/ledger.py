@@ -27,6 +27,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from ..files import write_atomic
+
 RESULT = "result.json"
 
 
@@ -57,27 +59,19 @@ def read(ledger: str | Path, key: str, items: bool = True) -> dict | None:
 def write(ledger: str | Path, key: str, result: dict) -> Path:
     """Write result.json (without in-memory per-item statistics, which live in their own files)."""
     slim = {**result, "evals": {k: {n: v for n, v in ev.items() if n != "items"} for k, ev in result.get("evals", {}).items()}}
-    return _atomic(entry(ledger, key) / RESULT, json.dumps(slim, indent=1, sort_keys=True) + "\n")
+    return write_atomic(entry(ledger, key) / RESULT, json.dumps(slim, indent=1, sort_keys=True) + "\n")
 
 
 def write_eval_files(ledger: str | Path, key: str, ev, outputs: list[str], items: dict[str, list]) -> dict:
     """Write one evaluation's outputs and per-item statistics; returns the file names to record."""
     tag = eval_tag(ev)
     out = f"outputs-{tag}.txt"
-    _atomic(entry(ledger, key) / out, "".join(o.replace("\n", " ") + "\n" for o in outputs))
+    write_atomic(entry(ledger, key) / out, "".join(o.replace("\n", " ") + "\n" for o in outputs))
     item_file = f"items-{tag}.jsonl"
     n = len(outputs)
     rows = [{name: values[i] for name, values in items.items()} for i in range(n)]
-    _atomic(entry(ledger, key) / item_file, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+    write_atomic(entry(ledger, key) / item_file, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
     return {"outputs_file": out, "items_file": item_file}
-
-
-def _atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 @contextlib.contextmanager

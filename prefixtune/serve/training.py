@@ -45,6 +45,7 @@ from pathlib import Path
 
 from ..data import Example
 from ..data.jsonl import read as read_pairs
+from ..files import write_atomic
 from ..config import PrefixConfig
 from ..train import TrainConfig
 from ..train_many import Job, ManyTrainer
@@ -81,9 +82,7 @@ class TrainLimits:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1))
 
 
 def _write_jsonl(path: Path, examples: list[Example]) -> None:
