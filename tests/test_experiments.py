@@ -16,7 +16,7 @@ import pytest
 from prefixtune.cli import main
 from prefixtune.experiments import NAMES, LR_GRID, Scale, module, resolve_lrs, run_experiment, write_report
 from prefixtune.experiments import grid, ledger
-from prefixtune.experiments.runs import Run, run_one, xsum_topic
+from prefixtune.experiments.runs import Eval, Run, run_one, xsum_topic
 from conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,6 +225,24 @@ def fake_result(run, rng):
     return {"run": run.training(), "train": train, "evals": evals}
 
 
+def test_a_verdict_on_fewer_run_pairs_than_planned_is_provisional():
+    """One finished pair of two planned: the verdict says so (its interval has no seed variation)."""
+    import numpy as np
+
+    from prefixtune.experiments.report import compare, verdict_label
+
+    rng, ev = np.random.default_rng(0), Eval("e2e", n=12)
+    a = [Run("e2e", "prefix", lr=1e-4, train_examples=50, seed=s, evals=(ev,)) for s in (0, 1)]
+    b = [Run("e2e", "finetune", lr=1e-5, train_examples=50, seed=s, evals=(ev,)) for s in (0, 1)]
+    first = [fake_result(a[0], rng), fake_result(b[0], rng)]
+    c = compare(first, a, b, ev, "BLEU")
+    assert c.pairs == 1 and c.planned == 2
+    assert verdict_label(c, +1) == f"provisional: {c.verdict(+1)} (1 of 2 run pairs)"
+    both = compare(first + [fake_result(a[1], rng), fake_result(b[1], rng)], a, b, ev, "BLEU")
+    assert both.pairs == both.planned == 2 and verdict_label(both, +1) == both.verdict(+1)
+    assert verdict_label(None, +1) == "runs missing"
+
+
 def test_a_resumed_runs_time_counts_all_its_sessions():
     """A run's wall_seconds cover its last session only; its evaluation intervals cover all of them
     (numbers of a real resumed run: 182 s in its last session, 2523 s of steps and 1401 s of dev BLEU)."""
@@ -236,6 +254,7 @@ def test_a_resumed_runs_time_counts_all_its_sessions():
     assert training_seconds(resumed) == 3924.0 and training_seconds(straight) == 1592.0
     test = {"x": {"decode_seconds": 700.0, "decode_cpu_seconds": 460.0}}
     assert grid.hours({"train": resumed, "evals": test}) == (3924.0 + 460.0) / 3600
+    assert grid.hours({"train": straight, "evals": test}) == (1149.0 + 460.0) / 3600  # one session: its CPU time
 
 
 def test_the_rate_is_chosen_on_the_selection_score_not_on_dev_loss(tmp_path):

@@ -54,11 +54,13 @@ def status(scale: Scale, runs_dir: str | Path, ledger_dir: str | Path, names: tu
 
 def hours(result: dict) -> float:
     """CPU hours of a finished run (one thread): training with its evaluations, plus test decoding
-    (CPU time where recorded, else wall time). A resumed run's CPU time covers its last session only,
-    so its training counts at least its recorded intervals (``training_seconds``)."""
+    (CPU time where recorded, else wall time). A resumed run's CPU time covers its last session only:
+    where its recorded intervals (all sessions) exceed that session's wall time, they count instead."""
     t = result["train"]
     evals = result["evals"].values()
-    train = max(t.get("cpu_seconds", 0), training_seconds(t))
+    train = t.get("cpu_seconds", t["wall_seconds"])
+    if training_seconds(t) > t["wall_seconds"]:  # resumed
+        train = max(train, training_seconds(t))
     return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
 
 

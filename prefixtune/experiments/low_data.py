@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import Scale
-from .report import compare, finding, line_plot, mean, metric, sd, spread, table
+from .report import compare, finding, line_plot, mean, metric, sd, spread, table, verdict_label
 
 TITLE = "Low-data: prefix-tuning vs fine-tuning on 50-500 E2E training examples, BLEU and slot errors"
 SCALE_TEXT = ("E2E training subsets of {s.train_sizes} pairs, {s.samplings} random samplings x {s.seeds} seeds per "
@@ -88,7 +88,7 @@ def report(results, scale: Scale, ctx) -> str:
         c = compare(results, runs["prefix"], runs["finetune"], ev, "BLEU")
         a_rows.append([label, spread([metric(results, r, ev, "BLEU") for r in runs["prefix"]]),
                        spread([metric(results, r, ev, "BLEU") for r in runs["finetune"]]),
-                       "—" if c is None else c.text(), "—" if c is None else c.verdict(+1)])
+                       "—" if c is None else c.text(), "—" if c is None else verdict_label(c, +1)])
     same = a_rows[0][-1] == a_rows[1][-1] and "—" not in (a_rows[0][-1], a_rows[1][-1])
     return "\n".join([
         "## E2E BLEU and slot errors by training size", "",

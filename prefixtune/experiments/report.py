@@ -4,6 +4,7 @@ their verdicts, tables, spreads, plots."""
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 
 from . import stats
 from .runs import Eval, Run, training_seconds
@@ -64,7 +65,18 @@ def compare(results: list[dict], a: list[Run], b: list[Run], ev: Eval, name: str
                                  for ra, rb in zip(a, b)) if x is not None and y is not None]
     if not pairs:
         return None
-    return stats.paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs], metric_fn(ev.task, name))
+    c = stats.paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs], metric_fn(ev.task, name))
+    return replace(c, planned=len(a))
+
+
+def verdict_label(c: stats.Comparison | None, expected: int) -> str:
+    """The comparison's verdict, marked provisional while fewer run pairs are complete than planned
+    (a grid fills its cells one run at a time; one pair's interval has no seed variation in it)."""
+    if c is None:
+        return stats.MISSING
+    if c.pairs < c.planned:
+        return f"provisional: {c.verdict(expected)} ({c.pairs} of {c.planned} run pairs)"
+    return c.verdict(expected)
 
 
 def finding(ctx, claim: str, paper: str, comparison: stats.Comparison | None, expected: int, what: str,
@@ -75,7 +87,7 @@ def finding(ctx, claim: str, paper: str, comparison: stats.Comparison | None, ex
     if comparison is None:
         verdict, ours = stats.MISSING, "—"
     else:
-        verdict, ours = comparison.verdict(expected), comparison.text(digits)
+        verdict, ours = verdict_label(comparison, expected), comparison.text(digits)
         ours += f" ({comparison.pairs} run pair{'s' if comparison.pairs > 1 else ''}, {comparison.items} test items)"
     ctx.findings.append({"experiment": ctx.name, "finding": claim, "paper": paper, "measure": what, "ours": ours,
                          "verdict": verdict})

@@ -23,7 +23,9 @@ say so.
 
 Verdict of a finding with an expected direction (the paper's): *holds* when the interval lies
 entirely on the paper's side of 0, *reversed* when it lies entirely on the other side, *not
-separable at this scale* when it covers 0.
+separable at this scale* when it covers 0. While fewer run pairs are complete than the experiment
+plans, the reports mark the verdict provisional (``report.verdict_label``): with one pair the
+interval has no seed variation in it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Comparison:
     items: int
     a: float  # mean metric of each system
     b: float
+    planned: int = 0  # run pairs the experiment plans (0: not stated); see report.verdict_label
 
     def verdict(self, expected: int) -> str:
         """``expected``: +1 if the paper finds a > b, -1 if a < b."""
