@@ -84,11 +84,9 @@ def finding(ctx, claim: str, paper: str, comparison: stats.Comparison | None, ex
     """One finding as a markdown bullet (paper, ours with its interval, verdict), recorded in
     ``ctx.findings`` for the README's verdict table. ``what``: the difference compared, e.g.
     "BLEU, prefix − fine-tuning"; ``expected``: the paper's sign of that difference."""
-    if comparison is None:
-        verdict, ours = stats.MISSING, "—"
-    else:
-        verdict, ours = verdict_label(comparison, expected), comparison.text(digits)
-        ours += f" ({comparison.pairs} run pair{'s' if comparison.pairs > 1 else ''}, {comparison.items} test items)"
+    verdict, ours = verdict_label(comparison, expected), "—"
+    if comparison is not None:
+        ours = comparison.text(digits) + f" ({comparison.pairs} run pair{'s' if comparison.pairs > 1 else ''}, {comparison.items} test items)"
     ctx.findings.append({"experiment": ctx.name, "finding": claim, "paper": paper, "measure": what, "ours": ours,
                          "verdict": verdict})
     single = " One run pair: the interval covers test-item variation only." if comparison and comparison.pairs == 1 else ""
