@@ -291,7 +291,11 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         # GPU kernels need that); torch's CPU kernels take the groups directly, same result, ~3x faster.
         # With gradients, a bfloat16/float16 model's attention runs in float32 here: the CPU kernel's
         # low-precision backward is ~3x slower than its float32 one (and less exact)
-        # (and under bfloat16 autocast, whose CPU policy would cast it back to bfloat16)
+        # (and under bfloat16 autocast, whose CPU policy would cast it back to bfloat16).
+        # Not caught: a float32 model under bfloat16 autocast whose rotary embedding returns float32
+        # query and key beside a bfloat16 value (Llama-style models): autocast then runs the kernel in
+        # bfloat16, as it does transformers' own attention for methods without a prefix. The findings
+        # grid (issue 11) trains so; changing it would change the numerics of its prefix runs mid-grid.
         low = CPU_FP32_BACKWARD and query.dtype != torch.float32 and torch.is_grad_enabled()
         q, k, v = (t.float() for t in (query, key, value)) if low else (query, key, value)
         with torch.autocast("cpu", enabled=not low and torch.is_autocast_enabled("cpu")):
