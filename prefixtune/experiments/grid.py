@@ -58,9 +58,9 @@ def hours(result: dict) -> float:
     where its recorded intervals (all sessions) exceed that session's wall time, they count instead."""
     t = result["train"]
     evals = result["evals"].values()
-    train = t.get("cpu_seconds", t["wall_seconds"])
-    if training_seconds(t) > t["wall_seconds"]:  # resumed
-        train = max(train, training_seconds(t))
+    train, intervals = t.get("cpu_seconds", t["wall_seconds"]), training_seconds(t)
+    if intervals > t["wall_seconds"]:  # resumed
+        train = max(train, intervals)
     return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
 
 
