@@ -161,6 +161,11 @@ def test_experiments_share_runs():
     assert len(t2t & lengths) == scale.seeds  # the length-10 E2E prefix
     order = grid.order(scale)
     assert len({r.key() for r in order}) == len(order) and order[0].method == "prefix"
+    assert {r.key() for r in order} == {r.key() for n in NAMES for r in module(n).plan(scale)}  # every run, once
+    low = {r.key() for r in module("low-data").plan(scale)}
+    first = {n: min(i for i, r in enumerate(order) if r in module(n).plan(scale) and r.key() not in low)
+             for n in ("extrapolation", "initialisation")}
+    assert first["extrapolation"] < first["initialisation"]  # the headline claims first (word inits after)
 
 
 def test_every_report_and_the_readme_table_from_an_empty_ledger(tmp_path):

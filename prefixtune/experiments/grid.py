@@ -3,8 +3,9 @@ shared safely by several processes (one per core), resumable across sessions.
 
 Order (``order``): the learning-rate grid of prefix-tuning and fine-tuning; the first (sampling, seed)
 round of the low-data experiment (one prefix / fine-tuning pair per size: the first verdicts); the
-rest of the learning-rate grid; the other low-data rounds and the arithmetic check; initialisation;
-the main table; extrapolation; prefix length; summarization. Runs whose method has no learning rate
+rest of the learning-rate grid; the other low-data rounds and the arithmetic check; then ``LATER``:
+the main table and extrapolation (with low data, the paper's headline claims) before
+initialisation, prefix length and summarization. Runs whose method has no learning rate
 yet wait; the order is recomputed after every run, as rates get chosen.
 
 Each process takes the first run that is neither in the ledger nor held by another process (its
@@ -25,6 +26,9 @@ from ..files import write_atomic
 from .runs import Run, complete, failed, merge, run_one, training_seconds
 
 
+LATER = ("table-to-text", "extrapolation", "initialisation", "prefix-length", "summarization")
+
+
 def order(scale: Scale, names: tuple[str, ...] = NAMES) -> list[Run]:
     """Every run of the experiments ``names`` (all by default), deduplicated (evaluations merged), in the
     order they are worked on."""
@@ -32,7 +36,7 @@ def order(scale: Scale, names: tuple[str, ...] = NAMES) -> list[Run]:
     first = [r for r in grid if r.method in ("prefix", "finetune")]
     low = module("low-data").plan(scale) if "low-data" in names else []
     parts = [first, [r for r in low if (r.sampling, r.seed) == (0, 0)], grid, low]
-    parts += [module(n).plan(scale) for n in NAMES if n in names and n not in ("lr-grid", "low-data")]
+    parts += [module(n).plan(scale) for n in LATER if n in names]
     return merge([r for part in parts for r in part])
 
 
