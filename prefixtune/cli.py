@@ -251,9 +251,13 @@ def cmd_experiment(args) -> int:
         state = grid.status(scale, args.runs_dir, ledger_dir)
         for name in ("done", "running", "todo", "waiting"):
             print(f"{name}: {len(state[name])}")
-        cost = grid.estimate(state, ledger_dir)
+        cost = grid.estimate(state, ledger_dir, scale)
         print(f"CPU hours (one thread per run): {cost['done_hours']:.1f} done; about {cost['left_hours']:.0f} left for the "
               f"runs like finished ones" + (f", plus {cost['left_unknown_runs']} runs of kinds not run yet" if cost["left_unknown_runs"] else ""))
+        print("by experiment, in the grid's order (a shared run counts under the first that plans it):")
+        for name, c in cost["experiments"].items():
+            unknown = f" + {c['left_unknown_runs']} runs of kinds not run yet" if c["left_unknown_runs"] else ""
+            print(f"  {name:15} {c['done']:3} done ({c['done_hours']:5.1f} h)  {c['left']:3} left (~{c['left_hours']:.1f} h{unknown})")
         for run in state["running"] + state["todo"] + state["waiting"]:
             kind = "running" if run in state["running"] else "waiting" if run.lr is None else "todo"
             print(f"  {kind:8} {run.key()}  {run.label()}")

@@ -198,6 +198,7 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     assert main(["experiment", "grid", "--status"]) == 0
     out = capsys.readouterr().out
     assert "done: 0" in out and "todo: 27" in out and "waiting" in out
+    assert "  lr-grid           0 done (  0.0 h)   27 left (~0.0 h + 27 runs of kinds not run yet)" in out
 
 
 def fake_result(run, rng):
@@ -357,7 +358,12 @@ def test_every_report_on_a_full_synthetic_ledger(tmp_path):
     assert table.count("| [") >= 30 and "runs missing" not in table
     state = grid.status(base, tmp_path / "runs", tmp_path / "ledger")
     assert not state["todo"] and not state["waiting"] and len(state["done"]) == len(runs)
-    assert abs(grid.estimate(state, tmp_path / "ledger")["done_hours"] - len(runs) * (590 + 99 * 1) / 3600) < 2
+    cost = grid.estimate(state, tmp_path / "ledger", base)
+    assert abs(cost["done_hours"] - len(runs) * (590 + 99 * 1) / 3600) < 2
+    per = cost["experiments"]  # every run under exactly one experiment
+    assert list(per) == ["lr-grid", "low-data", *grid.LATER] and all(c["left"] == 0 for c in per.values())
+    assert sum(c["done"] for c in per.values()) == len(runs) and all(c["done"] for c in per.values())
+    assert abs(sum(c["done_hours"] for c in per.values()) - cost["done_hours"]) < 1e-9
 
 
 def test_runs_are_selected_on_dev_bleu_decoded_as_the_test_set(tokenizer, monkeypatch):

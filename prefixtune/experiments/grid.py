@@ -68,22 +68,35 @@ def hours(result: dict) -> float:
     return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
 
 
-def estimate(state: dict[str, list[Run]], ledger_dir: str | Path) -> dict:
+def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale | None = None) -> dict:
     """Hours spent on the finished runs, and an estimate for the others: each costs the mean of the
-    finished runs most like it (same task, method and training size; else task and method; else task)."""
-    done = {r.key(): hours(ledger_mod.read(ledger_dir, r.key(), items=False)) for r in state["done"]}
+    finished runs most like it (same task, method and training size; else task and method; else task).
+    With ``scale``, also per experiment ("experiments"): a run shared by several counts under the first
+    of them in the grid's order."""
+    spent = {r.key(): hours(ledger_mod.read(ledger_dir, r.key(), items=False)) for r in state["done"]}
     by = {}
     for r in state["done"]:
         for tag in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)):
-            by.setdefault(tag, []).append(done[r.key()])
-    left, unknown = 0.0, 0
+            by.setdefault(tag, []).append(spent[r.key()])
+    guess = {}  # run key -> estimated hours, None where no run like it has finished
     for r in state["running"] + state["todo"] + state["waiting"]:
         like = next((by[t] for t in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)) if t in by), None)
-        if like:
-            left += sum(like) / len(like)
-        else:
-            unknown += 1
-    return {"done_hours": sum(done.values()), "left_hours": left, "left_unknown_runs": unknown}
+        guess[r.key()] = sum(like) / len(like) if like else None
+
+    def total(keys) -> dict:
+        left = [guess[k] for k in keys if k in guess]
+        return {"done": sum(k in spent for k in keys), "left": len(left), "done_hours": sum(spent.get(k, 0) for k in keys),
+                "left_hours": sum(h for h in left if h is not None), "left_unknown_runs": sum(h is None for h in left)}
+
+    out = total(list(spent) + list(guess))
+    if scale is not None:
+        scale, owned = resolve_lrs(scale, ledger_dir), set()
+        out["experiments"] = {}
+        for name in ("lr-grid", "low-data", *LATER):
+            keys = [k for k in dict.fromkeys(r.key() for r in module(name).plan(scale)) if k not in owned]
+            owned.update(keys)
+            out["experiments"][name] = total(keys)
+    return out
 
 
 def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results", data=None,
