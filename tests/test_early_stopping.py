@@ -9,7 +9,7 @@ import torch
 
 import prefixtune as pt
 from prefixtune.data import Example
-from prefixtune.methods import MethodConfig
+from prefixtune.methods import METHODS, MethodConfig
 from prefixtune import train as train_module
 from prefixtune.train import TrainConfig, Trainer, autocast_context
 from architectures import ARCHS, tiny_tokenizer
@@ -91,19 +91,26 @@ def test_autocast_trains_float32_master_weights_with_bfloat16_products(tmp_path,
     assert approx.dtype == torch.float32 and 0 < abs(float(approx - exact)) < 0.05 * float(exact)
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt", "finetune", "adapter"])
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_decoding_kwargs_decode_what_is_being_trained(tmp_path, tokenizer, method):
-    """The dev score decodes the in-training weights as a finished run's files would."""
+    """The dev score decodes the in-training weights as a finished run's files would, for every method,
+    and what was trained takes part (a method whose decoding silently dropped it, as PEFT 0.21's
+    generate does with a prefix on transformers 5, would score as the untrained base model)."""
     from prefixtune.methods import load_trained
 
-    trainer = make(tmp_path, tokenizer, method=MethodConfig(method, size=0.05), max_steps=2, patience=0)
+    config = MethodConfig(method, size=0.05) if "size" in METHODS[method].options else MethodConfig(method)
+    trainer = make(tmp_path, tokenizer, method=config, max_steps=2, patience=0)
     trainer.fit()
     trainer.tuner.eval()
-    live = pt.generate(trainer.model, tokenizer, ["name : Place1 | food : French"], max_new_tokens=5,
-                       **trainer.tuner.decode_inputs())
+    source, target = ["name : Place1 | food : French"], ["Place1 serves French food ."]
+    live = pt.generate(trainer.model, tokenizer, source, max_new_tokens=5, **trainer.tuner.decode_inputs())
+    live_score = pt.score(trainer.model, tokenizer, source, target, **trainer.tuner.decode_inputs())
     fresh = tiny_model("llama-gqa", init_range=0.2)
-    kwargs = load_trained(MethodConfig(method, size=0.05), fresh, tmp_path / "run", pt.PrefixConfig(length=3, mlp_hidden=16))
-    assert live == pt.generate(fresh, tokenizer, ["name : Place1 | food : French"], max_new_tokens=5, **kwargs)
+    base_score = pt.score(fresh, tokenizer, source, target)
+    kwargs = load_trained(config, fresh, tmp_path / "run", pt.PrefixConfig(length=3, mlp_hidden=16))
+    assert live == pt.generate(fresh, tokenizer, source, max_new_tokens=5, **kwargs)
+    assert live_score == pytest.approx(pt.score(fresh, tokenizer, source, target, **kwargs), abs=1e-4)
+    assert abs(live_score[0] - base_score[0]) > 0.1  # the trained part is used
 
 
 WORKING = [a for a in ARCHS if a.expect == "works"]
