@@ -5,7 +5,6 @@ alone; failures stay with their row; what the engine cannot do exactly, it refus
 import random
 
 import pytest
-import torch
 
 import prefixtune as pt
 from architectures import ARCHS, tiny_tokenizer

@@ -71,7 +71,7 @@ PATTERNS: dict[str, dict[str, list[str]]] = {
             r"place to bring the(?: whole)? family",
             # (as in the original rules: " the" is required and directly followed by the noun, so this
             # one cannot match; kept so that the rates stay comparable with the literature)
-            rf"(?:friendly|suitable|good|orien(?:ta)?ted|open(?:ed)) (?:at|with|to|for)(?: the)(?:kids?|child(?:ren)?|famil(?:y|ies)?|all age)",
+            r"(?:friendly|suitable|good|orien(?:ta)?ted|open(?:ed)) (?:at|with|to|for)(?: the)(?:kids?|child(?:ren)?|famil(?:y|ies)?|all age)",
             rf"{CHILD}[ -]+(?:friendly|orien(?:ta)?ted)",
             rf"{KIDS} (?:are|is) (?:welcome|allowed|accepted)",
             rf"(?:welcomes?|allows?|accepts?) (?:\w+ ){{0,2}}(?:{KIDS}|all age)",
