@@ -177,6 +177,9 @@ def test_every_report_and_the_readme_table_from_an_empty_ledger(tmp_path):
         assert md.startswith("# ") and "Runs in the ledger: 0 of" in md
     text = readme.read_text()
     assert "old" not in text and "after" in text and "| [low-data](results/low-data.md) |" in text and "runs missing" in text
+    assert "## E2E test set: all 630 E2E test tables" in (tmp_path / "table-to-text.md").read_text()
+    sample = write_report("table-to-text", Scale(test_examples=3), tmp_path / "sample", "cmd").read_text()
+    assert "## E2E test set: a fixed random 3 of the 630 E2E test tables" in sample and "all 630" not in sample
 
 
 def test_xsum_topics_from_the_text():

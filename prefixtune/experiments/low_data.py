@@ -74,7 +74,7 @@ def report(results, scale: Scale, ctx) -> str:
     findings.insert(0, finding(ctx, "Prefix-tuning beats fine-tuning in low-data settings (all sizes pooled)",
                                "+2.9 BLEU on average (GPT-2 medium)", overall, +1, "BLEU, prefix − fine-tuning, mean over sizes"))
     p1, p2 = ctx.plot_path("bleu"), ctx.plot_path("slot-errors")
-    line_plot(p1, list(scale.train_sizes), curves, "training examples", "BLEU (630 E2E test tables)",
+    line_plot(p1, list(scale.train_sizes), curves, "training examples", f"BLEU ({scale.test_examples or 630} E2E test tables)",
               "Low-data E2E: mean ± sd over samplings x seeds", logx=True)
     line_plot(p2, list(scale.train_sizes), ser_curves, "training examples", "slot error rate (%)",
               "Faithfulness: slot errors per table value", logx=True)

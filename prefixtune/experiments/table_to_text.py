@@ -80,7 +80,8 @@ def report(results, scale: Scale, ctx) -> str:
         finding(ctx, "Prefix-tuning beats LoRA of the same size", "not in the paper (LoRA is later work)",
                 cmp("prefix", "lora"), +1, "BLEU, prefix − LoRA 0.1%"),
     ]
-    out = ["## E2E test set (630 tables)", "",
+    test_set = scale.test_sets()["e2e"]
+    out = [f"## E2E test set: {test_set}", "",
            table(["method", "lr", "trainable %", "stored %", *E2E_METRICS, "SER %", "paper BLEU", "best epoch", "s/step",
                   "run min", "peak RSS MB"], rows), "",
            "Cells with several seeds: mean ± sd (min–max, n). trainable %: what the optimizer updates (the prefix-like "
@@ -93,7 +94,7 @@ def report(results, scale: Scale, ctx) -> str:
         pe = scale.eval("e2e", decoder="peft", n=PEFT_GENERATE_SAMPLE)
         out += ["## PEFT's prefix tuning, decoded two ways (seed 0)", "",
                 table(["PEFT-trained prefix decoded by", "E2E BLEU"],
-                      [["prefixtune.generate (converted prefix), all 630 tables", fmt(metric(results, peft[0], ev, "BLEU"))],
+                      [[f"prefixtune.generate (converted prefix), {test_set}", fmt(metric(results, peft[0], ev, "BLEU"))],
                        [f"PeftModel.generate (PEFT 0.21), {PEFT_GENERATE_SAMPLE} tables", fmt(metric(results, peft[0], pe, "BLEU"))]]), "",
                 "PEFT 0.21's `PeftModel.generate` on transformers 5.x drops the prefix (its forward uses it): it decodes "
                 "the base model's output.", ""]
