@@ -168,9 +168,9 @@ class Trainer:
         self.step = 0
         self.best_dev = math.inf
         self.history: list[dict] = []
-        # train losses (and seconds) of the steps since the last evaluation: a checkpoint taken between
-        # evaluations keeps them, so a resumed run logs the same interval means as a straight one
-        self.pending: dict = {"losses": [], "seconds": 0.0}
+        # train losses (and wall / CPU seconds) of the steps since the last evaluation: a checkpoint taken
+        # between evaluations keeps them, so a resumed run logs the same interval means as a straight one
+        self.pending: dict = {"losses": [], "seconds": 0.0, "cpu_seconds": 0.0}
         self._compiled = None  # see _forward
         # see autocast_context; not under torch.compile, which traces the forward itself
         self.casts = FrozenCasts() if self.world == 1 and not config.compile else None
@@ -210,9 +210,9 @@ class Trainer:
         with StopAtStepEnd(active=self.world == 1) as stop:
             try:
                 while not self.finished():
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     step_loss = self._train_step()
-                    saved = self.record_step(step_loss, time.perf_counter() - start, bar)
+                    saved = self.record_step(step_loss, time.perf_counter() - start, bar, time.process_time() - cpu)
                     if stop.requested:
                         if not saved:
                             self.save_checkpoint(gather=False)
@@ -241,7 +241,10 @@ class Trainer:
         self._check_run_config()
         self.load_checkpoint()
         if self.step == 0 and self.dev_set and not self.history:  # dev loss before training, for comparison
-            self.history.append({"step": 0, "train_loss": None, "dev_loss": self.dev_loss(), "seconds_per_step": None})
+            cpu = time.process_time()
+            dev = self.dev_loss()
+            self.history.append({"step": 0, "train_loss": None, "dev_loss": dev, "seconds_per_step": None,
+                                 "cpu_seconds_per_step": None, "eval_cpu_seconds": time.process_time() - cpu})
 
     def finished(self) -> bool:
         return self.step >= self.total_steps or self.stopped()
@@ -300,18 +303,22 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
 
-    def record_step(self, step_loss: float, seconds: float, bar=None) -> bool:
-        """Count a finished step; evaluate and checkpoint when it is time. Returns whether it saved."""
+    def record_step(self, step_loss: float, seconds: float, bar=None, cpu_seconds: float | None = None) -> bool:
+        """Count a finished step (its wall and, where known, CPU seconds); evaluate and checkpoint when
+        it is time. Returns whether it saved."""
         self.step += 1
         self.pending["losses"].append(step_loss)
         self.pending["seconds"] += seconds
+        cpu = self.pending["cpu_seconds"]
+        self.pending["cpu_seconds"] = None if cpu is None or cpu_seconds is None else cpu + cpu_seconds
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
         if self.step % self.eval_every == 0 or self.step == self.total_steps:
-            losses, spent = self.pending["losses"], self.pending["seconds"]
-            self.pending = {"losses": [], "seconds": 0.0}
-            self._evaluate_and_save(sum(losses) / len(losses), spent / len(losses), bar)
+            losses, spent, cpu = self.pending["losses"], self.pending["seconds"], self.pending["cpu_seconds"]
+            self.pending = {"losses": [], "seconds": 0.0, "cpu_seconds": 0.0}
+            self._evaluate_and_save(sum(losses) / len(losses), spent / len(losses), bar,
+                                    None if cpu is None else cpu / len(losses))
             return True
         return False
 
@@ -327,13 +334,19 @@ class Trainer:
             offset += p.numel()
         return float(flat[-1])
 
-    def _evaluate_and_save(self, train_loss: float, seconds_per_step: float, bar) -> None:
+    def _evaluate_and_save(self, train_loss: float, seconds_per_step: float, bar,
+                           cpu_seconds_per_step: float | None = None) -> None:
+        # CPU seconds (this process, all its threads) count what the run used whatever else ran or
+        # paused the machine: wall seconds do not
+        cpu = time.process_time()
         dev = self.dev_loss() if self.dev_set else None  # the same value in every process
-        entry = {"step": self.step, "train_loss": train_loss, "dev_loss": dev, "seconds_per_step": seconds_per_step}
+        entry = {"step": self.step, "train_loss": train_loss, "dev_loss": dev, "seconds_per_step": seconds_per_step,
+                 "cpu_seconds_per_step": cpu_seconds_per_step}
         if self.dev_score is not None:
             start = time.perf_counter()
             entry["dev_score"] = float(self.dev_score(self))
             entry["dev_score_seconds"] = time.perf_counter() - start
+        entry["eval_cpu_seconds"] = time.process_time() - cpu  # the dev loss and dev score
         self.history.append(entry)
         if self.is_main:
             self._append_log(entry)
@@ -487,6 +500,8 @@ class Trainer:
         self.best_dev = math.inf if info["best_dev"] is None else info["best_dev"]
         self.history = info["history"]
         self.pending = info.get("pending", {"losses": [], "seconds": 0.0})
+        # checkpoints from before CPU time was counted: the steps already pending have none
+        self.pending.setdefault("cpu_seconds", None if self.pending["losses"] else 0.0)
 
     def _read_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         ckpt = next((self.out / n for n in ("checkpoint", "checkpoint.old") if (self.out / n / "state.json").is_file()), None)

@@ -159,14 +159,15 @@ class ManyTrainer:
         if not active:
             return []
         chosen = self._choose(active)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         losses, rows = self._round(chosen)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         for name, loss in zip(chosen, losses):
             t = self.trainers[name]
             t.apply_step()
             t.optimizer.zero_grad(set_to_none=True)  # K jobs' gradients need not outlive their step
-            t.record_step(loss, seconds * rows[name] / sum(rows.values()))
+            share = rows[name] / sum(rows.values())  # a job's share of the round's time: its rows'
+            t.record_step(loss, seconds * share, cpu_seconds=cpu * share)
         return chosen
 
     def fit(self) -> dict:

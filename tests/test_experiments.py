@@ -89,6 +89,7 @@ def test_runs_go_to_the_ledger_with_their_dev_curve_and_test_outputs(low_data):
         train = result["train"]
         assert train["dev_curve"][0]["step"] == 0 and train["best_step"] in [h["step"] for h in train["dev_curve"]]
         assert train["selected_by"] == "dev_score" and train["min_dev_loss"] is not None
+        assert 0 < train["cpu_seconds_per_step"] * train["steps"] < train["train_cpu_seconds"]  # steps + evaluations
         for ev in result["evals"].values():
             tested += 1
             assert len((entry / ev["outputs_file"]).read_text().splitlines()) == ev["n"] == 3
@@ -264,6 +265,12 @@ def test_a_resumed_runs_time_counts_all_its_sessions():
     test = {"x": {"decode_seconds": 700.0, "decode_cpu_seconds": 460.0}}
     assert grid.hours({"train": resumed, "evals": test}) == (3924.0 + 460.0) / 3600
     assert grid.hours({"train": straight, "evals": test}) == (1149.0 + 460.0) / 3600  # one session: its CPU time
+    # a run whose evaluations counted CPU time: that, over all sessions (pauses and load do not count)
+    from prefixtune.experiments.runs import step_seconds
+
+    counted = {**resumed, "train_cpu_seconds": 3000.0, "seconds_per_step": 9.0, "cpu_seconds_per_step": 2.5}
+    assert training_seconds(counted) == 3000.0 and step_seconds(counted) == 2.5 and step_seconds(resumed) is None
+    assert grid.hours({"train": counted, "evals": test}) == (3000.0 + 460.0) / 3600
 
 
 def test_the_rate_is_chosen_on_the_selection_score_not_on_dev_loss(tmp_path):

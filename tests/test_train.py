@@ -244,3 +244,33 @@ def test_compiled_training_equals_eager(tmp_path, tokenizer):
         trainer.fit()
         params.append(torch.cat([p.detach().flatten() for p in trainer.tuner.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-4, rtol=1e-4), (params[0] - params[1]).abs().max()
+
+
+def test_cpu_time_is_counted_per_evaluation_and_across_a_resume(tmp_path, tokenizer):
+    """Each evaluation records the CPU seconds of its training steps and of itself, so a run's CPU time
+    over all its sessions is known (wall time counts pauses and other load); a run resumed from a
+    checkpoint written before that was counted reports none rather than a partial sum."""
+    from prefixtune.experiments.runs import counted_cpu
+
+    straight = make_trainer(tmp_path, tokenizer, max_steps=8, name="straight")
+    history = straight.fit()["history"]
+    assert history[0]["cpu_seconds_per_step"] is None and history[0]["eval_cpu_seconds"] > 0
+    assert all(h["cpu_seconds_per_step"] > 0 and h["eval_cpu_seconds"] > 0 for h in history[1:])
+    steps, evals = counted_cpu(history)
+    assert steps == pytest.approx(sum(h["cpu_seconds_per_step"] * n for h, n in zip(history[1:], (3, 3, 2))))
+    assert evals == pytest.approx(sum(h["eval_cpu_seconds"] for h in history))
+    # resumed from an older checkpoint (no CPU fields, one step pending since its last evaluation)
+    first = make_trainer(tmp_path, tokenizer, max_steps=8, name="old")
+    first.total_steps = 3
+    first.fit()
+    state = tmp_path / "old" / "checkpoint" / "state.json"
+    info = json.loads(state.read_text())
+    for h in info["history"]:
+        del h["cpu_seconds_per_step"], h["eval_cpu_seconds"]
+    info["pending"] = {"losses": [1.0], "seconds": 2.0}
+    state.write_text(json.dumps(info))
+    second = make_trainer(tmp_path, tokenizer, max_steps=8, name="old")
+    history = second.fit()["history"]
+    assert [h["step"] for h in history] == [0, 3, 6, 8]
+    assert history[2]["cpu_seconds_per_step"] is None and history[3]["cpu_seconds_per_step"] > 0
+    assert counted_cpu(history) is None

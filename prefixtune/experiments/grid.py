@@ -58,12 +58,15 @@ def status(scale: Scale, runs_dir: str | Path, ledger_dir: str | Path, names: tu
 
 def hours(result: dict) -> float:
     """CPU hours of a finished run (one thread): training with its evaluations, plus test decoding
-    (CPU time where recorded, else wall time). A resumed run's CPU time covers its last session only:
-    where its recorded intervals (all sessions) exceed that session's wall time, they count instead."""
+    (CPU time where recorded, else wall time). ``cpu_seconds`` covers a run's last session only: its
+    evaluation intervals' CPU time (all sessions) counts where larger; for runs from before that was
+    counted, the intervals' wall time where a resumed run's exceed its last session's wall time."""
     t = result["train"]
     evals = result["evals"].values()
     train, intervals = t.get("cpu_seconds", t["wall_seconds"]), training_seconds(t)
-    if intervals > t["wall_seconds"]:  # resumed
+    if t.get("train_cpu_seconds") is not None:
+        train = max(train, intervals)
+    elif intervals > t["wall_seconds"]:  # resumed
         train = max(train, intervals)
     return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
 

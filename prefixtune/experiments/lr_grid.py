@@ -18,7 +18,7 @@ from pathlib import Path
 from . import Scale
 from . import ledger as ledger_mod
 from .report import fmt, table
-from .runs import training_seconds
+from .runs import step_seconds, training_seconds
 
 TITLE = "Learning rate per method: a grid at E2E 500 examples (3 rates, extended past an edge), chosen on dev BLEU"
 SCALE_TEXT = ("Grid: E2E, {s.train_size} training pairs (random sampling 0), seed 0, batch {s.batch_size}; per method "
@@ -105,7 +105,7 @@ def report(results, scale: Scale, ctx) -> str:
                 mark = (mark + "; " if mark else "") + "lowest dev loss"
             rows.append([name, f"{run.lr:g}", fmt(t.get("min_dev_loss"), 4), fmt(t.get("dev_loss"), 4), fmt(t.get("dev_score")),
                          t.get("best_step", "—"), t.get("steps", "—"), "yes" if t.get("stopped_early") else ("no" if t else "—"),
-                         fmt(t.get("seconds_per_step")), fmt(None if not t else training_seconds(t) / 60, 1), mark])
+                         fmt(None if not t else step_seconds(t)), fmt(None if not t else training_seconds(t) / 60, 1), mark])
             if r:
                 curves[(name, run.lr)] = t["dev_curve"]
     plot = ctx.plot_path("curves")
@@ -129,8 +129,9 @@ def report(results, scale: Scale, ctx) -> str:
         "(table-to-text selection), whose dev loss and BLEU are the next two columns. The rate chosen is the one with "
         "the best dev BLEU at its selected evaluation; \"lowest dev loss\" marks the rate that choosing on dev loss "
         "would have taken where it differs (dev loss can stop improving before the generation metric does). s/step: "
-        "wall seconds per training step over the whole run; run minutes: wall time of training with its evaluations, "
-        "over all of a resumed run's sessions; one thread, beside the grid's other process on 2 cores.", "",
+        "CPU seconds per training step over the whole run; run minutes: CPU time of training with its evaluations, "
+        "over all of a resumed run's sessions (runs from before CPU time was counted per evaluation: wall time, "
+        "which pauses and load inflate); one thread, beside the grid's other process on 2 cores.", "",
         f"Chosen rates: {', '.join(f'{k} {v:g}' for k, v in scale.chosen_lr.items()) or 'none yet'}."
         + (f" Overridden on the command line: {override}." if override else ""), "",
         f"![dev curves]({plot.name})", "",

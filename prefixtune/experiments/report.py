@@ -7,7 +7,7 @@ import statistics
 from dataclasses import replace
 
 from . import stats
-from .runs import Eval, Run, training_seconds
+from .runs import Eval, Run, step_seconds, training_seconds
 
 
 def find(results: list[dict], run: Run) -> dict | None:
@@ -98,12 +98,21 @@ def train_info(results: list[dict], run: Run, name: str):
     return None if r is None else r["train"].get(name)
 
 
+def step_time(results: list[dict], run: Run) -> float | None:
+    """Seconds per training step of a run (CPU where counted, see runs.step_seconds)."""
+    r = find(results, run)
+    return None if r is None else step_seconds(r["train"])
+
+
 def run_minutes(results: list[dict], run: Run) -> float | None:
-    """Minutes a run took: training (its evaluations included) plus its test decoding."""
+    """Minutes a run took: training (its evaluations included) plus its test decoding; CPU time where
+    the run counted it over all its sessions (see runs.training_seconds), else wall time."""
     r = find(results, run)
     if r is None:
         return None
-    return (training_seconds(r["train"]) + sum(e.get("decode_seconds", 0) for e in r["evals"].values())) / 60
+    cpu = r["train"].get("train_cpu_seconds") is not None
+    decode = sum(e.get("decode_cpu_seconds" if cpu else "decode_seconds", 0) or 0 for e in r["evals"].values())
+    return (training_seconds(r["train"]) + decode) / 60
 
 
 def peak_cell(results: list[dict], run: Run) -> str:

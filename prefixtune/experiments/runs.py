@@ -345,6 +345,7 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
     curve = result["history"]
     best = next((h for h in curve if h["step"] == result["best_step"]), curve[-1])
     train_seconds = sum((h["seconds_per_step"] or 0) * (h["step"] - p["step"]) for p, h in zip(curve, curve[1:]))
+    counted = counted_cpu(curve)
     summary = {
         **sizes, "n_train": len(train_set), "n_dev": len(dev), **plan,
         "steps": result["steps"], "best_step": result["best_step"], "best_epoch": (result["best_step"] or 0) / plan["batches_per_epoch"],
@@ -353,6 +354,8 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
         "min_dev_loss": min((h["dev_loss"] for h in curve[1:] if h["dev_loss"] is not None), default=None),
         "dev_score": best.get("dev_score"), "dev_curve": curve,
         "seconds_per_step": train_seconds / max(1, result["steps"]), "train_seconds": train_seconds,
+        "cpu_seconds_per_step": None if counted is None else counted[0] / max(1, result["steps"]),
+        "train_cpu_seconds": None if counted is None else sum(counted),
         "dev_score_seconds": sum(h.get("dev_score_seconds", 0) for h in curve),
         "wall_seconds": time.perf_counter() - start,  # of the last (or only) session of this training
         "cpu_seconds": time.process_time() - cpu,  # the same in CPU time (what the process used, whatever the load)
@@ -366,11 +369,31 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
     return summary
 
 
+def counted_cpu(curve: list[dict]) -> tuple[float, float] | None:
+    """(CPU seconds of the training steps, of the evaluations) over a run's history (all its sessions),
+    or None where an evaluation did not count them (runs, or checkpoints resumed, from before)."""
+    if not (all(h.get("eval_cpu_seconds") is not None for h in curve)
+            and all(h.get("cpu_seconds_per_step") is not None for h in curve[1:])):
+        return None
+    steps = sum(h["cpu_seconds_per_step"] * (h["step"] - p["step"]) for p, h in zip(curve, curve[1:]))
+    return steps, sum(h["eval_cpu_seconds"] for h in curve)
+
+
+def step_seconds(train: dict) -> float | None:
+    """Seconds per training step over a run: CPU seconds where counted (see training_seconds), else wall."""
+    cpu = train.get("cpu_seconds_per_step")
+    return train.get("seconds_per_step") if cpu is None else cpu
+
+
 def training_seconds(train: dict) -> float:
-    """Seconds a run's training took, its evaluations included, over all its sessions: the larger of
-    its last session's wall time (``wall_seconds``: a resumed run's earlier sessions are not in it)
-    and the sum of its evaluation intervals (training steps and dev-BLEU decoding, which the Trainer's
-    history keeps across sessions; model loading and the dev-loss passes are not in it)."""
+    """Seconds a run's training took, its evaluations included, over all its sessions: its CPU seconds
+    (``train_cpu_seconds``: training steps, dev loss and dev score of every evaluation, which the
+    Trainer's history keeps across sessions; unaffected by pauses and other load). Runs from before
+    that was counted: the larger of its last session's wall time (``wall_seconds``: a resumed run's
+    earlier sessions are not in it) and the sum of its evaluation intervals (training steps and
+    dev-BLEU decoding; model loading and the dev-loss passes are not in it)."""
+    if train.get("train_cpu_seconds") is not None:
+        return train["train_cpu_seconds"]
     return max(train["wall_seconds"], train.get("train_seconds", 0) + (train.get("dev_score_seconds") or 0))
 
 

@@ -5,7 +5,7 @@ one E2E training size, each method with its own learning rate, trained to its be
 from __future__ import annotations
 
 from . import Scale
-from .report import bar_plot, compare, finding, fmt, mean, metric, peak_cell, run_minutes, spread, table, train_info
+from .report import bar_plot, compare, finding, fmt, mean, metric, peak_cell, run_minutes, spread, step_time, table, train_info
 
 TITLE = "Table-to-text: prefix-tuning vs the baselines on E2E (the paper's Table 1)"
 SCALE_TEXT = ("Every method trained on the same {s.train_size} E2E training pairs (random sampling 0), {s.seeds} seeds, "
@@ -50,7 +50,7 @@ def report(results, scale: Scale, ctx) -> str:
                      fmt(train_info(results, r0, "stored_percent"), 3), *cells,
                      spread([metric(results, r, ev, "SER") for r in runs]), "—" if paper is None else f"{paper[0]}",
                      fmt(mean([train_info(results, r, "best_epoch") for r in runs]), 1),
-                     fmt(train_info(results, r0, "seconds_per_step"), 2),
+                     fmt(step_time(results, r0), 2),
                      fmt(run_minutes(results, r0), 0),
                      peak_cell(results, r0)])
     bleu = {name: mean([metric(results, r, ev, "BLEU") for r in runs]) for name, runs in methods.items()}
@@ -87,7 +87,7 @@ def report(results, scale: Scale, ctx) -> str:
            "Cells with several seeds: mean ± sd (min–max, n). trainable %: what the optimizer updates (the prefix-like "
            "methods include their reparameterisation MLP); stored %: what is kept after training. best epoch: mean over "
            "seeds of the epoch of the selected evaluation. s/step, run min (training with its evaluations over all of a "
-           "resumed run's sessions, plus test decoding; wall time) and peak RSS: seed 0, one thread. Paper: GPT-2 medium, all 42k training pairs, beam 5 (Table 1).", "",
+           "resumed run's sessions, plus test decoding; CPU time, or wall time for runs from before it was counted per evaluation) and peak RSS: seed 0, one thread. Paper: GPT-2 medium, all 42k training pairs, beam 5 (Table 1).", "",
            f"![E2E BLEU]({plot.name})", "", "## Findings", "", *findings, ""]
     peft = methods.get("peft-prefix")
     if peft:
