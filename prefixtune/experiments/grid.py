@@ -64,9 +64,7 @@ def hours(result: dict) -> float:
     t = result["train"]
     evals = result["evals"].values()
     train, intervals = t.get("cpu_seconds", t["wall_seconds"]), training_seconds(t)
-    if t.get("train_cpu_seconds") is not None:
-        train = max(train, intervals)
-    elif intervals > t["wall_seconds"]:  # resumed
+    if t.get("train_cpu_seconds") is not None or intervals > t["wall_seconds"]:  # CPU counted, or resumed
         train = max(train, intervals)
     return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
 
