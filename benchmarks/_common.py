@@ -113,8 +113,10 @@ def interleaved(
     repeats: int,
     warmup: int,
     log: Callable[[str], None] | None = print,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
-    """Seconds per call of every case: ``warmup`` untimed rounds, then ``repeats`` timed rounds.
+    """Seconds per call of every case (by ``clock``: wall time, or e.g. ``time.process_time``):
+    ``warmup`` untimed rounds, then ``repeats`` timed rounds.
 
     Each round calls every case once; the order is rotated by one per round.
     """
@@ -129,9 +131,9 @@ def interleaved(
         k = r % len(names)
         for name in names[k:] + names[:k]:
             gc.collect()
-            t0 = time.perf_counter()
+            t0 = clock()
             cases[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
         if log:
             log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names))
     return times

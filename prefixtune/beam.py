@@ -12,7 +12,9 @@ changes. The prompt pass runs each prompt once and copies its cache rows to the 
 runs the num_beams identical copies). After each step the final rows leave the batch (their beams,
 cache rows, attention mask rows and prefix rows), and their sequences are kept aside. A cache layer's
 beam reorder waits for its next update, which gathers the reordered rows straight into the grown
-tensor (one copy of the cache per step instead of two; same tensors). In float32 the
+tensor (one copy of the cache per step instead of two; same tensors). The step's float32 scores are
+written into two buffers kept for the whole call (same kernels, same values; 0.92x the CPU time:
+results/perf/beam_score_buffers.json). In float32 the
 outputs are transformers' (tests/test_beam.py: the decoder-only architectures; tests/test_smollm2.py).
 In bfloat16 a smaller batch rounds its matrix products differently, so near-ties can resolve
 differently, as with any change of batch size (3 of 192 E2E test outputs of a trained prefix,
@@ -46,6 +48,10 @@ KNOWN = {*PER_ROW, "cache", "cache_position", "use_cache", "logits_to_keep", "pr
 _HF = GenerationMixin
 # False: the cache is reordered at once (index_select) and grown by torch.cat, as in transformers (for benchmarks)
 GATHER_ON_UPDATE = True
+# A step's float32 scores ([rows, vocab], three times) go into two buffers allocated once per call.
+# Fresh tensors of that size come as fresh pages from the kernel, whose page faults were ~7% of a
+# bfloat16 E2E decoding on CPU; the kernels and values are the same. False: fresh tensors (benchmarks).
+REUSE_SCORE_BUFFERS = True
 
 
 class _GatherOnUpdate(DynamicLayer):
@@ -118,6 +124,7 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, generatio
     # final rows: their sequences and beam indices, by input row
     final_sequences, final_beam_indices = sequences.clone(), beam_indices.clone()
     alive = torch.arange(batch, device=dev)  # the input row of each row still in the batch
+    buffers = None  # the float32 scores of a step (REUSE_SCORE_BUFFERS)
 
     # Prefill: transformers runs the num_beams copies of each prompt (identical rows); run one per
     # input row and copy its cache rows to the beams.
@@ -138,11 +145,17 @@ def beam_search(model, input_ids, logits_processor, stopping_criteria, generatio
             outputs = model(**inputs, return_dict=True)
             logits = outputs.logits[:, -1, :]
         model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs, is_encoder_decoder=False)
-        logits = logits.to(copy=True, dtype=torch.float32, device=dev)
+        if REUSE_SCORE_BUFFERS:
+            if buffers is None:  # rows only shrink: the first step's shape holds every later step's
+                buffers = [torch.empty(logits.shape, dtype=torch.float32, device=dev) for _ in range(2)]
+            scores = buffers[0][: len(logits)].copy_(logits)
+            log_probs = torch.log_softmax(scores, dim=-1, out=buffers[1][: len(logits)])
+        else:
+            log_probs = torch.nn.functional.log_softmax(logits.to(copy=True, dtype=torch.float32, device=dev), dim=-1)
         del outputs
-        log_probs = logits_processor(flat, torch.nn.functional.log_softmax(logits, dim=-1))
+        log_probs = logits_processor(flat, log_probs)
         logits = None
-        log_probs = _HF._unflatten_beam_dim(log_probs, batch, num_beams) + running_beam_scores[:, :, None]
+        log_probs = _HF._unflatten_beam_dim(log_probs, batch, num_beams).add_(running_beam_scores[:, :, None])
         log_probs = log_probs.reshape(batch, -1)
         topk_log_probs, topk_running_sequences, topk_running_beam_indices = model._get_top_k_continuations(
             accumulated_log_probs=log_probs, running_sequences=running_sequences,
