@@ -167,6 +167,12 @@ def test_experiments_share_runs():
     first = {n: min(i for i, r in enumerate(order) if r in module(n).plan(scale) and r.key() not in low)
              for n in ("extrapolation", "initialisation")}
     assert first["extrapolation"] < first["initialisation"]  # the headline claims first (word inits after)
+    # breadth first: one run per cell of every experiment before any second round (low data's included)
+    position = {r.key(): i for i, r in enumerate(order)}
+    second = min(position[r.key()] for n in NAMES for r in module(n).plan(scale) if (r.sampling, r.seed) != (0, 0))
+    firsts = [r for n in NAMES for r in module(n).plan(scale) if (r.sampling, r.seed) == (0, 0)]
+    assert {n for n in NAMES if any(r in module(n).plan(scale) for r in firsts)} == set(NAMES)
+    assert max(position[r.key()] for r in firsts) < second
 
 
 def test_every_report_and_the_readme_table_from_an_empty_ledger(tmp_path):
