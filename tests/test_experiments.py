@@ -421,3 +421,18 @@ def test_runs_are_selected_on_dev_bleu_decoded_as_the_test_set(tokenizer, monkey
         got_dtype, kw = seen.pop()
         assert got_dtype == dtype and kw.get("num_beams") == beams, (r.dev_score_decoding, got_dtype, kw)
     assert next(model.parameters()).dtype == torch.float32  # the model being trained is untouched
+
+
+def test_a_grid_process_started_in_the_background_stops_on_sigint():
+    import os
+    import signal
+    import time
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # how a shell starts a background job
+    try:
+        grid.honour_sigint()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)

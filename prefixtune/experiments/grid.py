@@ -18,6 +18,8 @@ kill, end of session) loses at most the run in progress, which resumes from its 
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -111,6 +113,7 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
              threads: int | None = None, commit: bool = False, max_runs: int | None = None, poll_seconds: float = 60,
              names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md") -> int:
     """Work on the grid until nothing is left that this process can do; returns the number of runs it finished."""
+    honour_sigint()
     ledger_dir = Path(results_dir) / "ledger"
     broken: set[str] = set()  # runs that failed in this process (not retried until the next start)
     finished = 0
@@ -145,6 +148,15 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
         # reports after every run; committed every 10 runs (and at the end), to keep PNG churn out of the history
         write_reports(scale, results_dir, commit and finished % 10 == 0, names=names, readme=readme)
     return finished
+
+
+def honour_sigint() -> None:
+    """Make SIGINT stop this process (gracefully during training, see StopAtStepEnd) even when it was
+    started in the background: a shell starts background jobs with SIGINT ignored, and Python then
+    keeps ignoring it outside training, so ``kill -INT`` during a test decoding did nothing. A grid
+    process is meant to run in the background and be stopped that way."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_reports(scale: Scale, results_dir: str | Path, commit: bool = False,
