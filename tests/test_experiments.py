@@ -167,6 +167,12 @@ def test_experiments_share_runs():
     first = {n: min(i for i, r in enumerate(order) if r in module(n).plan(scale) and r.key() not in low)
              for n in ("extrapolation", "initialisation")}
     assert first["extrapolation"] < first["initialisation"]  # the headline claims first (word inits after)
+    # breadth first: one run per cell of every experiment before any second round (low data's included)
+    position = {r.key(): i for i, r in enumerate(order)}
+    second = min(position[r.key()] for n in NAMES for r in module(n).plan(scale) if (r.sampling, r.seed) != (0, 0))
+    firsts = [r for n in NAMES for r in module(n).plan(scale) if (r.sampling, r.seed) == (0, 0)]
+    assert {n for n in NAMES if any(r in module(n).plan(scale) for r in firsts)} == set(NAMES)
+    assert max(position[r.key()] for r in firsts) < second
 
 
 def test_every_report_and_the_readme_table_from_an_empty_ledger(tmp_path):
@@ -415,3 +421,18 @@ def test_runs_are_selected_on_dev_bleu_decoded_as_the_test_set(tokenizer, monkey
         got_dtype, kw = seen.pop()
         assert got_dtype == dtype and kw.get("num_beams") == beams, (r.dev_score_decoding, got_dtype, kw)
     assert next(model.parameters()).dtype == torch.float32  # the model being trained is untouched
+
+
+def test_a_grid_process_started_in_the_background_stops_on_sigint():
+    import os
+    import signal
+    import time
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # how a shell starts a background job
+    try:
+        grid.honour_sigint()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGINT, previous)

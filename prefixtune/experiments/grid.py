@@ -1,12 +1,14 @@
 """``prefixtune experiment grid``: every experiment's runs, in an order that makes a partial grid useful,
 shared safely by several processes (one per core), resumable across sessions.
 
-Order (``order``): the learning-rate grid of prefix-tuning and fine-tuning; the first (sampling, seed)
-round of the low-data experiment (one prefix / fine-tuning pair per size: the first verdicts); the
-rest of the learning-rate grid; the other low-data rounds and the arithmetic check; then ``LATER``:
-the main table and extrapolation (with low data, the paper's headline claims) before
-initialisation, prefix length and summarization. Runs whose method has no learning rate
-yet wait; the order is recomputed after every run, as rates get chosen.
+Order (``order``), breadth first, so that a grid stopped at any point has a first verdict for as many
+findings as it can: the learning-rate grid of prefix-tuning and fine-tuning; the first (sampling,
+seed) round of the low-data experiment (one prefix / fine-tuning pair per size); the rest of the
+learning-rate grid; the first round of each experiment of ``LATER`` (the main table and
+extrapolation, the paper's headline claims with low data, then initialisation, prefix length and
+summarization); then the other rounds: low-data (and its arithmetic check), then ``LATER`` in the
+same order. Runs whose method has no learning rate yet wait; the order is recomputed after every
+run, as rates get chosen.
 
 Each process takes the first run that is neither in the ledger nor held by another process (its
 lock dies with its process), trains and scores it, records it in the ledger (and commits it with
@@ -16,6 +18,8 @@ kill, end of session) loses at most the run in progress, which resumes from its 
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -35,9 +39,14 @@ def order(scale: Scale, names: tuple[str, ...] = NAMES) -> list[Run]:
     grid = module("lr-grid").plan(scale)
     first = [r for r in grid if r.method in ("prefix", "finetune")]
     low = module("low-data").plan(scale) if "low-data" in names else []
-    parts = [first, [r for r in low if (r.sampling, r.seed) == (0, 0)], grid, low]
-    parts += [module(n).plan(scale) for n in LATER if n in names]
+    later = [module(n).plan(scale) for n in LATER if n in names]
+    parts = [first, _first_round(low), grid, *map(_first_round, later), low, *later]
     return merge([r for part in parts for r in part])
+
+
+def _first_round(runs: list[Run]) -> list[Run]:
+    """The runs of the first training subset and seed: one run per cell."""
+    return [r for r in runs if (r.sampling, r.seed) == (0, 0)]
 
 
 def status(scale: Scale, runs_dir: str | Path, ledger_dir: str | Path, names: tuple[str, ...] = NAMES) -> dict[str, list[Run]]:
@@ -104,6 +113,7 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
              threads: int | None = None, commit: bool = False, max_runs: int | None = None, poll_seconds: float = 60,
              names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md") -> int:
     """Work on the grid until nothing is left that this process can do; returns the number of runs it finished."""
+    honour_sigint()
     ledger_dir = Path(results_dir) / "ledger"
     broken: set[str] = set()  # runs that failed in this process (not retried until the next start)
     finished = 0
@@ -138,6 +148,15 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
         # reports after every run; committed every 10 runs (and at the end), to keep PNG churn out of the history
         write_reports(scale, results_dir, commit and finished % 10 == 0, names=names, readme=readme)
     return finished
+
+
+def honour_sigint() -> None:
+    """Make SIGINT stop this process (gracefully during training, see StopAtStepEnd) even when it was
+    started in the background: a shell starts background jobs with SIGINT ignored, and Python then
+    keeps ignoring it outside training, so ``kill -INT`` during a test decoding did nothing. A grid
+    process is meant to run in the background and be stopped that way."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_reports(scale: Scale, results_dir: str | Path, commit: bool = False,
