@@ -74,7 +74,6 @@ def main(argv=None) -> dict:
     def record(module, a, kw):  # batch size of each decoding step; None where a batch's prompt pass starts
         rows.append(kw["input_ids"].shape[0] if kw["input_ids"].shape[1] == 1 else None)
 
-
     def case(name: str):
         def run():
             generate_module.RETIRE_ROWS, beam.GATHER_ON_UPDATE, beam.REUSE_SCORE_BUFFERS = CASES[name]
@@ -130,6 +129,7 @@ def main(argv=None) -> dict:
         print(f"share of the transformers loop's row-steps on final rows: {result['row_steps_final_share']:.3f}")
     print(f"\nwrote {C.write_json(args.out, result)}")
     return result
+
 
 if __name__ == "__main__":
     main()
