@@ -184,6 +184,7 @@ def test_every_report_and_the_readme_table_from_an_empty_ledger(tmp_path):
         assert md.startswith("# ") and "Runs in the ledger: 0 of" in md
     text = readme.read_text()
     assert "old" not in text and "after" in text and "| [low-data](results/low-data.md) |" in text and "runs missing" in text
+    assert not grid.update_readme(tmp_path, tmp_path / "absent.md")  # --report-only outside the repository
     assert "## E2E test set: all 630 E2E test tables" in (tmp_path / "table-to-text.md").read_text()
     sample = write_report("table-to-text", Scale(test_examples=3), tmp_path / "sample", "cmd").read_text()
     assert "## E2E test set: a fixed random 3 of the 630 E2E test tables" in sample and "all 630" not in sample
@@ -257,6 +258,17 @@ def test_a_verdict_on_fewer_run_pairs_than_planned_is_provisional():
     both = compare(first + [fake_result(a[1], rng), fake_result(b[1], rng)], a, b, ev, "BLEU")
     assert both.pairs == both.planned == 2 and verdict_label(both, +1) == both.verdict(+1)
     assert verdict_label(None, +1) == "runs missing"
+    # a finding's verdict goes by the interval as its bullet shows it
+    from types import SimpleNamespace
+
+    from prefixtune.experiments import stats
+    from prefixtune.experiments.report import finding
+
+    ctx = SimpleNamespace(name="x", findings=[])
+    tiny = stats.Comparison(diff=5.6e-8, low=5.6e-8, high=5.6e-8, pairs=2, items=6, a=5.6e-8, b=6e-12, planned=2)
+    text = finding(ctx, "claim", "paper", tiny, +1, "BLEU")
+    assert "+0.00 [+0.00, +0.00]" in text and ctx.findings[-1]["verdict"] == stats.NOT_SEPARABLE
+    assert stats.HOLDS in finding(ctx, "claim", "paper", tiny, +1, "BLEU", digits=8)
 
 
 def test_a_resumed_runs_time_counts_all_its_sessions():

@@ -66,6 +66,16 @@ def test_identical_systems_are_not_separable_and_bad_shapes_are_refused():
         stats.verdict(-1, 1, 0)
 
 
+def test_a_difference_below_the_reported_precision_is_not_a_verdict():
+    # two near-zero BLEU scores (6e-14 and 6e-10, in points: 6e-12 and 6e-8) reported as +0.00 [+0.00, +0.00]
+    assert stats.verdict(5.6e-8, 5.6e-8, +1) == stats.HOLDS  # float-noise tolerance only
+    assert stats.verdict(5.6e-8, 5.6e-8, +1, digits=2) == stats.NOT_SEPARABLE
+    assert stats.verdict(-0.004, -0.001, +1, digits=2) == stats.NOT_SEPARABLE  # shown as [-0.00, -0.00]
+    assert stats.verdict(0.006, 0.02, +1, digits=2) == stats.HOLDS  # shown as [+0.01, +0.02]
+    assert stats.verdict(-0.02, -0.006, +1, digits=2) == stats.REVERSED
+    assert stats.verdict(0.004, 0.02, -1, digits=3) == stats.REVERSED  # [+0.004, +0.020]
+
+
 def test_e2e_bleu_from_item_stats_equals_the_scorer_on_subsets():
     rows = list(csv.DictReader(open(DATA / "e2e" / "original" / "testset_w_refs.csv", encoding="utf-8")))
     refs = {}

@@ -254,7 +254,7 @@ PROTOCOL = ("Every run is trained to its best dev score: it evaluates every half
             "{{s.dev_score_examples}} dev inputs, a fixed random sample), summarization runs on dev loss. Each method uses its own learning "
             "rate, chosen on dev BLEU by the learning-rate grid (`results/lr-grid.md`). Arithmetic: {arithmetic}. "
             "Comparisons are paired (same training subsample and seed for both methods, same test items); intervals "
-            "are 95% bootstrap intervals over test items and run pairs; a finding *holds* when its interval excludes "
-            "0 on the paper's side, is *reversed* when it excludes 0 on the other side, else it is *not separable at "
+            "are 95% bootstrap intervals over test items and run pairs; a finding *holds* when its interval, as "
+            "reported, excludes 0 on the paper's side, is *reversed* when it excludes 0 on the other side, else it is *not separable at "
             "this scale*.").replace("{{", "{").replace("}}", "}")
 

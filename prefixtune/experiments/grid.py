@@ -197,7 +197,10 @@ def verdict_table(results_dir: str | Path) -> str:
 
 
 def update_readme(results_dir: str | Path, readme: str | Path = "README.md") -> bool:
-    """Replace the README's generated verdict table (between the START and END markers); False if absent."""
+    """Replace the README's generated verdict table (between the START and END markers); False if the
+    file or its markers are absent (e.g. ``--report-only`` run outside the repository)."""
+    if not Path(readme).is_file():
+        return False
     text = Path(readme).read_text()
     if START not in text or END not in text:
         return False

@@ -69,14 +69,15 @@ def compare(results: list[dict], a: list[Run], b: list[Run], ev: Eval, name: str
     return replace(c, planned=len(a))
 
 
-def verdict_label(c: stats.Comparison | None, expected: int) -> str:
-    """The comparison's verdict, marked provisional while fewer run pairs are complete than planned
-    (a grid fills its cells one run at a time; one pair's interval has no seed variation in it)."""
+def verdict_label(c: stats.Comparison | None, expected: int, digits: int = 2) -> str:
+    """The comparison's verdict (its interval as reported, with ``digits`` decimals), marked provisional
+    while fewer run pairs are complete than planned (a grid fills its cells one run at a time; one
+    pair's interval has no seed variation in it)."""
     if c is None:
         return stats.MISSING
     if c.pairs < c.planned:
-        return f"provisional: {c.verdict(expected)} ({c.pairs} of {c.planned} run pairs)"
-    return c.verdict(expected)
+        return f"provisional: {c.verdict(expected, digits)} ({c.pairs} of {c.planned} run pairs)"
+    return c.verdict(expected, digits)
 
 
 def finding(ctx, claim: str, paper: str, comparison: stats.Comparison | None, expected: int, what: str,
@@ -84,7 +85,7 @@ def finding(ctx, claim: str, paper: str, comparison: stats.Comparison | None, ex
     """One finding as a markdown bullet (paper, ours with its interval, verdict), recorded in
     ``ctx.findings`` for the README's verdict table. ``what``: the difference compared, e.g.
     "BLEU, prefix − fine-tuning"; ``expected``: the paper's sign of that difference."""
-    verdict, ours = verdict_label(comparison, expected), "—"
+    verdict, ours = verdict_label(comparison, expected, digits), "—"
     if comparison is not None:
         ours = comparison.text(digits) + f" ({comparison.pairs} run pair{'s' if comparison.pairs > 1 else ''}, {comparison.items} test items)"
     ctx.findings.append({"experiment": ctx.name, "finding": claim, "paper": paper, "measure": what, "ours": ours,

@@ -49,20 +49,26 @@ class Comparison:
     b: float
     planned: int = 0  # run pairs the experiment plans (0: not stated); see report.verdict_label
 
-    def verdict(self, expected: int) -> str:
-        """``expected``: +1 if the paper finds a > b, -1 if a < b."""
-        return verdict(self.low, self.high, expected)
+    def verdict(self, expected: int, digits: int | None = None) -> str:
+        """``expected``: +1 if the paper finds a > b, -1 if a < b. ``digits``: the decimals the
+        interval is reported with (see :func:`verdict`)."""
+        return verdict(self.low, self.high, expected, digits)
 
     def text(self, digits: int = 2) -> str:
         return f"{self.diff:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
 
 
-def verdict(low: float, high: float, expected: int) -> str:
+def verdict(low: float, high: float, expected: int, digits: int | None = None) -> str:
+    """*holds* / *reversed* when the interval [low, high] excludes 0 on the expected / the other side,
+    else *not separable*. With ``digits`` (the decimals the interval is reported with), a bound
+    that rounds to 0 there counts as 0: a reader must not see "+0.00 [+0.00, +0.00]" called a
+    difference (two near-zero BLEU scores, 6e-14 and 6e-10, did that). Without it, only float
+    noise (1e-9) is ignored."""
     if expected not in (1, -1):
         raise ValueError(f"expected must be +1 or -1, got {expected}")
-    tiny = 1e-9  # float noise of identical systems is not a difference
-    if low > tiny or high < -tiny:
-        return HOLDS if (low > tiny) == (expected > 0) else REVERSED
+    tiny = 1e-9 if digits is None else max(1e-9, 0.5 * 10.0**-digits)
+    if low >= tiny or high <= -tiny:
+        return HOLDS if (low >= tiny) == (expected > 0) else REVERSED
     return NOT_SEPARABLE
 
 
