@@ -242,6 +242,14 @@ def cmd_experiment(args) -> int:
             raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LR_GRID)}, got {item!r}")
         lrs[method] = float(value)
     scale = from_options(Scale, args, lr=lrs)
+    deadline = None
+    if args.deadline:
+        if args.name != "grid" or args.report_only or args.status:
+            raise SystemExit("prefixtune experiment: --deadline is for running the grid (prefixtune experiment grid)")
+        try:
+            deadline = grid.parse_deadline(args.deadline)
+        except ValueError as e:
+            raise SystemExit(f"prefixtune experiment: --{e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     # the command that trains the runs (a --report-only rewrite reports the same runs)
@@ -266,7 +274,8 @@ def cmd_experiment(args) -> int:
         if args.report_only:
             grid.write_reports(scale, args.results_dir, command=command)
         else:
-            n = grid.run_grid(scale, args.runs_dir, args.results_dir, args.data, args.threads, commit=args.commit)
+            n = grid.run_grid(scale, args.runs_dir, args.results_dir, args.data, args.threads, commit=args.commit,
+                              deadline=deadline)
             print(f"grid: this process finished {n} runs")
             grid.write_reports(scale, args.results_dir, commit=args.commit, command=command)
         return 0
@@ -466,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the reports list the runs that are missing")
     x.add_argument("--status", action="store_true", help="list the grid's runs that are done / running / to do / waiting, and exit")
     x.add_argument("--commit", action="store_true", help="git-commit each run's ledger entry (and the reports) as it finishes")
+    x.add_argument("--deadline", default=None, metavar="HH:MM|+MINUTES",
+                   help="grid only: start only runs expected to end before this time (the next HH:MM, or MINUTES from "
+                   "now), from the CPU time of finished runs like them, then stop; for a session whose machine, and "
+                   "with it the training scratch of an unfinished run, is not kept")
     x.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
     x.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 per process on a shared machine)")
     x.add_argument("--runs-dir", default="runs/experiments", help="training scratch (checkpoints, weights; git-ignored)")

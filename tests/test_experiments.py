@@ -2,6 +2,7 @@
 ledger, reports regenerated from the ledger alone, the learning-rate grid read back, the lock that
 dies with its process, two processes sharing one grid, and every report on an empty ledger."""
 
+import datetime
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -205,11 +207,52 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     assert "unknown method 'dance'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["experiment", "low-data", "--lr", "prefix"])
+    with pytest.raises(SystemExit, match="--deadline is for running the grid"):
+        main(["experiment", "low-data", "--deadline", "+60"])
+    with pytest.raises(SystemExit, match="expected HH:MM"):
+        main(["experiment", "grid", "--deadline", "tonight"])
     monkeypatch.chdir(tmp_path)
     assert main(["experiment", "grid", "--status"]) == 0
     out = capsys.readouterr().out
     assert "done: 0" in out and "todo: 27" in out and "waiting" in out
     assert "  lr-grid           0 done (  0.0 h)   27 left (~0.0 h + 27 runs of kinds not run yet)" in out
+
+
+def test_a_deadline_starts_only_runs_expected_to_end_before_it(tmp_path, monkeypatch, capsys):
+    """With a deadline the grid skips a run that would not end in time for a later, shorter one, counts a run
+    of a kind that never finished as UNKNOWN_HOURS, and stops when nothing fits (a session whose machine is
+    not kept would lose the run in progress)."""
+    scale = Scale(**TINY)
+    first, second, third = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=("lr-grid",))["todo"]
+    expected = {first.key(): 1.0, second.key(): 0.2, third.key(): None}
+    monkeypatch.setattr(grid, "expected_hours", lambda state, ledger_dir: ({}, expected))
+    monkeypatch.setattr(grid, "write_reports", lambda *a, **k: [])
+    started = []
+    monkeypatch.setattr(grid, "run_one", lambda run, *a, **k: started.append(run.key()) or {"evals": {}})
+
+    def work(hours_left):
+        started.clear()
+        n = grid.run_grid(scale, tmp_path / "runs", tmp_path, names=("lr-grid",), readme=None, max_runs=1,
+                          deadline=time.time() + hours_left * 3600)
+        return n, started[:], capsys.readouterr().out
+
+    assert work(3.0)[:2] == (1, [first.key()])  # time for all: the grid's order
+    n, done, out = work(0.5)  # 1.25 x 1.0 h does not fit, 1.25 x 0.2 h does
+    assert (n, done) == (1, [second.key()]) and "would not end before the deadline" in out
+    assert grid.fits([first, second, third], expected, 2.4) == [first, second]  # unknown: 1.25 x 2 h > 2.4 h
+    assert grid.fits([first, second, third], expected, 2.5) == [first, second, third]
+    n, done, out = work(0.2)
+    assert (n, done) == (0, []) and "grid: stopping: none of the 3 runs to do" in out and "~0.25 h" in out
+
+
+def test_deadline_parsing():
+    now = datetime.datetime(2026, 12, 1, 9, 0)
+    assert grid.parse_deadline("17:30", now) == datetime.datetime(2026, 12, 1, 17, 30).timestamp()
+    assert grid.parse_deadline("08:15", now) == datetime.datetime(2026, 12, 2, 8, 15).timestamp()  # the next 08:15
+    assert grid.parse_deadline("+90", now) == datetime.datetime(2026, 12, 1, 10, 30).timestamp()
+    for bad in ("25:00", "+soon", "5pm"):
+        with pytest.raises(ValueError, match="expected HH:MM"):
+            grid.parse_deadline(bad, now)
 
 
 def fake_result(run, rng):

@@ -13,11 +13,15 @@ run, as rates get chosen.
 Each process takes the first run that is neither in the ledger nor held by another process (its
 lock dies with its process), trains and scores it, records it in the ledger (and commits it with
 ``--commit``), rewrites every report from the ledger (committed every 10 runs and at the end), and goes on. Stopping a process (Ctrl-C,
-kill, end of session) loses at most the run in progress, which resumes from its last checkpoint.
+kill, end of session) loses at most the run in progress, which resumes from its last checkpoint, if
+the training scratch (``runs/``) is still there. A session on a machine that is not kept loses it: with a
+``deadline``, a process starts only runs expected to end before it (``fits``), taking a later, shorter run
+when the next one would not, and stops when none fits.
 """
 
 from __future__ import annotations
 
+import datetime
 import signal
 import threading
 import time
@@ -78,20 +82,52 @@ def hours(result: dict) -> float:
     return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
 
 
-def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale | None = None) -> dict:
-    """Hours spent on the finished runs, and an estimate for the others: each costs the mean of the
-    finished runs most like it (same task, method and training size; else task and method; else task).
-    With ``scale``, also per experiment ("experiments"): a run shared by several counts under the first
-    of them in the grid's order."""
+def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple[dict[str, float], dict[str, float | None]]:
+    """(hours of each finished run, expected hours of each other run): the mean of the finished runs most
+    like it (same task, method and training size; else task and method; else task), None where none is."""
     spent = {r.key(): hours(ledger_mod.read(ledger_dir, r.key(), items=False)) for r in state["done"]}
     by = {}
     for r in state["done"]:
         for tag in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)):
             by.setdefault(tag, []).append(spent[r.key()])
-    guess = {}  # run key -> estimated hours, None where no run like it has finished
+    guess = {}
     for r in state["running"] + state["todo"] + state["waiting"]:
         like = next((by[t] for t in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)) if t in by), None)
         guess[r.key()] = sum(like) / len(like) if like else None
+    return spent, guess
+
+
+# With a deadline, a run starts only if SLACK x its expected CPU hours fit in the wall-clock hours left
+# (a niced process shares its core; the same kind of run varies with early stopping), a run of a kind
+# that has never finished counting as UNKNOWN_HOURS (WebNLG and summarization runs: 1-3 hours).
+SLACK = 1.25
+UNKNOWN_HOURS = 2.0
+
+
+def fits(todo: list[Run], expected: dict[str, float | None], hours_left: float) -> list[Run]:
+    """The runs of ``todo`` (in order) expected to end within ``hours_left``."""
+    return [r for r in todo if SLACK * (expected.get(r.key()) or UNKNOWN_HOURS) <= hours_left]
+
+
+def parse_deadline(text: str, now: datetime.datetime | None = None) -> float:
+    """``HH:MM`` (the next such local time) or ``+MINUTES`` (from now), as a ``time.time()`` value."""
+    now = now or datetime.datetime.now()
+    try:
+        if text.startswith("+"):
+            return (now + datetime.timedelta(minutes=float(text[1:]))).timestamp()
+        clock = datetime.datetime.strptime(text, "%H:%M").time()
+    except ValueError:
+        raise ValueError(f"deadline {text!r}: expected HH:MM (e.g. 17:30) or +MINUTES (e.g. +150)") from None
+    at = datetime.datetime.combine(now.date(), clock)
+    return (at if at > now else at + datetime.timedelta(days=1)).timestamp()
+
+
+def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale | None = None) -> dict:
+    """Hours spent on the finished runs, and an estimate for the others: each costs the mean of the
+    finished runs most like it (same task, method and training size; else task and method; else task).
+    With ``scale``, also per experiment ("experiments"): a run shared by several counts under the first
+    of them in the grid's order."""
+    spent, guess = expected_hours(state, ledger_dir)
 
     def total(keys) -> dict:
         left = [guess[k] for k in keys if k in guess]
@@ -111,8 +147,9 @@ def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale |
 
 def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results", data=None,
              threads: int | None = None, commit: bool = False, max_runs: int | None = None, poll_seconds: float = 60,
-             names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md") -> int:
-    """Work on the grid until nothing is left that this process can do; returns the number of runs it finished."""
+             names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md", deadline: float | None = None) -> int:
+    """Work on the grid until nothing is left that this process can do (``deadline``, a ``time.time()``
+    value: nothing that is expected to end before it); returns the number of runs it finished."""
     honour_sigint()
     ledger_dir = Path(results_dir) / "ledger"
     broken: set[str] = set()  # runs that failed in this process (not retried until the next start)
@@ -129,6 +166,19 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
                       "see runs/experiments/*/error.txt")
             break
         run = todo[0]
+        if deadline is not None:
+            left = (deadline - time.time()) / 3600
+            expected = expected_hours(state, ledger_dir)[1]
+            ready = fits(todo, expected, left)
+            if not ready:
+                print(f"grid: stopping: none of the {len(todo)} runs to do is expected to end before the deadline "
+                      f"({max(left, 0):.2f} h left; the shortest needs ~"
+                      f"{SLACK * min(expected.get(r.key()) or UNKNOWN_HOURS for r in todo):.2f} h with slack)", flush=True)
+                break
+            if ready[0] is not run:
+                print(f"grid: {run.label()} (~{expected.get(run.key()) or UNKNOWN_HOURS:.2f} h) would not end before the "
+                      f"deadline ({left:.2f} h left): taking a shorter run", flush=True)
+            run = ready[0]
         print(f"grid: {len(state['done'])} done, {len(state['running'])} running elsewhere, {len(todo)} to do, "
               f"{len(state['waiting'])} waiting; now {run.label()} ({run.key()})", flush=True)
         before = ledger_mod.read(ledger_dir, run.key(), items=False) or {}
