@@ -233,7 +233,7 @@ def cmd_experiment(args) -> int:
     import torch
 
     from .experiments import LR_GRID, NAMES, Scale, run_experiment, write_report
-    from .experiments import grid
+    from .experiments import grid, ledger
 
     lrs = {}
     for item in args.lr:
@@ -268,7 +268,9 @@ def cmd_experiment(args) -> int:
             print(f"  {name:15} {c['done']:3} done ({c['done_hours']:5.1f} h)  {c['left']:3} left (~{c['left_hours']:.1f} h{unknown})")
         for run in state["running"] + state["todo"] + state["waiting"]:
             kind = "running" if run in state["running"] else "waiting" if run.lr is None else "todo"
-            print(f"  {kind:8} {run.key()}  {run.label()}")
+            stopped = ledger.unfinished_hours(ledger_dir, run.key())
+            note = "" if stopped is None else f"  (an attempt stopped unfinished after {stopped:.2f} CPU-h)"
+            print(f"  {kind:8} {run.key()}  {run.label()}{note}")
         return 0
     if args.name == "grid":
         if args.report_only:

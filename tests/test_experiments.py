@@ -216,6 +216,10 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "done: 0" in out and "todo: 27" in out and "waiting" in out
     assert "  lr-grid           0 done (  0.0 h)   27 left (~0.0 h + 27 runs of kinds not run yet)" in out
+    first = grid.status(Scale(), "runs/experiments", "results/ledger")["todo"][0]
+    ledger.note_unfinished("results/ledger", first.key(), 0.5, "2026-12-01T09:40")
+    assert main(["experiment", "grid", "--status"]) == 0
+    assert f"  todo     {first.key()}  {first.label()}  (an attempt stopped unfinished after 0.50 CPU-h)" in capsys.readouterr().out
 
 
 def test_a_deadline_starts_only_runs_expected_to_end_before_it(tmp_path, monkeypatch, capsys):
@@ -239,10 +243,38 @@ def test_a_deadline_starts_only_runs_expected_to_end_before_it(tmp_path, monkeyp
     assert work(3.0)[:2] == (1, [first.key()])  # time for all: the grid's order
     n, done, out = work(0.5)  # 1.25 x 1.0 h does not fit, 1.25 x 0.2 h does
     assert (n, done) == (1, [second.key()]) and "would not end before the deadline" in out
-    assert grid.fits([first, second, third], expected, 2.4) == [first, second]  # unknown: 1.25 x 2 h > 2.4 h
-    assert grid.fits([first, second, third], expected, 2.5) == [first, second, third]
+    assert grid.fits([first, second, third], expected, 1.8) == [first, second]  # unknown: 1.25 x 1.5 h > 1.8 h
+    assert grid.fits([first, second, third], expected, 1.9) == [first, second, third]
     n, done, out = work(0.2)
     assert (n, done) == (0, []) and "grid: stopping: none of the 3 runs to do" in out and "~0.25 h" in out
+
+
+def test_a_run_stopped_unfinished_is_noted_and_expected_to_need_more(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or the end of a session) during a run: the ledger notes the CPU hours it had taken, and the
+    grid then expects it to need half as much again, so a deadline does not start it where it did not fit."""
+    scale, names = Scale(**TINY), ("lr-grid",)
+    first = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=names)["todo"][0]
+
+    def stopped(run, *args, **kwargs):
+        clock.append(clock[-1] + 1800.0)  # half an hour of CPU, then Ctrl-C
+        raise KeyboardInterrupt
+
+    clock = [100.0]
+    monkeypatch.setattr(grid, "run_one", stopped)
+    monkeypatch.setattr(grid.time, "process_time", lambda: clock[-1])
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid(scale, tmp_path / "runs", tmp_path, names=names, readme=None)
+    assert f"grid: {first.label()} stopped unfinished after" in capsys.readouterr().out
+    attempts = json.loads((tmp_path / "ledger" / first.key() / "unfinished.json").read_text())["attempts"]
+    assert attempts == [{"cpu_hours": 0.5, "stopped": attempts[0]["stopped"]}]
+    ledger.note_unfinished(tmp_path / "ledger", first.key(), 2.0, "2026-12-01T09:40")  # a longer attempt
+    assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == 2.0
+    state = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=names)
+    assert [r.key() for r in state["todo"]][0] == first.key()  # not done: it runs again when it fits
+    expected = grid.expected_hours(state, tmp_path / "ledger")[1]
+    assert expected[first.key()] == 3.0 and expected[state["todo"][1].key()] is None
+    assert [r.key() for r in grid.fits(state["todo"], expected, 3.7)] == [r.key() for r in state["todo"][1:]]
+    assert len(grid.fits(state["todo"], expected, 3.75)) == len(state["todo"])
 
 
 def test_deadline_parsing():
@@ -479,10 +511,6 @@ def test_runs_are_selected_on_dev_bleu_decoded_as_the_test_set(tokenizer, monkey
 
 
 def test_a_grid_process_started_in_the_background_stops_on_sigint():
-    import os
-    import signal
-    import time
-
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # how a shell starts a background job
     try:
         grid.honour_sigint()

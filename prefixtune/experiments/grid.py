@@ -16,7 +16,8 @@ lock dies with its process), trains and scores it, records it in the ledger (and
 kill, end of session) loses at most the run in progress, which resumes from its last checkpoint, if
 the training scratch (``runs/``) is still there. A session on a machine that is not kept loses it: with a
 ``deadline``, a process starts only runs expected to end before it (``fits``), taking a later, shorter run
-when the next one would not, and stops when none fits.
+when the next one would not, and stops when none fits. A run stopped by Ctrl-C (SIGINT) notes in the
+ledger the CPU hours it had taken (``unfinished.json``), so that it is not expected to fit where it did not.
 """
 
 from __future__ import annotations
@@ -94,14 +95,19 @@ def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple
     for r in state["running"] + state["todo"] + state["waiting"]:
         like = next((by[t] for t in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)) if t in by), None)
         guess[r.key()] = sum(like) / len(like) if like else None
+        stopped = ledger_mod.unfinished_hours(ledger_dir, r.key())
+        if stopped is not None:  # it took more than that: say half as much again (test decoding was still to come)
+            guess[r.key()] = max(guess[r.key()] or UNKNOWN_HOURS, 1.5 * stopped)
     return spent, guess
 
 
 # With a deadline, a run starts only if SLACK x its expected CPU hours fit in the wall-clock hours left
 # (a niced process shares its core; the same kind of run varies with early stopping), a run of a kind
-# that has never finished counting as UNKNOWN_HOURS (WebNLG and summarization runs: 1-3 hours).
+# that has never finished counting as UNKNOWN_HOURS. That is what a WebNLG or summarization run should
+# take from its token counts and E2E runs' times (1-1.5 h; README, 'Cost'), and small enough that such a
+# run can start in a 3-hour session: a larger guess would let a new kind never start at all.
 SLACK = 1.25
-UNKNOWN_HOURS = 2.0
+UNKNOWN_HOURS = 1.5
 
 
 def fits(todo: list[Run], expected: dict[str, float | None], hours_left: float) -> list[Run]:
@@ -182,9 +188,16 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
         print(f"grid: {len(state['done'])} done, {len(state['running'])} running elsewhere, {len(todo)} to do, "
               f"{len(state['waiting'])} waiting; now {run.label()} ({run.key()})", flush=True)
         before = ledger_mod.read(ledger_dir, run.key(), items=False) or {}
+        cpu = time.process_time()
         try:
             result = run_one(run, Path(runs_dir), ledger_dir, data, threads, commit)
         except KeyboardInterrupt:
+            hours_taken = (time.process_time() - cpu) / 3600
+            path = ledger_mod.note_unfinished(ledger_dir, run.key(), hours_taken,
+                                              datetime.datetime.now().isoformat(timespec="minutes"))
+            print(f"grid: {run.label()} stopped unfinished after {hours_taken:.2f} CPU hours (noted in {path})", flush=True)
+            if commit:
+                ledger_mod.commit([path], f"ledger: {run.label()} ({run.key()}) stopped unfinished after {hours_taken:.2f} CPU-h")
             raise
         except Exception as e:
             failed(run, Path(runs_dir), e)

@@ -7,6 +7,8 @@ One directory per run, named by the hash of its training settings (``Run.key()``
     results/ledger/<key>/outputs-<eval>.txt   the test outputs, one line per test item
     results/ledger/<key>/items-<eval>.jsonl   per test item, the metrics' sufficient statistics
                                               (for bootstrap intervals without the data or a model)
+    results/ledger/<key>/unfinished.json      a run stopped before it finished (Ctrl-C, end of a
+                                              session): the CPU hours it had taken, per attempt
 
 It is written as soon as a training finishes and again after each evaluation, atomically (temp
 file + rename), and holds no weights: the training scratch (checkpoints, trained weights, the lock)
@@ -30,6 +32,7 @@ from pathlib import Path
 from ..files import write_atomic
 
 RESULT = "result.json"
+UNFINISHED = "unfinished.json"
 
 
 def entry(ledger: str | Path, key: str) -> Path:
@@ -72,6 +75,22 @@ def write_eval_files(ledger: str | Path, key: str, ev, outputs: list[str], items
     rows = [{name: values[i] for name, values in items.items()} for i in range(n)]
     write_atomic(entry(ledger, key) / item_file, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
     return {"outputs_file": out, "items_file": item_file}
+
+
+def note_unfinished(ledger: str | Path, key: str, cpu_hours: float, when: str) -> Path:
+    """Record that run ``key`` was stopped unfinished after ``cpu_hours`` (this attempt): its training
+    scratch may be lost with the machine, but what it cost is not, so the grid's estimate of it
+    (``grid.expected_hours``) knows it needs more."""
+    path = entry(ledger, key) / UNFINISHED
+    attempts = json.loads(path.read_text())["attempts"] if path.is_file() else []
+    attempts.append({"cpu_hours": round(cpu_hours, 3), "stopped": when})
+    return write_atomic(path, json.dumps({"attempts": attempts}, indent=1) + "\n")
+
+
+def unfinished_hours(ledger: str | Path, key: str) -> float | None:
+    """The most CPU hours an unfinished attempt at run ``key`` took, or None if none was recorded."""
+    path = entry(ledger, key) / UNFINISHED
+    return max(a["cpu_hours"] for a in json.loads(path.read_text())["attempts"]) if path.is_file() else None
 
 
 @contextlib.contextmanager
