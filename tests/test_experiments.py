@@ -58,6 +58,8 @@ def low_data(tmp_path_factory, tiny_dir):
     script = GRID_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), model=tiny_dir, runs=str(root / "runs"),
                                 results=str(root / "results"))
     env = {**os.environ, "TQDM_DISABLE": "1"}
+    first = grid.order(Scale(**TINY, model=tiny_dir), names=("lr-grid", "low-data"))[0]
+    ledger.note_unfinished(root / "results" / "ledger", first.key(), 0.1, "2026-12-01T09:40")  # an earlier attempt
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               text=True, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=1200)[0] for p in procs]
@@ -83,6 +85,7 @@ def test_runs_go_to_the_ledger_with_their_dev_curve_and_test_outputs(low_data):
     assert "What differs from the paper" in md and "Verdict:" in md and "Arithmetic check" in md
     entries = sorted((root / "results" / "ledger").iterdir())
     assert len(entries) == 5  # 2 grid runs of the prefix, 1 of fine-tuning (= the low-data pair), 2 in float32
+    assert not list((root / "results" / "ledger").glob("*/unfinished.json"))  # the note of an earlier attempt: gone once done
     tested = 0
     for entry in entries:
         result = json.loads((entry / "result.json").read_text())

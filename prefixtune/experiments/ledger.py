@@ -9,6 +9,7 @@ One directory per run, named by the hash of its training settings (``Run.key()``
                                               (for bootstrap intervals without the data or a model)
     results/ledger/<key>/unfinished.json      a run stopped before it finished (Ctrl-C, end of a
                                               session): the CPU hours it had taken, per attempt
+                                              (removed once the run is done)
 
 It is written as soon as a training finishes and again after each evaluation, atomically (temp
 file + rename), and holds no weights: the training scratch (checkpoints, trained weights, the lock)

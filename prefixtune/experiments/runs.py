@@ -519,6 +519,7 @@ def run_one(run: Run, runs_dir: Path, ledger_dir: Path, data, threads: int | Non
             result["evals"].update(evaluate(run, missing, out, ledger_dir / key, data, threads))
             ledger.write(ledger_dir, key, result)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)  # only for resuming an unfinished training
+        (ledger_dir / key / ledger.UNFINISHED).unlink(missing_ok=True)  # (for estimating a run not done yet)
         if commit:
             ledger.commit([ledger_dir / key], f"ledger: {run.label()} ({key})")
         return result
