@@ -254,7 +254,7 @@ def test_a_deadline_starts_only_runs_expected_to_end_before_it(tmp_path, monkeyp
 
 def test_a_run_stopped_unfinished_is_noted_and_expected_to_need_more(tmp_path, monkeypatch, capsys):
     """Ctrl-C (or the end of a session) during a run: the ledger notes the CPU hours it had taken, and the
-    grid then expects it to need half as much again, so a deadline does not start it where it did not fit."""
+    grid then expects it to need at least that, so a deadline does not start it where it did not fit."""
     scale, names = Scale(**TINY), ("lr-grid",)
     first = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=names)["todo"][0]
 
@@ -275,9 +275,9 @@ def test_a_run_stopped_unfinished_is_noted_and_expected_to_need_more(tmp_path, m
     state = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=names)
     assert [r.key() for r in state["todo"]][0] == first.key()  # not done: it runs again when it fits
     expected = grid.expected_hours(state, tmp_path / "ledger")[1]
-    assert expected[first.key()] == 3.0 and expected[state["todo"][1].key()] is None
-    assert [r.key() for r in grid.fits(state["todo"], expected, 3.7)] == [r.key() for r in state["todo"][1:]]
-    assert len(grid.fits(state["todo"], expected, 3.75)) == len(state["todo"])
+    assert expected[first.key()] == 2.0 and expected[state["todo"][1].key()] is None
+    assert [r.key() for r in grid.fits(state["todo"], expected, 2.45)] == [r.key() for r in state["todo"][1:]]
+    assert len(grid.fits(state["todo"], expected, 2.5)) == len(state["todo"])
 
 
 def test_deadline_parsing():

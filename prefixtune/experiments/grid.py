@@ -96,8 +96,8 @@ def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple
         like = next((by[t] for t in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)) if t in by), None)
         guess[r.key()] = sum(like) / len(like) if like else None
         stopped = ledger_mod.unfinished_hours(ledger_dir, r.key())
-        if stopped is not None:  # it took more than that: say half as much again (test decoding was still to come)
-            guess[r.key()] = max(guess[r.key()] or UNKNOWN_HOURS, 1.5 * stopped)
+        if stopped is not None:  # it takes at least that (a larger guess could keep a run that fits in a
+            guess[r.key()] = max(guess[r.key()] or UNKNOWN_HOURS, stopped)  # whole session from ever starting)
     return spent, guess
 
 
