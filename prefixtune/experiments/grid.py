@@ -103,9 +103,9 @@ def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple
 
 # With a deadline, a run starts only if SLACK x its expected CPU hours fit in the wall-clock hours left
 # (a niced process shares its core; the same kind of run varies with early stopping), a run of a kind
-# that has never finished counting as UNKNOWN_HOURS. That is what a WebNLG or summarization run should
-# take from its token counts and E2E runs' times (1-1.5 h; README, 'Cost'), and small enough that such a
-# run can start in a 3-hour session: a larger guess would let a new kind never start at all.
+# that has never finished counting as UNKNOWN_HOURS: about what a WebNLG prefix or a summarization run
+# should take (README, 'Cost'), and small enough that such a run can start in a 3-hour session (a larger
+# guess would keep a new kind from ever starting).
 SLACK = 1.25
 UNKNOWN_HOURS = 1.5
 

@@ -81,7 +81,7 @@ def write_eval_files(ledger: str | Path, key: str, ev, outputs: list[str], items
 def note_unfinished(ledger: str | Path, key: str, cpu_hours: float, when: str) -> Path:
     """Record that run ``key`` was stopped unfinished after ``cpu_hours`` (this attempt): its training
     scratch may be lost with the machine, but what it cost is not, so the grid's estimate of it
-    (``grid.expected_hours``) knows it needs more."""
+    (``grid.expected_hours``) knows it needs at least that."""
     path = entry(ledger, key) / UNFINISHED
     attempts = json.loads(path.read_text())["attempts"] if path.is_file() else []
     attempts.append({"cpu_hours": round(cpu_hours, 3), "stopped": when})
