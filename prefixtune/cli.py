@@ -266,11 +266,13 @@ def cmd_experiment(args) -> int:
         for name, c in cost["experiments"].items():
             unknown = f" + {c['left_unknown_runs']} runs of kinds not run yet" if c["left_unknown_runs"] else ""
             print(f"  {name:15} {c['done']:3} done ({c['done_hours']:5.1f} h)  {c['left']:3} left (~{c['left_hours']:.1f} h{unknown})")
+        expected = grid.expected_hours(state, ledger_dir)[1]
         for run in state["running"] + state["todo"] + state["waiting"]:
             kind = "running" if run in state["running"] else "waiting" if run.lr is None else "todo"
+            hours = "     ?" if expected[run.key()] is None else f"~{expected[run.key()]:.2f}h"
             stopped = ledger.unfinished_hours(ledger_dir, run.key())
             note = "" if stopped is None else f"  (an attempt stopped unfinished after {stopped:.2f} CPU-h)"
-            print(f"  {kind:8} {run.key()}  {run.label()}{note}")
+            print(f"  {kind:8} {run.key()}  {hours}  {run.label()}{note}")
         return 0
     if args.name == "grid":
         if args.report_only:

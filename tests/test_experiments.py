@@ -222,7 +222,10 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     first = grid.status(Scale(), "runs/experiments", "results/ledger")["todo"][0]
     ledger.note_unfinished("results/ledger", first.key(), 0.5, "2026-12-01T09:40")
     assert main(["experiment", "grid", "--status"]) == 0
-    assert f"  todo     {first.key()}  {first.label()}  (an attempt stopped unfinished after 0.50 CPU-h)" in capsys.readouterr().out
+    out = capsys.readouterr().out  # each run with the CPU hours it is expected to take (? where unknown: here
+    # UNKNOWN_HOURS for the noted run, more than the 0.5 h it took)
+    assert f"  todo     {first.key()}  ~{grid.UNKNOWN_HOURS:.2f}h  {first.label()}  (an attempt stopped unfinished after 0.50 CPU-h)" in out
+    assert sum(line.startswith("  todo") and "     ?  e2e/" in line for line in out.splitlines()) == 26
 
 
 def test_a_deadline_starts_only_runs_expected_to_end_before_it(tmp_path, monkeypatch, capsys):
