@@ -228,8 +228,12 @@ def test_gradient_accumulation_is_a_memory_knob(tmp_path, tokenizer, loss):
         trainer.fit()
         params.append(torch.cat([p.detach().flatten() for p in trainer.tuner.parameters()]))
     assert (params[0] - start).abs().max() > 1e-2  # the steps moved the prefix
+    # float32 sums in another order differ by a few ulps of the largest gradient, also on an element that is
+    # small by cancellation (on an AMD EPYC one of 2,800 elements exceeded atol 1e-7 + rtol 1e-5); a wrong
+    # weighting of micro-batches moves gradients by percents
+    scale = grads[0].abs().max().item()
     for g, p in zip(grads[1:], params[1:]):
-        assert torch.allclose(grads[0], g, atol=1e-7, rtol=1e-5), (grads[0] - g).abs().max()
+        assert torch.allclose(grads[0], g, atol=1e-6 * scale, rtol=1e-5), (grads[0] - g).abs().max()
         assert torch.allclose(params[0], p, atol=1e-3), (params[0] - p).abs().max()  # Adam amplifies rounding
 
 
