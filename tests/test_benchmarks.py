@@ -104,3 +104,11 @@ def test_bf16_quality_help():
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "--variants" in proc.stdout and "scored by the" in proc.stdout
+
+
+def test_run_costs_help_and_bad_cases():
+    proc = subprocess.run([sys.executable, str(BENCH / "run_costs.py"), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--cases" in proc.stdout and "CPU seconds" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, str(BENCH / "run_costs.py"), "--cases", "webnlg:dance"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--cases" in proc.stderr and "dance" in proc.stderr, proc.stderr
