@@ -40,7 +40,7 @@ def grid_run(scale, case: str, steps: int, dev_items: int, test_items: int):
     method, length = (name.split("-L")[0], int(name.split("-L")[1])) if "-L" in name else (name, None)
     if split_name(method)[0] not in METHODS:
         raise ValueError(f"unknown method {method!r} in {case!r}; methods: {', '.join(METHODS)}")
-    summary = task != "webnlg" and task != "e2e"
+    summary = task in ("xsum", "dialogsum")
     kw = {"webnlg": dict(train_examples=scale.webnlg_train_examples), "e2e": dict(train_examples=scale.train_size),
           "xsum": dict(train_topic="news"), "dialogsum": dict(train_examples=scale.dialogsum_train_examples)}[task]
     run = scale.run(task, method, summary=summary, evals=(scale.eval(task, summary=summary, n=test_items),), **kw)

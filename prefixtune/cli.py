@@ -266,7 +266,7 @@ def cmd_experiment(args) -> int:
         for name, c in cost["experiments"].items():
             unknown = f" + {c['left_unknown_runs']} runs of kinds not run yet" if c["left_unknown_runs"] else ""
             print(f"  {name:15} {c['done']:3} done ({c['done_hours']:5.1f} h)  {c['left']:3} left (~{c['left_hours']:.1f} h{unknown})")
-        expected = grid.expected_hours(state, ledger_dir)[1]
+        expected = cost["expected"]
         for run in state["running"] + state["todo"] + state["waiting"]:
             kind = "running" if run in state["running"] else "waiting" if run.lr is None else "todo"
             hours = "     ?" if expected[run.key()] is None else f"~{expected[run.key()]:.2f}h"

@@ -130,9 +130,9 @@ def parse_deadline(text: str, now: datetime.datetime | None = None) -> float:
 
 def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale | None = None) -> dict:
     """Hours spent on the finished runs, and an estimate for the others: each costs the mean of the
-    finished runs most like it (same task, method and training size; else task and method; else task).
-    With ``scale``, also per experiment ("experiments"): a run shared by several counts under the first
-    of them in the grid's order."""
+    finished runs most like it (same task, method and training size; else task and method; else task),
+    per run under "expected" (``expected_hours``). With ``scale``, also per experiment ("experiments"): a
+    run shared by several counts under the first of them in the grid's order."""
     spent, guess = expected_hours(state, ledger_dir)
 
     def total(keys) -> dict:
@@ -140,7 +140,7 @@ def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale |
         return {"done": sum(k in spent for k in keys), "left": len(left), "done_hours": sum(spent.get(k, 0) for k in keys),
                 "left_hours": sum(h for h in left if h is not None), "left_unknown_runs": sum(h is None for h in left)}
 
-    out = total(list(spent) + list(guess))
+    out = {**total(list(spent) + list(guess)), "expected": guess}
     if scale is not None:
         scale, owned = resolve_lrs(scale, ledger_dir), set()
         out["experiments"] = {}
