@@ -70,31 +70,59 @@ def status(scale: Scale, runs_dir: str | Path, ledger_dir: str | Path, names: tu
     return out
 
 
-def hours(result: dict) -> float:
-    """CPU hours of a finished run (one thread): training with its evaluations, plus test decoding
-    (CPU time where recorded, else wall time). ``cpu_seconds`` covers a run's last session only: its
-    evaluation intervals' CPU time (all sessions) counts where larger; for runs from before that was
-    counted, the intervals' wall time where a resumed run's exceed its last session's wall time."""
+def train_hours(result: dict) -> float:
+    """CPU hours of a finished run's training with its dev evaluations (one thread; CPU time where
+    recorded, else wall time). ``cpu_seconds`` covers a run's last session only: its evaluation
+    intervals' CPU time (all sessions) counts where larger; for runs from before that was counted, the
+    intervals' wall time where a resumed run's exceed its last session's wall time."""
     t = result["train"]
-    evals = result["evals"].values()
     train, intervals = t.get("cpu_seconds", t["wall_seconds"]), training_seconds(t)
     if t.get("train_cpu_seconds") is not None or intervals > t["wall_seconds"]:  # CPU counted, or resumed
         train = max(train, intervals)
-    return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
+    return train / 3600
+
+
+def decode_hours(evaluation: dict) -> float:
+    """CPU hours of one test decoding (CPU time where recorded, else wall time)."""
+    return evaluation.get("decode_cpu_seconds", evaluation.get("decode_seconds", 0)) / 3600
+
+
+def hours(result: dict) -> float:
+    """CPU hours of a finished run: training, plus each test decoding."""
+    return train_hours(result) + sum(decode_hours(e) for e in result["evals"].values())
+
+
+def _likeness(run: Run) -> tuple[tuple, ...]:
+    """The tags of runs like ``run``, most alike first: same task, method and training size; task and
+    method; task."""
+    return (run.task, run.method, run.train_examples), (run.task, run.method), (run.task,)
 
 
 def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple[dict[str, float], dict[str, float | None]]:
-    """(hours of each finished run, expected hours of each other run): the mean of the finished runs most
-    like it (same task, method and training size; else task and method; else task), None where none is."""
-    spent = {r.key(): hours(ledger_mod.read(ledger_dir, r.key(), items=False)) for r in state["done"]}
-    by = {}
+    """(hours of each finished run, expected hours of each other run). A run is expected to take the mean
+    training of the finished runs most like it (``_likeness``), plus each of its test decodings as that
+    decoding took on the finished runs most like it that did it: a whole-run mean would mix runs with a
+    test decoding and runs without one (the learning-rate grid's) and so under-count the first. Training
+    always counts, since a run left half done on another machine has no weights here and is retrained
+    with all its decodings. None where no like run trained or did one of its decodings."""
+    results = {r.key(): ledger_mod.read(ledger_dir, r.key(), items=False) for r in state["done"]}
+    spent = {k: hours(result) for k, result in results.items()}
+    by = {}  # (likeness tag, "train" or a test decoding's key) -> hours of the finished runs
     for r in state["done"]:
-        for tag in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)):
-            by.setdefault(tag, []).append(spent[r.key()])
+        result = results[r.key()]
+        parts = {"train": train_hours(result), **{k: decode_hours(e) for k, e in result["evals"].items()}}
+        for tag in _likeness(r):
+            for part, h in parts.items():
+                by.setdefault((tag, part), []).append(h)
+
+    def like(run: Run, part: str) -> float | None:
+        found = next((by[tag, part] for tag in _likeness(run) if (tag, part) in by), None)
+        return sum(found) / len(found) if found else None
+
     guess = {}
     for r in state["running"] + state["todo"] + state["waiting"]:
-        like = next((by[t] for t in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)) if t in by), None)
-        guess[r.key()] = sum(like) / len(like) if like else None
+        parts = [like(r, "train")] + [like(r, ev.key()) for ev in r.evals]
+        guess[r.key()] = None if None in parts else sum(parts)
         stopped = ledger_mod.unfinished_hours(ledger_dir, r.key())
         if stopped is not None:  # it takes at least that (a larger guess could keep a run that fits in a
             guess[r.key()] = max(guess[r.key()] or UNKNOWN_HOURS, stopped)  # whole session from ever starting)
@@ -129,9 +157,8 @@ def parse_deadline(text: str, now: datetime.datetime | None = None) -> float:
 
 
 def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale | None = None) -> dict:
-    """Hours spent on the finished runs, and an estimate for the others: each costs the mean of the
-    finished runs most like it (same task, method and training size; else task and method; else task),
-    per run under "expected" (``expected_hours``). With ``scale``, also per experiment ("experiments"): a
+    """Hours spent on the finished runs, and an estimate for the others from the finished runs most like
+    them, per run under "expected" (``expected_hours``). With ``scale``, also per experiment ("experiments"): a
     run shared by several counts under the first of them in the grid's order."""
     spent, guess = expected_hours(state, ledger_dir)
 
