@@ -283,6 +283,77 @@ def test_a_run_stopped_unfinished_is_noted_and_expected_to_need_more(tmp_path, m
     assert len(grid.fits(state["todo"], expected, 2.5)) == len(state["todo"])
 
 
+def test_a_run_is_expected_to_take_its_like_runs_training_plus_each_of_its_test_decodings(tmp_path):
+    """Training and each test decoding are estimated apart, each from the finished runs most like the run
+    that did it: a learning-rate-grid run (no test decoding) lowers the training mean, not the decoding
+    (a whole-run mean under-counted the E2E-500 runs that decode the test set by ~0.1 CPU-h)."""
+    test, beam = Eval("e2e", n=12), Eval("e2e", n=12, num_beams=3)
+    grid_run = Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=0)  # training only
+    tested = Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=1, evals=(test,))
+    for run, cpu, decodings in ((grid_run, 1800.0, {}), (tested, 3600.0, {test.key(): 720.0})):
+        train = {"wall_seconds": cpu + 60, "cpu_seconds": cpu, "train_cpu_seconds": cpu}
+        evals = {k: {"decode_cpu_seconds": s, "decode_seconds": s + 100} for k, s in decodings.items()}
+        ledger.write(tmp_path, run.key(), {"run": run.training(), "train": train, "evals": evals})
+    assert grid.hours(ledger.read(tmp_path, tested.key())) == 1.2
+    todo = {"same": Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=2, evals=(test,)),
+            "smaller": Run("e2e", "prefix", lr=1e-4, train_examples=50, evals=(test,)),
+            "other method": Run("e2e", "finetune", lr=1e-5, train_examples=500, evals=(test,)),
+            "training only": Run("e2e", "prefix", lr=3e-4, train_examples=500),
+            "new decoding": Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=3, evals=(test, beam)),
+            "new task": Run("webnlg", "prefix", lr=1e-4, train_examples=500)}
+    state = {"done": [grid_run, tested], "running": [], "todo": list(todo.values()), "waiting": []}
+    spent, expected = grid.expected_hours(state, tmp_path)
+    assert spent == {grid_run.key(): 0.5, tested.key(): 1.2}
+    mean_training = (0.5 + 1.0) / 2
+    for name in ("same", "smaller", "other method"):  # like by task and method, else by task
+        assert expected[todo[name].key()] == pytest.approx(mean_training + 0.2), name
+    assert expected[todo["training only"].key()] == pytest.approx(mean_training)
+    assert expected[todo["new decoding"].key()] is None and expected[todo["new task"].key()] is None
+
+
+HOLDER = """
+import signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch
+from prefixtune.experiments import grid, ledger, runs
+torch.set_num_threads(1)
+grid.os.sched_getaffinity = lambda pid: set(range(4))  # (a CI machine may have one core)
+if {takes_cores!r}:
+    signal.signal(signal.SIGUSR1, grid.take_a_core)
+with ledger.lock({runs!r}, {key!r}) as mine:
+    print("holding", mine, flush=True)
+    while not Path({stop!r}).exists():
+        time.sleep(0.05)
+print("threads", torch.get_num_threads(), runs.extra_threads, flush=True)
+"""
+
+
+def test_a_process_stopping_at_its_deadline_hands_its_threads_to_a_process_still_running(tmp_path, capsys):
+    """At the end of a session the process that stops first gives its core to one still running a run
+    (which adds a thread at once and keeps it for the models it loads after); a process that does not
+    catch the signal (it would die of it: an older version, or ``prefixtune experiment NAME``) gets none."""
+    scale, runs_dir, stop = Scale(**TINY), tmp_path / "runs", tmp_path / "stop"
+    first, second, third = grid.status(scale, runs_dir, tmp_path / "ledger", names=("lr-grid",))["todo"]
+    holders = {}
+    for run, takes_cores in ((first, True), (second, False)):
+        script = HOLDER.format(root=str(ROOT), takes_cores=takes_cores, runs=str(runs_dir), key=run.key(), stop=str(stop))
+        holders[takes_cores] = proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "holding True"
+    assert grid.catches_sigusr1(holders[True].pid) and not grid.catches_sigusr1(holders[False].pid)
+    before = signal.getsignal(signal.SIGUSR1)
+    try:  # only the third run is free, and a run never seen (1.5 h) does not fit in a minute: it stops
+        n = grid.run_grid(scale, runs_dir, tmp_path, threads=1, names=("lr-grid",), readme=None, deadline=time.time() + 60)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    out = capsys.readouterr().out
+    assert n == 0 and "grid: stopping" in out and f"grid: handed 1 thread(s) to process(es) {holders[True].pid}," in out
+    stop.touch()
+    for takes_cores, threads in ((True, "threads 2 1"), (False, "threads 1 0")):
+        assert holders[takes_cores].communicate(timeout=60)[0].strip() == threads
+        assert holders[takes_cores].returncode == 0
+
+
 def test_deadline_parsing():
     now = datetime.datetime(2026, 12, 1, 9, 0)
     assert grid.parse_deadline("17:30", now) == datetime.datetime(2026, 12, 1, 17, 30).timestamp()

@@ -18,20 +18,26 @@ the training scratch (``runs/``) is still there. A session on a machine that is 
 ``deadline``, a process starts only runs expected to end before it (``fits``), taking a later, shorter run
 when the next one would not, and stops when none fits. A run stopped by Ctrl-C (SIGINT) notes in the
 ledger the CPU hours it had taken (``unfinished.json``), so that it is not expected to fit where it did not.
+A process that stops at its deadline hands its threads to the processes still running (``hand_over_cores``),
+so that their runs end sooner instead of a core idling until the session ends.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import signal
 import threading
 import time
 import traceback
 from pathlib import Path
 
+import torch
+
 from . import NAMES, Scale, module, resolve_lrs, write_report
 from . import ledger as ledger_mod
 from ..files import write_atomic
+from . import runs as runs_mod
 from .runs import Run, complete, failed, merge, run_one, training_seconds
 
 
@@ -70,31 +76,59 @@ def status(scale: Scale, runs_dir: str | Path, ledger_dir: str | Path, names: tu
     return out
 
 
-def hours(result: dict) -> float:
-    """CPU hours of a finished run (one thread): training with its evaluations, plus test decoding
-    (CPU time where recorded, else wall time). ``cpu_seconds`` covers a run's last session only: its
-    evaluation intervals' CPU time (all sessions) counts where larger; for runs from before that was
-    counted, the intervals' wall time where a resumed run's exceed its last session's wall time."""
+def train_hours(result: dict) -> float:
+    """CPU hours of a finished run's training with its dev evaluations (one thread; CPU time where
+    recorded, else wall time). ``cpu_seconds`` covers a run's last session only: its evaluation
+    intervals' CPU time (all sessions) counts where larger; for runs from before that was counted, the
+    intervals' wall time where a resumed run's exceed its last session's wall time."""
     t = result["train"]
-    evals = result["evals"].values()
     train, intervals = t.get("cpu_seconds", t["wall_seconds"]), training_seconds(t)
     if t.get("train_cpu_seconds") is not None or intervals > t["wall_seconds"]:  # CPU counted, or resumed
         train = max(train, intervals)
-    return (train + sum(e.get("decode_cpu_seconds", e.get("decode_seconds", 0)) for e in evals)) / 3600
+    return train / 3600
+
+
+def decode_hours(evaluation: dict) -> float:
+    """CPU hours of one test decoding (CPU time where recorded, else wall time)."""
+    return evaluation.get("decode_cpu_seconds", evaluation.get("decode_seconds", 0)) / 3600
+
+
+def hours(result: dict) -> float:
+    """CPU hours of a finished run: training, plus each test decoding."""
+    return train_hours(result) + sum(decode_hours(e) for e in result["evals"].values())
+
+
+def _likeness(run: Run) -> tuple[tuple, ...]:
+    """The tags of runs like ``run``, most alike first: same task, method and training size; task and
+    method; task."""
+    return (run.task, run.method, run.train_examples), (run.task, run.method), (run.task,)
 
 
 def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple[dict[str, float], dict[str, float | None]]:
-    """(hours of each finished run, expected hours of each other run): the mean of the finished runs most
-    like it (same task, method and training size; else task and method; else task), None where none is."""
-    spent = {r.key(): hours(ledger_mod.read(ledger_dir, r.key(), items=False)) for r in state["done"]}
-    by = {}
+    """(hours of each finished run, expected hours of each other run). A run is expected to take the mean
+    training of the finished runs most like it (``_likeness``), plus each of its test decodings as that
+    decoding took on the finished runs most like it that did it: a whole-run mean would mix runs with a
+    test decoding and runs without one (the learning-rate grid's) and so under-count the first. Training
+    always counts, since a run left half done on another machine has no weights here and is retrained
+    with all its decodings. None where no like run trained or did one of its decodings."""
+    results = {r.key(): ledger_mod.read(ledger_dir, r.key(), items=False) for r in state["done"]}
+    spent = {k: hours(result) for k, result in results.items()}
+    by = {}  # (likeness tag, "train" or a test decoding's key) -> hours of the finished runs
     for r in state["done"]:
-        for tag in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)):
-            by.setdefault(tag, []).append(spent[r.key()])
+        result = results[r.key()]
+        parts = {"train": train_hours(result), **{k: decode_hours(e) for k, e in result["evals"].items()}}
+        for tag in _likeness(r):
+            for part, h in parts.items():
+                by.setdefault((tag, part), []).append(h)
+
+    def like(run: Run, part: str) -> float | None:
+        found = next((by[tag, part] for tag in _likeness(run) if (tag, part) in by), None)
+        return sum(found) / len(found) if found else None
+
     guess = {}
     for r in state["running"] + state["todo"] + state["waiting"]:
-        like = next((by[t] for t in ((r.task, r.method, r.train_examples), (r.task, r.method), (r.task,)) if t in by), None)
-        guess[r.key()] = sum(like) / len(like) if like else None
+        parts = [like(r, "train")] + [like(r, ev.key()) for ev in r.evals]
+        guess[r.key()] = None if None in parts else sum(parts)
         stopped = ledger_mod.unfinished_hours(ledger_dir, r.key())
         if stopped is not None:  # it takes at least that (a larger guess could keep a run that fits in a
             guess[r.key()] = max(guess[r.key()] or UNKNOWN_HOURS, stopped)  # whole session from ever starting)
@@ -129,9 +163,8 @@ def parse_deadline(text: str, now: datetime.datetime | None = None) -> float:
 
 
 def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale | None = None) -> dict:
-    """Hours spent on the finished runs, and an estimate for the others: each costs the mean of the
-    finished runs most like it (same task, method and training size; else task and method; else task),
-    per run under "expected" (``expected_hours``). With ``scale``, also per experiment ("experiments"): a
+    """Hours spent on the finished runs, and an estimate for the others from the finished runs most like
+    them, per run under "expected" (``expected_hours``). With ``scale``, also per experiment ("experiments"): a
     run shared by several counts under the first of them in the grid's order."""
     spent, guess = expected_hours(state, ledger_dir)
 
@@ -151,12 +184,58 @@ def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale |
     return out
 
 
+# Handing over cores: SIGUSR1 to the process that holds a running run's lock (its pid is in the lock
+# file), one signal per thread given. The receiver adds a thread at once (Python handles a signal in the
+# main thread between two operations, where torch's thread count applies) and to every model it loads
+# after (``runs.extra_threads``). More threads change only the order of float sums, as resuming a run on
+# another machine does. Only a process that catches SIGUSR1 is signalled: the signal's default action
+# is to terminate (a process of an older version, or ``prefixtune experiment NAME``, holds locks too).
+def take_a_core(signum=None, frame=None) -> None:
+    """SIGUSR1 handler of a grid process: one more torch thread, up to this process's cores."""
+    if torch.get_num_threads() < len(os.sched_getaffinity(0)):
+        runs_mod.extra_threads += 1
+        torch.set_num_threads(torch.get_num_threads() + 1)
+
+
+def catches_sigusr1(pid: int) -> bool:
+    """Whether process ``pid`` handles SIGUSR1 (Linux: its SigCgt mask in /proc); False where unknown."""
+    try:
+        caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) >> (signal.SIGUSR1 - 1) & 1)
+
+
+def hand_over_cores(running: list[Run], runs_dir: str | Path, threads: int) -> list[int]:
+    """Give ``threads`` threads, one at a time and in turn, to the grid processes running ``running``;
+    returns the pid that got each."""
+    pids = []
+    for run in running:
+        try:
+            pid = int((Path(runs_dir) / f"{run.key()}.lock").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid != os.getpid() and pid not in pids and catches_sigusr1(pid):
+            pids.append(pid)
+    given = []
+    for i in range(threads if pids else 0):
+        try:
+            os.kill(pids[i % len(pids)], signal.SIGUSR1)
+        except OSError:  # it ended meanwhile
+            continue
+        given.append(pids[i % len(pids)])
+        time.sleep(0.5)  # signals of one kind do not queue: let it handle this one first
+    return given
+
+
 def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results", data=None,
              threads: int | None = None, commit: bool = False, max_runs: int | None = None, poll_seconds: float = 60,
              names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md", deadline: float | None = None) -> int:
     """Work on the grid until nothing is left that this process can do (``deadline``, a ``time.time()``
     value: nothing that is expected to end before it); returns the number of runs it finished."""
     honour_sigint()
+    if threads and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, take_a_core)  # cores handed over by a process that stopped
     ledger_dir = Path(results_dir) / "ledger"
     broken: set[str] = set()  # runs that failed in this process (not retried until the next start)
     finished = 0
@@ -180,6 +259,11 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
                 print(f"grid: stopping: none of the {len(todo)} runs to do is expected to end before the deadline "
                       f"({max(left, 0):.2f} h left; the shortest needs ~"
                       f"{SLACK * min(expected.get(r.key()) or UNKNOWN_HOURS for r in todo):.2f} h with slack)", flush=True)
+                if threads:
+                    given = hand_over_cores(state["running"], runs_dir, threads + runs_mod.extra_threads)
+                    if given:
+                        print(f"grid: handed {len(given)} thread(s) to process(es) {', '.join(map(str, sorted(set(given))))}, "
+                              "still running a run", flush=True)
                 break
             if ready[0] is not run:
                 print(f"grid: {run.label()} (~{expected.get(run.key()) or UNKNOWN_HOURS:.2f} h) would not end before the "

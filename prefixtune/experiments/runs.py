@@ -275,11 +275,15 @@ def score_outputs(ev: Eval, groups: list[Example], outputs: list[str], data) -> 
 # --- one run -------------------------------------------------------------------------------------
 
 
+# Threads handed to this process by a grid process that stopped (grid.take_a_core), on top of --threads.
+extra_threads = 0
+
+
 def _load(run: Run, threads: int | None):
     from .. import load_base_model
 
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads + extra_threads)
     return load_base_model(run.model, dtype=getattr(torch, run.dtype))
 
 
