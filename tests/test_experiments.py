@@ -272,15 +272,23 @@ def test_a_run_stopped_unfinished_is_noted_and_expected_to_need_more(tmp_path, m
         grid.run_grid(scale, tmp_path / "runs", tmp_path, names=names, readme=None)
     assert f"grid: {first.label()} stopped unfinished after" in capsys.readouterr().out
     attempts = json.loads((tmp_path / "ledger" / first.key() / "unfinished.json").read_text())["attempts"]
-    assert attempts == [{"cpu_hours": 0.5, "stopped": attempts[0]["stopped"]}]
-    ledger.note_unfinished(tmp_path / "ledger", first.key(), 2.0, "2026-12-01T09:40")  # a longer attempt
+    assert attempts == [{"cpu_hours": 0.5, "stopped": attempts[0]["stopped"], "resumed": False}]
+    # stopped again, after going on from the first attempt's checkpoint: it was seen to need 0.5 + 0.5 h
+    (tmp_path / "runs" / first.key() / "checkpoint").mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid(scale, tmp_path / "runs", tmp_path, names=names, readme=None)
+    assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == 1.0
+    # a longer attempt that started afresh (a new machine), then one going on from it
+    ledger.note_unfinished(tmp_path / "ledger", first.key(), 2.0, "2026-12-01T09:40")
     assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == 2.0
+    ledger.note_unfinished(tmp_path / "ledger", first.key(), 0.25, "2026-12-01T10:40", resumed=True)
+    assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == 2.25
     state = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=names)
     assert [r.key() for r in state["todo"]][0] == first.key()  # not done: it runs again when it fits
     expected = grid.expected_hours(state, tmp_path / "ledger")[1]
-    assert expected[first.key()] == 2.0 and expected[state["todo"][1].key()] is None
-    assert [r.key() for r in grid.fits(state["todo"], expected, 2.45)] == [r.key() for r in state["todo"][1:]]
-    assert len(grid.fits(state["todo"], expected, 2.5)) == len(state["todo"])
+    assert expected[first.key()] == 2.25 and expected[state["todo"][1].key()] is None
+    assert [r.key() for r in grid.fits(state["todo"], expected, 2.8)] == [r.key() for r in state["todo"][1:]]
+    assert len(grid.fits(state["todo"], expected, 2.85)) == len(state["todo"])
 
 
 def test_a_run_is_expected_to_take_its_like_runs_training_plus_each_of_its_test_decodings(tmp_path):

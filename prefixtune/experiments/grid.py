@@ -283,13 +283,14 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
         print(f"grid: {len(state['done'])} done, {len(state['running'])} running elsewhere, {len(todo)} to do, "
               f"{len(state['waiting'])} waiting; now {run.label()} ({run.key()})", flush=True)
         before = ledger_mod.read(ledger_dir, run.key(), items=False) or {}
+        resumed = (Path(runs_dir) / run.key() / "checkpoint").is_dir()  # an earlier attempt's, on this machine
         cpu = time.process_time()
         try:
             result = run_one(run, Path(runs_dir), ledger_dir, data, threads, commit)
         except KeyboardInterrupt:
             hours_taken = (time.process_time() - cpu) / 3600
             path = ledger_mod.note_unfinished(ledger_dir, run.key(), hours_taken,
-                                              datetime.datetime.now().isoformat(timespec="minutes"))
+                                              datetime.datetime.now().isoformat(timespec="minutes"), resumed)
             print(f"grid: {run.label()} stopped unfinished after {hours_taken:.2f} CPU hours (noted in {path})", flush=True)
             if commit:
                 ledger_mod.commit([path], f"ledger: {run.label()} ({run.key()}) stopped unfinished after {hours_taken:.2f} CPU-h")
