@@ -36,8 +36,8 @@ import torch
 
 from . import NAMES, Scale, module, resolve_lrs, write_report
 from . import ledger as ledger_mod
-from ..files import write_atomic
 from . import runs as runs_mod
+from ..files import write_atomic
 from .runs import Run, complete, failed, merge, run_one, training_seconds
 
 
@@ -101,7 +101,8 @@ def hours(result: dict) -> float:
 def _timed_by_the_clock(train: dict) -> bool:
     """Whether a run's training hours come from wall-clock intervals: a run resumed before its CPU time
     was counted. Those include any pause (a grid stopped with SIGSTOP while CI ran) and the load of other
-    work: the first E2E-50 prefix run's read 1.15 h for 120 steps, where E2E-100's 150 took 0.46 h in one session."""
+    work: the first E2E-50 prefix run's read 1.15 h for 120 steps, where E2E-100's 150 took 0.46 h in one
+    session."""
     return train.get("train_cpu_seconds") is None and training_seconds(train) > train["wall_seconds"]
 
 
