@@ -272,42 +272,58 @@ def test_a_run_stopped_unfinished_is_noted_and_expected_to_need_more(tmp_path, m
         grid.run_grid(scale, tmp_path / "runs", tmp_path, names=names, readme=None)
     assert f"grid: {first.label()} stopped unfinished after" in capsys.readouterr().out
     attempts = json.loads((tmp_path / "ledger" / first.key() / "unfinished.json").read_text())["attempts"]
-    assert attempts == [{"cpu_hours": 0.5, "stopped": attempts[0]["stopped"]}]
-    ledger.note_unfinished(tmp_path / "ledger", first.key(), 2.0, "2026-12-01T09:40")  # a longer attempt
+    assert attempts == [{"cpu_hours": 0.5, "stopped": attempts[0]["stopped"], "resumed": False}]
+    # stopped again, after going on from the first attempt's checkpoint: it was seen to need 0.5 + 0.5 h
+    (tmp_path / "runs" / first.key() / "checkpoint").mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid(scale, tmp_path / "runs", tmp_path, names=names, readme=None)
+    assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == 1.0
+    # a longer attempt that started afresh (a new machine), then one going on from it
+    ledger.note_unfinished(tmp_path / "ledger", first.key(), 2.0, "2026-12-01T09:40")
     assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == 2.0
+    ledger.note_unfinished(tmp_path / "ledger", first.key(), 0.25, "2026-12-01T10:40", resumed=True)
+    assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == 2.25
     state = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=names)
     assert [r.key() for r in state["todo"]][0] == first.key()  # not done: it runs again when it fits
     expected = grid.expected_hours(state, tmp_path / "ledger")[1]
-    assert expected[first.key()] == 2.0 and expected[state["todo"][1].key()] is None
-    assert [r.key() for r in grid.fits(state["todo"], expected, 2.45)] == [r.key() for r in state["todo"][1:]]
-    assert len(grid.fits(state["todo"], expected, 2.5)) == len(state["todo"])
+    assert expected[first.key()] == 2.25 and expected[state["todo"][1].key()] is None
+    assert [r.key() for r in grid.fits(state["todo"], expected, 2.8)] == [r.key() for r in state["todo"][1:]]
+    assert len(grid.fits(state["todo"], expected, 2.85)) == len(state["todo"])
 
 
 def test_a_run_is_expected_to_take_its_like_runs_training_plus_each_of_its_test_decodings(tmp_path):
     """Training and each test decoding are estimated apart, each from the finished runs most like the run
     that did it: a learning-rate-grid run (no test decoding) lowers the training mean, not the decoding
-    (a whole-run mean under-counted the E2E-500 runs that decode the test set by ~0.1 CPU-h)."""
+    (a whole-run mean under-counted the E2E-500 runs that decode the test set by ~0.1 CPU-h). A run
+    resumed before CPU time was counted does not count for training: its clock included pauses."""
     test, beam = Eval("e2e", n=12), Eval("e2e", n=12, num_beams=3)
     grid_run = Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=0)  # training only
     tested = Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=1, evals=(test,))
-    for run, cpu, decodings in ((grid_run, 1800.0, {}), (tested, 3600.0, {test.key(): 720.0})):
-        train = {"wall_seconds": cpu + 60, "cpu_seconds": cpu, "train_cpu_seconds": cpu}
+    fast = Run("e2e", "prefix", lr=1e-3, train_examples=500, seed=0)  # a higher rate, stopped sooner
+    # resumed before CPU time was counted: its wall-clock intervals (paused, loaded) say 1.5 h
+    paused = Run("e2e", "prefix", lr=1e-4, train_examples=50, seed=0, evals=(test,))
+    for run, train, decodings in (
+            (grid_run, {"wall_seconds": 1860.0, "cpu_seconds": 1800.0, "train_cpu_seconds": 1800.0}, {}),
+            (fast, {"wall_seconds": 960.0, "cpu_seconds": 900.0, "train_cpu_seconds": 900.0}, {}),
+            (tested, {"wall_seconds": 3660.0, "cpu_seconds": 3600.0, "train_cpu_seconds": 3600.0}, {test.key(): 720.0}),
+            (paused, {"wall_seconds": 300.0, "cpu_seconds": 290.0, "train_seconds": 5400.0}, {test.key(): 720.0})):
         evals = {k: {"decode_cpu_seconds": s, "decode_seconds": s + 100} for k, s in decodings.items()}
         ledger.write(tmp_path, run.key(), {"run": run.training(), "train": train, "evals": evals})
-    assert grid.hours(ledger.read(tmp_path, tested.key())) == 1.2
+    assert grid.hours(ledger.read(tmp_path, tested.key())) == 1.2 and grid.hours(ledger.read(tmp_path, paused.key())) == 1.7
     todo = {"same": Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=2, evals=(test,)),
             "smaller": Run("e2e", "prefix", lr=1e-4, train_examples=50, evals=(test,)),
             "other method": Run("e2e", "finetune", lr=1e-5, train_examples=500, evals=(test,)),
             "training only": Run("e2e", "prefix", lr=3e-4, train_examples=500),
             "new decoding": Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=3, evals=(test, beam)),
             "new task": Run("webnlg", "prefix", lr=1e-4, train_examples=500)}
-    state = {"done": [grid_run, tested], "running": [], "todo": list(todo.values()), "waiting": []}
+    state = {"done": [grid_run, fast, tested, paused], "running": [], "todo": list(todo.values()), "waiting": []}
     spent, expected = grid.expected_hours(state, tmp_path)
-    assert spent == {grid_run.key(): 0.5, tested.key(): 1.2}
-    mean_training = (0.5 + 1.0) / 2
-    for name in ("same", "smaller", "other method"):  # like by task and method, else by task
-        assert expected[todo[name].key()] == pytest.approx(mean_training + 0.2), name
-    assert expected[todo["training only"].key()] == pytest.approx(mean_training)
+    assert spent == {grid_run.key(): 0.5, fast.key(): 0.25, tested.key(): 1.2, paused.key(): 1.7}
+    assert expected[todo["same"].key()] == pytest.approx((0.5 + 1.0) / 2 + 0.2)  # same rate: not the fast run
+    any_rate = (0.5 + 0.25 + 1.0) / 3  # not the paused run's 1.5 h, even for a run of its size
+    assert expected[todo["training only"].key()] == pytest.approx(any_rate)  # a rate not run yet
+    for name in ("smaller", "other method"):  # like by task and method, else by task
+        assert expected[todo[name].key()] == pytest.approx(any_rate + 0.2), name
     assert expected[todo["new decoding"].key()] is None and expected[todo["new task"].key()] is None
 
 

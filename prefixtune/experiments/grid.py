@@ -98,10 +98,18 @@ def hours(result: dict) -> float:
     return train_hours(result) + sum(decode_hours(e) for e in result["evals"].values())
 
 
+def _timed_by_the_clock(train: dict) -> bool:
+    """Whether a run's training hours come from wall-clock intervals: a run resumed before its CPU time
+    was counted. Those include any pause (a grid stopped with SIGSTOP while CI ran) and the load of other
+    work: the first E2E-50 prefix run's read 1.15 h for 120 steps, where E2E-100's 150 took 0.46 h in one session."""
+    return train.get("train_cpu_seconds") is None and training_seconds(train) > train["wall_seconds"]
+
+
 def _likeness(run: Run) -> tuple[tuple, ...]:
-    """The tags of runs like ``run``, most alike first: same task, method and training size; task and
-    method; task."""
-    return (run.task, run.method, run.train_examples), (run.task, run.method), (run.task,)
+    """The tags of runs like ``run``, most alike first: same task, method, training size and learning
+    rate (a higher rate tends to stop sooner); task, method and size; task and method; task."""
+    return ((run.task, run.method, run.train_examples, run.lr), (run.task, run.method, run.train_examples),
+            (run.task, run.method), (run.task,))
 
 
 def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple[dict[str, float], dict[str, float | None]]:
@@ -110,13 +118,16 @@ def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple
     decoding took on the finished runs most like it that did it: a whole-run mean would mix runs with a
     test decoding and runs without one (the learning-rate grid's) and so under-count the first. Training
     always counts, since a run left half done on another machine has no weights here and is retrained
-    with all its decodings. None where no like run trained or did one of its decodings."""
+    with all its decodings. None where no like run trained or did one of its decodings. A resumed run from
+    before CPU time was counted (``_timed_by_the_clock``) does not count for training."""
     results = {r.key(): ledger_mod.read(ledger_dir, r.key(), items=False) for r in state["done"]}
     spent = {k: hours(result) for k, result in results.items()}
     by = {}  # (likeness tag, "train" or a test decoding's key) -> hours of the finished runs
     for r in state["done"]:
         result = results[r.key()]
-        parts = {"train": train_hours(result), **{k: decode_hours(e) for k, e in result["evals"].items()}}
+        parts = {k: decode_hours(e) for k, e in result["evals"].items()}
+        if not _timed_by_the_clock(result["train"]):
+            parts["train"] = train_hours(result)
         for tag in _likeness(r):
             for part, h in parts.items():
                 by.setdefault((tag, part), []).append(h)
@@ -272,13 +283,14 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
         print(f"grid: {len(state['done'])} done, {len(state['running'])} running elsewhere, {len(todo)} to do, "
               f"{len(state['waiting'])} waiting; now {run.label()} ({run.key()})", flush=True)
         before = ledger_mod.read(ledger_dir, run.key(), items=False) or {}
+        resumed = (Path(runs_dir) / run.key() / "checkpoint").is_dir()  # an earlier attempt's, on this machine
         cpu = time.process_time()
         try:
             result = run_one(run, Path(runs_dir), ledger_dir, data, threads, commit)
         except KeyboardInterrupt:
             hours_taken = (time.process_time() - cpu) / 3600
             path = ledger_mod.note_unfinished(ledger_dir, run.key(), hours_taken,
-                                              datetime.datetime.now().isoformat(timespec="minutes"))
+                                              datetime.datetime.now().isoformat(timespec="minutes"), resumed)
             print(f"grid: {run.label()} stopped unfinished after {hours_taken:.2f} CPU hours (noted in {path})", flush=True)
             if commit:
                 ledger_mod.commit([path], f"ledger: {run.label()} ({run.key()}) stopped unfinished after {hours_taken:.2f} CPU-h")

@@ -78,20 +78,30 @@ def write_eval_files(ledger: str | Path, key: str, ev, outputs: list[str], items
     return {"outputs_file": out, "items_file": item_file}
 
 
-def note_unfinished(ledger: str | Path, key: str, cpu_hours: float, when: str) -> Path:
-    """Record that run ``key`` was stopped unfinished after ``cpu_hours`` (this attempt): its training
-    scratch may be lost with the machine, but what it cost is not, so the grid's estimate of it
-    (``grid.expected_hours``) knows it needs at least that."""
+def note_unfinished(ledger: str | Path, key: str, cpu_hours: float, when: str, resumed: bool = False) -> Path:
+    """Record that run ``key`` was stopped unfinished after ``cpu_hours`` (this attempt; ``resumed``: it
+    went on from an earlier attempt's checkpoint): its training scratch may be lost with the machine, but
+    what it cost is not, so the grid's estimate of it (``grid.expected_hours``) knows it needs at least that."""
     path = entry(ledger, key) / UNFINISHED
     attempts = json.loads(path.read_text())["attempts"] if path.is_file() else []
-    attempts.append({"cpu_hours": round(cpu_hours, 3), "stopped": when})
+    attempts.append({"cpu_hours": round(cpu_hours, 3), "stopped": when, "resumed": resumed})
     return write_atomic(path, json.dumps({"attempts": attempts}, indent=1) + "\n")
 
 
 def unfinished_hours(ledger: str | Path, key: str) -> float | None:
-    """The most CPU hours an unfinished attempt at run ``key`` took, or None if none was recorded."""
+    """The most CPU hours that run ``key`` was seen to need without finishing: the longest chain of
+    unfinished attempts, each resumed from the one before (an attempt that started afresh, e.g. on a
+    new machine, starts a chain); None if none was recorded."""
     path = entry(ledger, key) / UNFINISHED
-    return max(a["cpu_hours"] for a in json.loads(path.read_text())["attempts"]) if path.is_file() else None
+    if not path.is_file():
+        return None
+    chains: list[float] = []
+    for attempt in json.loads(path.read_text())["attempts"]:
+        if attempt.get("resumed") and chains:
+            chains[-1] += attempt["cpu_hours"]
+        else:
+            chains.append(attempt["cpu_hours"])
+    return max(chains)
 
 
 @contextlib.contextmanager
