@@ -271,7 +271,7 @@ def cmd_experiment(args) -> int:
             kind = "running" if run in state["running"] else "waiting" if run.lr is None else "todo"
             hours = "     ?" if expected[run.key()] is None else f"~{expected[run.key()]:.2f}h"
             stopped = ledger.unfinished_hours(ledger_dir, run.key())
-            note = "" if stopped is None else f"  (an attempt stopped unfinished after {stopped:.2f} CPU-h)"
+            note = "" if stopped is None else f"  (stopped unfinished: needs at least {stopped:.2f} CPU-h)"
             print(f"  {kind:8} {run.key()}  {hours}  {run.label()}{note}")
         return 0
     if args.name == "grid":

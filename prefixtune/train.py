@@ -117,6 +117,19 @@ class StopAtStepEnd:
         return False
 
 
+def selection(history: list[dict], key: str, patience: int) -> dict:
+    """The best evaluation of a training's ``history`` by ``key`` ("dev_score": higher is better;
+    "dev_loss": lower; step 0, before training, excluded), and whether early stopping (``patience``
+    evaluations in a row without a better one; 0: never) has ended the training."""
+    evals = [h for h in history if h["step"] > 0 and h.get(key) is not None]
+    sign = 1 if key == "dev_score" else -1
+    best = max(evals, key=lambda h: sign * h[key], default=None)  # first of equals: the earliest
+    since = 0 if best is None else sum(h["step"] > best["step"] for h in evals)
+    return {"selected_by": key, "best_step": None if best is None else best["step"],
+            "best_dev_score": None if best is None else best.get("dev_score"), "evaluations_since_best": since,
+            "stopped_early": bool(patience and since >= patience)}
+
+
 class Trainer:
     def __init__(self, model, tokenizer, train: list[Example], dev: list[Example] | None,
                  prefix_config: PrefixConfig, config: TrainConfig, out_dir: str | Path, progress: bool = True,
@@ -368,16 +381,7 @@ class Trainer:
         return "dev_score" if self.dev_score is not None else "dev_loss"
 
     def selection(self) -> dict:
-        """The best evaluation so far by the selection score (step 0, before training, excluded),
-        and whether early stopping has ended the run."""
-        key = self._selection_key()
-        evals = [h for h in self.history if h["step"] > 0 and h.get(key) is not None]
-        sign = 1 if key == "dev_score" else -1  # higher dev_score / lower dev_loss is better
-        best = max(evals, key=lambda h: sign * h[key], default=None)  # first of equals: the earliest
-        since = 0 if best is None else sum(h["step"] > best["step"] for h in evals)
-        return {"selected_by": key, "best_step": None if best is None else best["step"],
-                "best_dev_score": None if best is None else best.get("dev_score"), "evaluations_since_best": since,
-                "stopped_early": bool(self.config.patience and self.dev_set and since >= self.config.patience)}
+        return selection(self.history, self._selection_key(), self.config.patience if self.dev_set else 0)
 
     def stopped(self) -> bool:
         """Early stopping: ``patience`` evaluations in a row without a better selection score."""

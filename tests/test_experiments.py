@@ -224,7 +224,7 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     assert main(["experiment", "grid", "--status"]) == 0
     out = capsys.readouterr().out  # each run with the CPU hours it is expected to take (? where unknown: here
     # UNKNOWN_HOURS for the noted run, more than the 0.5 h it took)
-    assert f"  todo     {first.key()}  ~{grid.UNKNOWN_HOURS:.2f}h  {first.label()}  (an attempt stopped unfinished after 0.50 CPU-h)" in out
+    assert f"  todo     {first.key()}  ~{grid.UNKNOWN_HOURS:.2f}h  {first.label()}  (stopped unfinished: needs at least 0.50 CPU-h)" in out
     assert sum(line.startswith("  todo") and "     ?  e2e/" in line for line in out.splitlines()) == 26
 
 
@@ -251,6 +251,7 @@ def test_a_deadline_starts_only_runs_expected_to_end_before_it(tmp_path, monkeyp
     assert (n, done) == (1, [second.key()]) and "would not end before the deadline" in out
     assert grid.fits([first, second, third], expected, 1.8) == [first, second]  # unknown: 1.25 x 1.5 h > 1.8 h
     assert grid.fits([first, second, third], expected, 1.9) == [first, second, third]
+    assert grid.fits([first, second, third], expected, 1.2, threads=2) == [first, second, third]  # 1.875 h / 1.65
     n, done, out = work(0.2)
     assert (n, done) == (0, []) and "grid: stopping: none of the 3 runs to do" in out and "~0.25 h" in out
 
@@ -289,6 +290,34 @@ def test_a_run_stopped_unfinished_is_noted_and_expected_to_need_more(tmp_path, m
     assert expected[first.key()] == 2.25 and expected[state["todo"][1].key()] is None
     assert [r.key() for r in grid.fits(state["todo"], expected, 2.8)] == [r.key() for r in state["todo"][1:]]
     assert len(grid.fits(state["todo"], expected, 2.85)) == len(state["todo"])
+    # stopped at step 400 while its dev score still rose (best at the last evaluation, at 375): it cannot end
+    # before 3 more evaluations (at 750), so a fresh attempt needs at least 0.5 h x 750 / 400
+    ledger.note_unfinished(tmp_path / "ledger", first.key(), 0.5, "2026-12-02T10:00", progress=(400, 750))
+    assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == 2.25  # the longer chain still
+    ledger.note_unfinished(tmp_path / "ledger", first.key(), 1.5, "2026-12-02T12:00", resumed=True, progress=(1600, 2000))
+    assert ledger.unfinished_hours(tmp_path / "ledger", first.key()) == pytest.approx((0.5 + 1.5) * 2000 / 1600)
+
+
+def test_the_fewest_steps_an_unfinished_training_can_end_at(tmp_path):
+    """From the checkpoint: the last evaluation plus ``patience`` evaluations after the best, counting those
+    already made; the step reached where it has stopped early; never past the cap."""
+    from prefixtune.experiments.grid import training_progress
+
+    assert training_progress(tmp_path) is None  # no checkpoint
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "run.json").write_text(json.dumps({"train": {"patience": 3, "eval_every": 125, "max_steps": 1000}}))
+
+    def progress(step, scores):
+        history = [{"step": 0, "dev_loss": 3.0}] + [{"step": 125 * (i + 1), "dev_loss": 1.0, "dev_score": v}
+                                                    for i, v in enumerate(scores)]
+        (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"step": step, "history": history}))
+        return training_progress(tmp_path)
+
+    assert progress(413, [43.8, 50.9, 52.8]) == (413, 750)  # still rising: 3 more evaluations after 375
+    assert progress(625, [40.0, 45.1, 47.7, 53.3, 52.0]) == (625, 875)  # one worse evaluation made: 2 more
+    assert progress(750, [40.0, 45.1, 47.7, 53.3, 52.0, 51.0]) == (750, 875)
+    assert progress(875, [40.0, 53.3, 47.7, 52.0, 51.0, 50.0, 49.0]) == (875, 875)  # stopped early
+    assert progress(900, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]) == (900, 1000)  # the cap
 
 
 def test_a_run_is_expected_to_take_its_like_runs_training_plus_each_of_its_test_decodings(tmp_path):

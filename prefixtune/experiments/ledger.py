@@ -78,30 +78,37 @@ def write_eval_files(ledger: str | Path, key: str, ev, outputs: list[str], items
     return {"outputs_file": out, "items_file": item_file}
 
 
-def note_unfinished(ledger: str | Path, key: str, cpu_hours: float, when: str, resumed: bool = False) -> Path:
+def note_unfinished(ledger: str | Path, key: str, cpu_hours: float, when: str, resumed: bool = False,
+                    progress: tuple[int, int] | None = None) -> Path:
     """Record that run ``key`` was stopped unfinished after ``cpu_hours`` (this attempt; ``resumed``: it
-    went on from an earlier attempt's checkpoint): its training scratch may be lost with the machine, but
+    went on from an earlier attempt's checkpoint; ``progress``: its training's steps done and the fewest
+    it can end at, see ``grid.training_progress``): its training scratch may be lost with the machine, but
     what it cost is not, so the grid's estimate of it (``grid.expected_hours``) knows it needs at least that."""
     path = entry(ledger, key) / UNFINISHED
     attempts = json.loads(path.read_text())["attempts"] if path.is_file() else []
-    attempts.append({"cpu_hours": round(cpu_hours, 3), "stopped": when, "resumed": resumed})
+    attempt = {"cpu_hours": round(cpu_hours, 3), "stopped": when, "resumed": resumed}
+    if progress:
+        attempt["steps"], attempt["least_steps"] = progress
+    attempts.append(attempt)
     return write_atomic(path, json.dumps({"attempts": attempts}, indent=1) + "\n")
 
 
 def unfinished_hours(ledger: str | Path, key: str) -> float | None:
-    """The most CPU hours that run ``key`` was seen to need without finishing: the longest chain of
-    unfinished attempts, each resumed from the one before (an attempt that started afresh, e.g. on a
-    new machine, starts a chain); None if none was recorded."""
+    """The most CPU hours that run ``key`` was seen to need: the longest chain of unfinished attempts,
+    each resumed from the one before (an attempt that started afresh, e.g. on a new machine, starts a
+    chain), scaled from the steps its last attempt had done to the fewest its training can end at (a
+    run stopped while its dev score still rose needs at least ``patience`` more evaluations); None if
+    none was recorded."""
     path = entry(ledger, key) / UNFINISHED
     if not path.is_file():
         return None
-    chains: list[float] = []
+    chains: list[list] = []  # [hours, last attempt]
     for attempt in json.loads(path.read_text())["attempts"]:
         if attempt.get("resumed") and chains:
-            chains[-1] += attempt["cpu_hours"]
+            chains[-1] = [chains[-1][0] + attempt["cpu_hours"], attempt]
         else:
-            chains.append(attempt["cpu_hours"])
-    return max(chains)
+            chains.append([attempt["cpu_hours"], attempt])
+    return max(hours * max(1.0, last.get("least_steps", 1) / max(1, last.get("steps", 1))) for hours, last in chains)
 
 
 @contextlib.contextmanager
