@@ -223,8 +223,8 @@ def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale |
     return out
 
 
-# Handing over cores: SIGUSR1 to the process that holds a running run's lock (its pid is in the lock
-# file), one signal per thread given. The receiver adds a thread at once (Python handles a signal in the
+# Handing over cores: SIGUSR1 to the process that holds a running run's lock (``ledger.holder``), one
+# signal per thread given. The receiver adds a thread at once (Python handles a signal in the
 # main thread between two operations, where torch's thread count applies) and to every model it loads
 # after (``runs.extra_threads``). More threads change only the order of float sums, as resuming a run on
 # another machine does. Only a process that catches SIGUSR1 is signalled: the signal's default action
@@ -250,11 +250,8 @@ def hand_over_cores(running: list[Run], runs_dir: str | Path, threads: int) -> l
     returns the pid that got each."""
     pids = []
     for run in running:
-        try:
-            pid = int((Path(runs_dir) / f"{run.key()}.lock").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-        if pid != os.getpid() and pid not in pids and catches_sigusr1(pid):
+        pid = ledger_mod.holder(runs_dir, run.key())
+        if pid is not None and pid != os.getpid() and pid not in pids and catches_sigusr1(pid):
             pids.append(pid)
     given = []
     for i in range(threads if pids else 0):

@@ -139,6 +139,15 @@ def is_locked(runs_dir: str | Path, key: str) -> bool:
         return not got
 
 
+def holder(runs_dir: str | Path, key: str) -> int | None:
+    """The pid that last took run ``key``'s lock (None where unreadable): whether it still holds it is
+    ``is_locked``'s to say."""
+    try:
+        return int((Path(runs_dir) / f"{key}.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def commit(paths: list[Path], message: str, tries: int = 5) -> bool:
     """``git add`` + ``git commit`` of ``paths`` only (other staged changes are left alone); retried
     while another process holds the index lock. Returns False (and says why) if it did not commit."""
