@@ -486,7 +486,7 @@ def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[
 # --- many runs, through the ledger ----------------------------------------------------------------
 
 
-def _trained(out: Path) -> bool:
+def has_weights(out: Path) -> bool:
     """Whether ``out`` holds a finished training's weights (absent on a fresh clone: the ledger has
     no weights)."""
     from ..methods import METHODS, read_run
@@ -510,7 +510,7 @@ def run_one(run: Run, runs_dir: Path, ledger_dir: Path, data, threads: int | Non
         if complete(run, result):  # done by another process meanwhile
             return result
         missing = [ev for ev in run.evals if ev.key() not in result["evals"]]
-        if "train" in result and missing and not _trained(out):
+        if "train" in result and missing and not has_weights(out):
             # a new evaluation for a run trained elsewhere: retrain it (the ledger keeps no weights)
             tqdm.write(f"{run.label()} ({key}): retraining for a new evaluation (no trained weights in {out})")
             shutil.rmtree(out, ignore_errors=True)
