@@ -18,6 +18,7 @@ import pytest
 from prefixtune.cli import main
 from prefixtune.experiments import NAMES, LR_GRID, Scale, module, resolve_lrs, run_experiment, write_report
 from prefixtune.experiments import grid, ledger
+from prefixtune.experiments import runs as runs_mod
 from prefixtune.experiments.runs import Eval, Run, run_one, xsum_topic
 from conftest import tiny_model
 
@@ -102,7 +103,8 @@ def test_runs_go_to_the_ledger_with_their_dev_curve_and_test_outputs(low_data):
             assert len(items) == 3 and set(items[0]) == {"BLEU", "SER"}
             assert {"BLEU", "METEOR", "SER"} <= set(ev["scores"]["A"])
     assert tested == 4
-    assert not list((root / "runs").glob("*/checkpoint"))  # scratch kept only while a training is unfinished
+    assert not list((root / "runs").glob("*/checkpoint"))  # scratch kept only while a training is unfinished...
+    assert not list((root / "runs").glob("*/decoding-*.jsonl"))  # ...or a test decoding
 
 
 def test_report_only_from_a_fresh_clone_is_identical_and_lists_missing_runs(low_data, tmp_path):
@@ -403,6 +405,44 @@ def test_a_run_counts_only_what_is_left_of_it_on_this_machine(tmp_path):
     assert left() == pytest.approx(1.25 - 1.0 + 0.2)
 
 
+
+def test_an_interrupted_test_decoding_goes_on_where_it_stopped(tmp_path, tokenizer, monkeypatch):
+    """A test decoding keeps each batch's tokens as it ends: interrupted, it decodes only the batches it
+    lacks (a batch cut short again), in the same batches, so its outputs are those of a decoding in one go."""
+    import prefixtune
+
+    model = tiny_model("llama-gqa", init_range=0.5)
+    sources = [f"name[Place {i}], area[{'riverside' if i % 2 else 'city centre'}]" + " x" * (i % 3) for i in range(7)]
+    monkeypatch.setattr(runs_mod, "DECODE_BATCH", 3)  # 3 batches: 3, 3 and 1 rows
+    decoding = dict(num_beams=3, max_new_tokens=6)
+    whole, _, _ = runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "whole.jsonl", **decoding)
+    assert whole == [g.tokens for g in prefixtune.generate(model, tokenizer, sources, batch_size=3, return_tokens=True,
+                                                           **decoding)]  # as generate decodes them in one call
+    assert len(set(map(tuple, whole))) > 1
+    calls, interrupt, original = [], [True], prefixtune.generate
+
+    def interrupted(model, tokenizer, batch, **kw):
+        calls.append(len(batch))
+        if calls == [3, 3] and interrupt:  # Ctrl-C during the second batch
+            interrupt.clear()
+            raise KeyboardInterrupt
+        return original(model, tokenizer, batch, **kw)
+
+    monkeypatch.setattr(prefixtune, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)
+    assert len((tmp_path / "parts.jsonl").read_text().splitlines()) == 3  # the first batch's rows
+    with open(tmp_path / "parts.jsonl", "a") as f:
+        f.write('{"i": 5, "tok')  # a line cut short: not taken
+    calls.clear()
+    tokens, seconds, cpu_seconds = runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)
+    assert tokens == whole and calls == [3, 1] and seconds > 0 and cpu_seconds > 0
+    assert len((tmp_path / "parts.jsonl").read_text().splitlines()) == 7
+    calls.clear()  # all there: nothing decoded again
+    assert runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)[0] == whole
+    assert calls == []
+
+
 HOLDER = """
 import signal, sys, time
 from pathlib import Path
@@ -646,7 +686,6 @@ def test_runs_are_selected_on_dev_bleu_decoded_as_the_test_set(tokenizer, monkey
 
     import prefixtune
     from prefixtune.data import DECODING
-    from prefixtune.experiments import runs as runs_mod
 
     run = Scale().run("e2e", "prefix", lr=1e-3, train_examples=50)
     assert (run.dev_score_decoding, run.dev_score_dtype) == ("test", "bfloat16")

@@ -13,8 +13,8 @@ run, as rates get chosen.
 Each process takes the first run that is neither in the ledger nor held by another process (its
 lock dies with its process), trains and scores it, records it in the ledger (and commits it with
 ``--commit``), rewrites every report from the ledger (committed every 10 runs and at the end), and goes on. Stopping a process (Ctrl-C,
-kill, end of session) loses at most the run in progress, which resumes from its last checkpoint, if
-the training scratch (``runs/``) is still there. A session on a machine that is not kept loses it: with a
+kill, end of session) loses at most the run in progress, which resumes from its last checkpoint (or
+test decoding batch), if the training scratch (``runs/``) is still there. A session on a machine that is not kept loses it: with a
 ``deadline``, a process starts only runs expected to end before it (``fits``), taking a later, shorter run
 when the next one would not, and stops when none fits. A run stopped by Ctrl-C (SIGINT) notes in the
 ledger the CPU hours it had taken (``unfinished.json``), so that it is not expected to fit where it did not.
