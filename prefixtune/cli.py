@@ -259,7 +259,7 @@ def cmd_experiment(args) -> int:
         state = grid.status(scale, args.runs_dir, ledger_dir)
         for name in ("done", "running", "todo", "waiting"):
             print(f"{name}: {len(state[name])}")
-        cost = grid.estimate(state, ledger_dir, scale)
+        cost = grid.estimate(state, ledger_dir, scale, args.runs_dir)
         print(f"CPU hours (one thread per run): {cost['done_hours']:.1f} done; about {cost['left_hours']:.0f} left for the "
               f"runs like finished ones" + (f", plus {cost['left_unknown_runs']} runs of kinds not run yet" if cost["left_unknown_runs"] else ""))
         print("by experiment, in the grid's order (a shared run counts under the first that plans it):")
@@ -271,7 +271,7 @@ def cmd_experiment(args) -> int:
             kind = "running" if run in state["running"] else "waiting" if run.lr is None else "todo"
             hours = "     ?" if expected[run.key()] is None else f"~{expected[run.key()]:.2f}h"
             stopped = ledger.unfinished_hours(ledger_dir, run.key())
-            note = "" if stopped is None else f"  (stopped unfinished: needs at least {stopped:.2f} CPU-h)"
+            note = "" if stopped is None else f"  (stopped unfinished: its training needs at least {stopped:.2f} CPU-h)"
             print(f"  {kind:8} {run.key()}  {hours}  {run.label()}{note}")
         return 0
     if args.name == "grid":

@@ -18,6 +18,7 @@ import pytest
 from prefixtune.cli import main
 from prefixtune.experiments import NAMES, LR_GRID, Scale, module, resolve_lrs, run_experiment, write_report
 from prefixtune.experiments import grid, ledger
+from prefixtune.experiments import runs as runs_mod
 from prefixtune.experiments.runs import Eval, Run, run_one, xsum_topic
 from conftest import tiny_model
 
@@ -102,7 +103,8 @@ def test_runs_go_to_the_ledger_with_their_dev_curve_and_test_outputs(low_data):
             assert len(items) == 3 and set(items[0]) == {"BLEU", "SER"}
             assert {"BLEU", "METEOR", "SER"} <= set(ev["scores"]["A"])
     assert tested == 4
-    assert not list((root / "runs").glob("*/checkpoint"))  # scratch kept only while a training is unfinished
+    assert not list((root / "runs").glob("*/checkpoint"))  # scratch kept only while a training is unfinished...
+    assert not list((root / "runs").glob("*/decoding-*.jsonl"))  # ...or a test decoding
 
 
 def test_report_only_from_a_fresh_clone_is_identical_and_lists_missing_runs(low_data, tmp_path):
@@ -224,7 +226,7 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     assert main(["experiment", "grid", "--status"]) == 0
     out = capsys.readouterr().out  # each run with the CPU hours it is expected to take (? where unknown: here
     # UNKNOWN_HOURS for the noted run, more than the 0.5 h it took)
-    assert f"  todo     {first.key()}  ~{grid.UNKNOWN_HOURS:.2f}h  {first.label()}  (stopped unfinished: needs at least 0.50 CPU-h)" in out
+    assert f"  todo     {first.key()}  ~{grid.UNKNOWN_HOURS:.2f}h  {first.label()}  (stopped unfinished: its training needs at least 0.50 CPU-h)" in out
     assert sum(line.startswith("  todo") and "     ?  e2e/" in line for line in out.splitlines()) == 26
 
 
@@ -235,7 +237,7 @@ def test_a_deadline_starts_only_runs_expected_to_end_before_it(tmp_path, monkeyp
     scale = Scale(**TINY)
     first, second, third = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=("lr-grid",))["todo"]
     expected = {first.key(): 1.0, second.key(): 0.2, third.key(): None}
-    monkeypatch.setattr(grid, "expected_hours", lambda state, ledger_dir: ({}, expected))
+    monkeypatch.setattr(grid, "expected_hours", lambda state, ledger_dir, runs_dir=None: ({}, expected))
     monkeypatch.setattr(grid, "write_reports", lambda *a, **k: [])
     started = []
     monkeypatch.setattr(grid, "run_one", lambda run, *a, **k: started.append(run.key()) or {"evals": {}})
@@ -354,6 +356,91 @@ def test_a_run_is_expected_to_take_its_like_runs_training_plus_each_of_its_test_
     for name in ("smaller", "other method"):  # like by task and method, else by task
         assert expected[todo[name].key()] == pytest.approx(any_rate + 0.2), name
     assert expected[todo["new decoding"].key()] is None and expected[todo["new task"].key()] is None
+
+
+
+def test_a_run_counts_only_what_is_left_of_it_on_this_machine(tmp_path):
+    """With the training scratch at hand (a session on the machine of the one before), a run is expected to
+    take what is left: less the hours its checkpoint holds (the attempts that stopped at its step), or only
+    its missing test decodings once its trained weights are here. Without it, the whole run."""
+    test = Eval("e2e", n=12)
+    like = Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=0, evals=(test,))
+    ledger.write(tmp_path / "ledger", like.key(), {"run": like.training(), "evals": {test.key(): {"decode_cpu_seconds": 720.0}},
+                                                   "train": {"wall_seconds": 3700.0, "cpu_seconds": 3600.0, "train_cpu_seconds": 3600.0}})
+    run = Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=1, evals=(test,))
+    state = {"done": [like], "running": [], "todo": [run], "waiting": []}
+    runs, out = tmp_path / "runs", tmp_path / "runs" / run.key()
+
+    def left(here=True):
+        return grid.expected_hours(state, tmp_path / "ledger", runs if here else None)[1][run.key()]
+
+    assert left() == left(here=False) == pytest.approx(1.2)  # nothing here: 1 h of training, 0.2 of decoding
+    # stopped at step 400 after 0.25 + 0.25 h (the second attempt went on from the first's checkpoint)
+    ledger.note_unfinished(tmp_path / "ledger", run.key(), 0.25, "2026-12-01T12:00", progress=(200, 300))
+    ledger.note_unfinished(tmp_path / "ledger", run.key(), 0.25, "2026-12-01T13:00", resumed=True, progress=(400, 500))
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"train": {"patience": 3, "eval_every": 100, "max_steps": 1000},
+                                              "method": {"method": "prefix"}, "prefix": {"length": 10}}))
+
+    def checkpoint(step):
+        history = [{"step": 100 * i, "dev_loss": 1.0, "dev_score": 50.0 + i} for i in range(step // 100 + 1)]
+        (out / "checkpoint" / "state.json").write_text(json.dumps({"step": step, "history": history}))
+
+    checkpoint(400)
+    assert ledger.hours_behind(tmp_path / "ledger", run.key(), 400) == 0.5
+    assert left() == pytest.approx(1.2 - 0.5) and left(here=False) == pytest.approx(1.2)
+    checkpoint(300)  # a checkpoint no noted attempt stopped at (a killed process): nothing known to be behind it
+    assert left() == pytest.approx(1.2)
+    # its dev score rose at every evaluation: 0.5 h for 400 steps and 700 to go, more than its like run
+    ledger.note_unfinished(tmp_path / "ledger", run.key(), 0.5, "2026-12-01T14:00", resumed=True, progress=(800, 1000))
+    checkpoint(800)
+    assert left(here=False) == pytest.approx(1.0 * 1000 / 800 + 0.2) and left() == pytest.approx(1.25 - 1.0 + 0.2)
+    # the best weights so far are kept during training: they do not make it trained
+    (out / "prefix.safetensors").write_bytes(b"")
+    assert left() == pytest.approx(0.45)
+    # trained (in the ledger, weights here), its test decoding not done: the decoding is left
+    ledger.write(tmp_path / "ledger", run.key(), {"run": run.training(), "evals": {}, "train": {"wall_seconds": 1.0}})
+    assert left() == pytest.approx(0.2) and left(here=False) == pytest.approx(1.25 + 0.2)
+    (out / "prefix.safetensors").unlink()  # trained on another machine: trained again here
+    assert left() == pytest.approx(1.25 - 1.0 + 0.2)
+
+
+
+def test_an_interrupted_test_decoding_goes_on_where_it_stopped(tmp_path, tokenizer, monkeypatch):
+    """A test decoding keeps each batch's tokens as it ends: interrupted, it decodes only the batches it
+    lacks (a batch cut short again), in the same batches, so its outputs are those of a decoding in one go."""
+    import prefixtune
+
+    model = tiny_model("llama-gqa", init_range=0.5)
+    sources = [f"name[Place {i}], area[{'riverside' if i % 2 else 'city centre'}]" + " x" * (i % 3) for i in range(7)]
+    monkeypatch.setattr(runs_mod, "DECODE_BATCH", 3)  # 3 batches: 3, 3 and 1 rows
+    decoding = dict(num_beams=3, max_new_tokens=6)
+    whole, _, _ = runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "whole.jsonl", **decoding)
+    assert whole == [g.tokens for g in prefixtune.generate(model, tokenizer, sources, batch_size=3, return_tokens=True,
+                                                           **decoding)]  # as generate decodes them in one call
+    assert len(set(map(tuple, whole))) > 1
+    calls, interrupt, original = [], [True], prefixtune.generate
+
+    def interrupted(model, tokenizer, batch, **kw):
+        calls.append(len(batch))
+        if calls == [3, 3] and interrupt:  # Ctrl-C during the second batch
+            interrupt.clear()
+            raise KeyboardInterrupt
+        return original(model, tokenizer, batch, **kw)
+
+    monkeypatch.setattr(prefixtune, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)
+    assert len((tmp_path / "parts.jsonl").read_text().splitlines()) == 3  # the first batch's rows
+    with open(tmp_path / "parts.jsonl", "a") as f:
+        f.write('{"i": 5, "tok')  # a line cut short: not taken
+    calls.clear()
+    tokens, seconds, cpu_seconds = runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)
+    assert tokens == whole and calls == [3, 1] and seconds > 0 and cpu_seconds > 0
+    assert len((tmp_path / "parts.jsonl").read_text().splitlines()) == 7
+    calls.clear()  # all there: nothing decoded again
+    assert runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)[0] == whole
+    assert calls == []
 
 
 HOLDER = """
@@ -599,7 +686,6 @@ def test_runs_are_selected_on_dev_bleu_decoded_as_the_test_set(tokenizer, monkey
 
     import prefixtune
     from prefixtune.data import DECODING
-    from prefixtune.experiments import runs as runs_mod
 
     run = Scale().run("e2e", "prefix", lr=1e-3, train_examples=50)
     assert (run.dev_score_decoding, run.dev_score_dtype) == ("test", "bfloat16")

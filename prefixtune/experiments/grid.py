@@ -13,8 +13,8 @@ run, as rates get chosen.
 Each process takes the first run that is neither in the ledger nor held by another process (its
 lock dies with its process), trains and scores it, records it in the ledger (and commits it with
 ``--commit``), rewrites every report from the ledger (committed every 10 runs and at the end), and goes on. Stopping a process (Ctrl-C,
-kill, end of session) loses at most the run in progress, which resumes from its last checkpoint, if
-the training scratch (``runs/``) is still there. A session on a machine that is not kept loses it: with a
+kill, end of session) loses at most the run in progress, which resumes from its last checkpoint (or
+test decoding batch), if the training scratch (``runs/``) is still there. A session on a machine that is not kept loses it: with a
 ``deadline``, a process starts only runs expected to end before it (``fits``), taking a later, shorter run
 when the next one would not, and stops when none fits. A run stopped by Ctrl-C (SIGINT) notes in the
 ledger the CPU hours it had taken (``unfinished.json``), so that it is not expected to fit where it did not.
@@ -133,14 +133,20 @@ def _likeness(run: Run) -> tuple[tuple, ...]:
             (run.task, run.method), (run.task,))
 
 
-def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple[dict[str, float], dict[str, float | None]]:
+def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path, runs_dir: str | Path | None = None
+                   ) -> tuple[dict[str, float], dict[str, float | None]]:
     """(hours of each finished run, expected hours of each other run). A run is expected to take the mean
     training of the finished runs most like it (``_likeness``), plus each of its test decodings as that
     decoding took on the finished runs most like it that did it: a whole-run mean would mix runs with a
-    test decoding and runs without one (the learning-rate grid's) and so under-count the first. Training
-    always counts, since a run left half done on another machine has no weights here and is retrained
-    with all its decodings. None where no like run trained or did one of its decodings. A resumed run from
-    before CPU time was counted (``_timed_by_the_clock``) does not count for training."""
+    test decoding and runs without one (the learning-rate grid's) and so under-count the first. A run
+    stopped unfinished trains for at least what its attempts were seen to need (``unfinished_hours``). A
+    resumed run from before CPU time was counted (``_timed_by_the_clock``) does not count for training.
+    None where no like run trained or did one of its decodings.
+
+    With ``runs_dir`` (this machine's training scratch), a run counts only what is left of it here: its
+    test decodings if its trained weights are here, less what its training checkpoint holds
+    (``ledger.hours_behind``) if one is. Without it, or on another machine, a run left half done is
+    trained again with all its decodings (the ledger keeps no weights)."""
     results = {r.key(): ledger_mod.read(ledger_dir, r.key(), items=False) for r in state["done"]}
     spent = {k: hours(result) for k, result in results.items()}
     by = {}  # (likeness tag, "train" or a test decoding's key) -> hours of the finished runs
@@ -159,11 +165,20 @@ def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path) -> tuple
 
     guess = {}
     for r in state["running"] + state["todo"] + state["waiting"]:
-        parts = [like(r, "train")] + [like(r, ev.key()) for ev in r.evals]
-        guess[r.key()] = None if None in parts else sum(parts)
+        train, decodings = like(r, "train"), {ev.key(): like(r, ev.key()) for ev in r.evals}
         stopped = ledger_mod.unfinished_hours(ledger_dir, r.key())
-        if stopped is not None:  # it takes at least that (a larger guess could keep a run that fits in a
-            guess[r.key()] = max(guess[r.key()] or UNKNOWN_HOURS, stopped)  # whole session from ever starting)
+        if stopped is not None and train is not None:  # at least what it was seen to need; not more (a larger
+            train = max(train, stopped)  # guess could keep a run that fits in a session from ever starting)
+        out = None if runs_dir is None else Path(runs_dir) / r.key()
+        result = ledger_mod.read(ledger_dir, r.key(), items=False) or {}
+        if out is not None and "train" in result and runs_mod.has_weights(out):  # its missing decodings are left
+            train, decodings = 0.0, {k: h for k, h in decodings.items() if k not in result["evals"]}
+        elif out is not None and train is not None and (progress := training_progress(out)) is not None:
+            train = max(0.0, train - ledger_mod.hours_behind(ledger_dir, r.key(), progress[0]))
+        if train is None or None in decodings.values():
+            guess[r.key()] = None if stopped is None else max(UNKNOWN_HOURS, stopped)
+        else:
+            guess[r.key()] = train + sum(decodings.values())
     return spent, guess
 
 
@@ -201,11 +216,13 @@ def parse_deadline(text: str, now: datetime.datetime | None = None) -> float:
     return (at if at > now else at + datetime.timedelta(days=1)).timestamp()
 
 
-def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale | None = None) -> dict:
+def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale | None = None,
+             runs_dir: str | Path | None = None) -> dict:
     """Hours spent on the finished runs, and an estimate for the others from the finished runs most like
-    them, per run under "expected" (``expected_hours``). With ``scale``, also per experiment ("experiments"): a
-    run shared by several counts under the first of them in the grid's order."""
-    spent, guess = expected_hours(state, ledger_dir)
+    them, per run under "expected" (``expected_hours``: what is left of them, with ``runs_dir``). With
+    ``scale``, also per experiment ("experiments"): a run shared by several counts under the first of them
+    in the grid's order."""
+    spent, guess = expected_hours(state, ledger_dir, runs_dir)
 
     def total(keys) -> dict:
         left = [guess[k] for k in keys if k in guess]
@@ -223,8 +240,8 @@ def estimate(state: dict[str, list[Run]], ledger_dir: str | Path, scale: Scale |
     return out
 
 
-# Handing over cores: SIGUSR1 to the process that holds a running run's lock (its pid is in the lock
-# file), one signal per thread given. The receiver adds a thread at once (Python handles a signal in the
+# Handing over cores: SIGUSR1 to the process that holds a running run's lock (``ledger.holder``), one
+# signal per thread given. The receiver adds a thread at once (Python handles a signal in the
 # main thread between two operations, where torch's thread count applies) and to every model it loads
 # after (``runs.extra_threads``). More threads change only the order of float sums, as resuming a run on
 # another machine does. Only a process that catches SIGUSR1 is signalled: the signal's default action
@@ -250,11 +267,8 @@ def hand_over_cores(running: list[Run], runs_dir: str | Path, threads: int) -> l
     returns the pid that got each."""
     pids = []
     for run in running:
-        try:
-            pid = int((Path(runs_dir) / f"{run.key()}.lock").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-        if pid != os.getpid() and pid not in pids and catches_sigusr1(pid):
+        pid = ledger_mod.holder(runs_dir, run.key())
+        if pid is not None and pid != os.getpid() and pid not in pids and catches_sigusr1(pid):
             pids.append(pid)
     given = []
     for i in range(threads if pids else 0):
@@ -292,7 +306,7 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
         run = todo[0]
         if deadline is not None:
             left = (deadline - time.time()) / 3600
-            expected = expected_hours(state, ledger_dir)[1]
+            expected = expected_hours(state, ledger_dir, runs_dir)[1]
             now_threads = (threads or 1) + runs_mod.extra_threads
             ready = fits(todo, expected, left, now_threads)
             if not ready:

@@ -93,22 +93,35 @@ def note_unfinished(ledger: str | Path, key: str, cpu_hours: float, when: str, r
     return write_atomic(path, json.dumps({"attempts": attempts}, indent=1) + "\n")
 
 
-def unfinished_hours(ledger: str | Path, key: str) -> float | None:
-    """The most CPU hours that run ``key`` was seen to need: the longest chain of unfinished attempts,
-    each resumed from the one before (an attempt that started afresh, e.g. on a new machine, starts a
-    chain), scaled from the steps its last attempt had done to the fewest its training can end at (a
-    run stopped while its dev score still rose needs at least ``patience`` more evaluations); None if
-    none was recorded."""
+def unfinished_chains(ledger: str | Path, key: str) -> list[tuple[float, dict]]:
+    """Run ``key``'s unfinished attempts as chains, each an attempt that started afresh (e.g. on a new
+    machine) and those that went on from its checkpoint: (CPU hours of the chain, its last attempt)."""
     path = entry(ledger, key) / UNFINISHED
-    if not path.is_file():
-        return None
-    chains: list[list] = []  # [hours, last attempt]
-    for attempt in json.loads(path.read_text())["attempts"]:
+    chains: list[tuple[float, dict]] = []
+    for attempt in json.loads(path.read_text())["attempts"] if path.is_file() else []:
         if attempt.get("resumed") and chains:
-            chains[-1] = [chains[-1][0] + attempt["cpu_hours"], attempt]
+            chains[-1] = (chains[-1][0] + attempt["cpu_hours"], attempt)
         else:
-            chains.append([attempt["cpu_hours"], attempt])
+            chains.append((attempt["cpu_hours"], attempt))
+    return chains
+
+
+def unfinished_hours(ledger: str | Path, key: str) -> float | None:
+    """The most CPU hours that run ``key``'s training was seen to need: the longest chain of unfinished
+    attempts (``unfinished_chains``), scaled from the steps its last attempt had done to the fewest its
+    training can end at (a run stopped while its dev score still rose needs at least ``patience`` more
+    evaluations); None if none was recorded."""
+    chains = unfinished_chains(ledger, key)
+    if not chains:
+        return None
     return max(hours * max(1.0, last.get("least_steps", 1) / max(1, last.get("steps", 1))) for hours, last in chains)
+
+
+def hours_behind(ledger: str | Path, key: str, step: int) -> float:
+    """The CPU hours of run ``key`` that a training checkpoint at ``step`` holds: those of the (latest)
+    chain of unfinished attempts that stopped there, which a resumed training need not spend again; 0
+    where none did (a checkpoint no noted attempt left, e.g. of a process that was killed)."""
+    return next((hours for hours, last in reversed(unfinished_chains(ledger, key)) if last.get("steps") == step), 0.0)
 
 
 @contextlib.contextmanager
@@ -137,6 +150,15 @@ def is_locked(runs_dir: str | Path, key: str) -> bool:
     """Whether another live process holds run ``key`` now."""
     with lock(runs_dir, key) as got:
         return not got
+
+
+def holder(runs_dir: str | Path, key: str) -> int | None:
+    """The pid that last took run ``key``'s lock (None where unreadable): whether it still holds it is
+    ``is_locked``'s to say."""
+    try:
+        return int((Path(runs_dir) / f"{key}.lock").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def commit(paths: list[Path], message: str, tries: int = 5) -> bool:

@@ -6,7 +6,8 @@ experiments that need the same run share it (e.g. the E2E-500 prefix of the lear
 low-data, the main-table and the prefix-length experiments). Its result goes to the ledger
 (results/ledger/<key>/, see ledger.py) as soon as it is known; its training scratch (checkpoint,
 trained weights) lives in ``runs_dir/<key>/``. A run in the ledger is not redone, an interrupted
-training resumes from its checkpoint, a missing evaluation is added. A failed run is recorded and
+training resumes from its checkpoint, an interrupted test decoding from its last batch
+(:func:`decode_batches`), a missing evaluation is added. A failed run is recorded and
 the others go on.
 
 **Protocol** (issue 11): every run evaluates every ``eval_epochs`` epochs (at least every
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 
 from ..data import Example, group_references
 from ..data import read_task as _read_task
+from ..files import write_atomic
 from . import ledger
 
 # where the extrapolation experiment's XSUM topics come from: see xsum_topic()
@@ -424,7 +426,6 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
     """Decode and score ``evals`` with what run ``out`` trained, on one freshly loaded base model
     (PEFT's own generate, ``decoder="peft"``, gets its own); outputs and per-item statistics go to
     the ledger. Returns {eval key: result}."""
-    from .. import generate
     from ..methods import load_trained, read_run
     from ..template import special_ids
 
@@ -439,14 +440,14 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
             groups = truncate_sources(test_groups(ev, data), tokenizer, ev.max_source_tokens)
             decoding = ev.decoding()
             sources = [g.source for g in groups]
-            start, cpu = time.perf_counter(), time.process_time()
             if decoder == "peft":
+                start, cpu = time.perf_counter(), time.process_time()
                 tokens = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             else:
-                tokens = [g.tokens for g in generate(model, tokenizer, sources, batch_size=DECODE_BATCH, progress=True,
-                                                     return_tokens=True, **kwargs, **decoding)]
+                tokens, seconds, cpu_seconds = decode_batches(model, tokenizer, sources, out / f"decoding-{ev.key()}.jsonl",
+                                                              **kwargs, **decoding)
             outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
-            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             eos = special_ids(tokenizer)[1]
             new_tokens = sum(len(t) - (t[-1:] == [eos]) for t in tokens)  # the outputs' tokens (EOS not counted)
             scores, items = score_outputs(ev, groups, outputs, data)
@@ -459,6 +460,40 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
                 if ev.task == "webnlg" else {}, "items": items}
         del model
     return results
+
+
+def decode_batches(model, tokenizer, sources: list[str], done_file: Path, **generate_kwargs
+                   ) -> tuple[list[list[int]], float, float]:
+    """``generate(..., batch_size=DECODE_BATCH, return_tokens=True)``'s tokens per source, batch by batch,
+    each batch's appended to ``done_file`` as it ends, so that a decoding interrupted (Ctrl-C, the end of
+    a session) goes on where it stopped: the same batches, rows in the same order, so the same outputs.
+    Also returns the wall and CPU seconds of all of it, its earlier attempts' included."""
+    from .. import generate
+    from ..template import prompt_batches
+
+    _, batches = prompt_batches(model, tokenizer, sources, DECODE_BATCH)
+    done: dict[int, dict] = {}
+    if done_file.is_file():  # complete lines only: a batch cut short by the interruption is decoded again
+        for line in done_file.read_text().split("\n")[:-1]:
+            row = json.loads(line)
+            done[row["i"]] = row
+        write_atomic(done_file, "".join(json.dumps(row) + "\n" for row in done.values()))
+    with open(done_file, "a") as f, tqdm(total=len(sources), initial=len(done), desc="generate") as bar:
+        for rows in batches:
+            if all(i in done for i in rows):
+                continue
+            start, cpu = time.perf_counter(), time.process_time()
+            # the batch's rows in their order (by length): generate batches them as one, in that order
+            gens = generate(model, tokenizer, [sources[i] for i in rows], batch_size=len(rows), return_tokens=True,
+                            **generate_kwargs)
+            seconds, cpu_seconds = (time.perf_counter() - start) / len(rows), (time.process_time() - cpu) / len(rows)
+            for i, g in zip(rows, gens):
+                done[i] = {"i": i, "tokens": g.tokens, "seconds": seconds, "cpu_seconds": cpu_seconds}
+                f.write(json.dumps(done[i]) + "\n")
+            f.flush()
+            bar.update(len(rows))
+    rows = [done[i] for i in range(len(sources))]
+    return [r["tokens"] for r in rows], sum(r["seconds"] for r in rows), sum(r["cpu_seconds"] for r in rows)
 
 
 @torch.no_grad()
@@ -486,7 +521,7 @@ def peft_generate(model, tokenizer, run_dir: Path, prefix_config, sources: list[
 # --- many runs, through the ledger ----------------------------------------------------------------
 
 
-def _trained(out: Path) -> bool:
+def has_weights(out: Path) -> bool:
     """Whether ``out`` holds a finished training's weights (absent on a fresh clone: the ledger has
     no weights)."""
     from ..methods import METHODS, read_run
@@ -510,7 +545,7 @@ def run_one(run: Run, runs_dir: Path, ledger_dir: Path, data, threads: int | Non
         if complete(run, result):  # done by another process meanwhile
             return result
         missing = [ev for ev in run.evals if ev.key() not in result["evals"]]
-        if "train" in result and missing and not _trained(out):
+        if "train" in result and missing and not has_weights(out):
             # a new evaluation for a run trained elsewhere: retrain it (the ledger keeps no weights)
             tqdm.write(f"{run.label()} ({key}): retraining for a new evaluation (no trained weights in {out})")
             shutil.rmtree(out, ignore_errors=True)
@@ -522,7 +557,9 @@ def run_one(run: Run, runs_dir: Path, ledger_dir: Path, data, threads: int | Non
         if missing:
             result["evals"].update(evaluate(run, missing, out, ledger_dir / key, data, threads))
             ledger.write(ledger_dir, key, result)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # only for resuming an unfinished training
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)  # only for resuming an unfinished training...
+        for path in out.glob("decoding-*.jsonl"):  # ...or decoding (decode_batches)
+            path.unlink()
         (ledger_dir / key / ledger.UNFINISHED).unlink(missing_ok=True)  # (for estimating a run not done yet)
         if commit:
             ledger.commit([ledger_dir / key], f"ledger: {run.label()} ({key})")
