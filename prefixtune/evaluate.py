@@ -50,8 +50,7 @@ def evaluate(task: str, predictions: str | Path, split: str = "test", references
         columns = {"S": [i for i, g in enumerate(groups) if g.category in seen],
                    "U": [i for i, g in enumerate(groups) if g.category not in seen],
                    "A": list(range(len(groups)))}
-        return {c: webnlg.score([preds[i] for i in idx], [refs[i] for i in idx], max_refs=3, ter=ter)
-                for c, idx in columns.items() if idx}
+        return webnlg.score_columns(preds, refs, columns, max_refs=3, ter=ter)
     if task == "dart":
         return {"A": webnlg.score(preds, refs, max_refs=3, dataset="dart", ter=ter)}  # the official script reads 3 ref files
     if task in ("xsum", "dialogsum"):

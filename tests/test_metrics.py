@@ -477,6 +477,20 @@ def test_ter_by_hand():
     assert webnlg.corpus_ter(["c d a b"], [["a b c d"]]) == pytest.approx(1 / 4)  # one shift of a 2-word block
 
 
+def test_webnlg_columns_score_as_each_column_alone():
+    """S / U / A from one pass of TER's edit search: the same numbers as scoring each column on its own."""
+    predictions = [hyp for hyp, _, _ in TERCOM_SAMPLE]
+    references = [[ref] + ([TERCOM_SAMPLE[i - 1][1]] if i % 3 else []) for i, (_, ref, _) in enumerate(TERCOM_SAMPLE)]
+    columns = {"S": list(range(0, 15, 2)), "U": list(range(1, 15, 2)), "A": list(range(15)), "none": []}
+    together = webnlg.score_columns(predictions, references, columns, meteor=False)
+    assert set(together) == {"S", "U", "A"}
+    for name in ("S", "U", "A"):
+        idx = columns[name]
+        alone = webnlg.score([predictions[i] for i in idx], [references[i] for i in idx], meteor=False)
+        assert together[name] == alone, name
+    assert together["S"]["TER"] != together["U"]["TER"]
+
+
 def test_webnlg_rejects_bad_arguments():
     with pytest.raises(ValueError, match="dataset"):
         webnlg.score(["a"], [["a"]], dataset="webnlg2020")

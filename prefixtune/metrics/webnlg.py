@@ -111,6 +111,32 @@ def score(
     return scores
 
 
+def score_columns(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    columns: dict[str, Sequence[int]],
+    max_refs: int | None = 3,
+    dataset: str = "webnlg2017",
+    meteor: bool = True,
+    ter: bool = True,
+) -> dict[str, dict[str, float]]:
+    """:func:`score` of each column, a part of the entries given by their indices (WebNLG's seen / unseen /
+    all categories), empty columns left out. The same numbers as calling :func:`score` per column, but TER's
+    edit search, the slow part (minutes for the 1,862 WebNLG test entries), runs once per entry instead of
+    once per column the entry is in."""
+    if ter:
+        hyps, ref_files = _official_layout(predictions, references, max_refs, dataset)
+        stats = ter_segment_stats(hyps, [[f[i] for f in ref_files if f[i]] for i in range(len(hyps))])
+    out = {}
+    for name, idx in columns.items():
+        if len(idx):
+            out[name] = score([predictions[i] for i in idx], [references[i] for i in idx], max_refs, dataset, meteor,
+                              ter=False)
+            if ter:
+                out[name]["TER"] = ter_from_stats([stats[i] for i in idx])
+    return out
+
+
 def _official_layout(predictions, references, max_refs, dataset) -> tuple[list[str], list[list[str]]]:
     """Normalised outputs, and one reference "file" per reference position with '' where an entry has
     fewer references (the official layout)."""
@@ -167,9 +193,20 @@ def corpus_ter(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -
     split on whitespace only (tercom without ``-N``). Empty references are left out, as the official ``.ter``
     reference files have none.
     """
+    return ter_from_stats(ter_segment_stats(hypotheses, references))
+
+
+def ter_segment_stats(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Per segment, what :func:`corpus_ter` sums: its fewest edits and its mean reference length. A segment's
+    depend on it alone, so the statistics of a corpus give the TER of any part of it (:func:`ter_from_stats`)."""
     n_files = max(len(rs) for rs in references)
     ref_files = [[rs[j] if j < len(rs) and rs[j] else None for rs in references] for j in range(n_files)]
-    return TER(case_sensitive=False).corpus_score(list(hypotheses), ref_files).score / 100
+    return TER(case_sensitive=False)._extract_corpus_statistics(list(hypotheses), ref_files)
+
+
+def ter_from_stats(stats: Sequence[Sequence[float]]) -> float:
+    """:func:`corpus_ter` of the segments whose :func:`ter_segment_stats` are ``stats``."""
+    return TER(case_sensitive=False)._aggregate_and_compute(list(stats)).score / 100
 
 
 def _drop_empty(ref_files: list[list[str]]) -> list[list[str | None]]:
