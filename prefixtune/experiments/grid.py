@@ -170,9 +170,9 @@ def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path, runs_dir
         if stopped is not None and train is not None:  # at least what it was seen to need; not more (a larger
             train = max(train, stopped)  # guess could keep a run that fits in a session from ever starting)
         out = None if runs_dir is None else Path(runs_dir) / r.key()
-        result = ledger_mod.read(ledger_dir, r.key(), items=False) or {}
-        if out is not None and "train" in result and runs_mod.has_weights(out):  # its missing decodings are left
-            train, decodings = 0.0, {k: h for k, h in decodings.items() if k not in result["evals"]}
+        trained = out is not None and runs_mod.has_weights(out) and ledger_mod.read(ledger_dir, r.key(), items=False)
+        if trained and "train" in trained:  # trained here: its missing decodings are left
+            train, decodings = 0.0, {k: h for k, h in decodings.items() if k not in trained["evals"]}
         elif out is not None and train is not None and (progress := training_progress(out)) is not None:
             train = max(0.0, train - ledger_mod.hours_behind(ledger_dir, r.key(), progress[0]))
         if train is None or None in decodings.values():
