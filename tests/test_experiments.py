@@ -666,6 +666,7 @@ def test_every_report_on_a_full_synthetic_ledger(tmp_path):
         md = (tmp_path / f"{name}.md").read_text()
         assert "Missing runs" not in md, name
         assert "runs missing" not in md and ("Verdict:" in md or name == "lr-grid"), name
+    assert "| news (12 test articles) | sport (12 test articles) |" in (tmp_path / "extrapolation.md").read_text()
     table = readme.read_text()
     assert table.count("| [") >= 30 and "runs missing" not in table
     state = grid.status(base, tmp_path / "runs", tmp_path / "ledger")

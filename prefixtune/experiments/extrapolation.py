@@ -4,8 +4,9 @@ scored on news and on sport articles (the paper's news -> sports split; topics d
 
 from __future__ import annotations
 
+from ..data.summarization import XSUM_SIZES
 from . import Scale
-from .report import bar_plot, compare, finding, fmt, mean, metric, spread, table
+from .report import bar_plot, compare, finding, fmt, mean, metric, scored_items, spread, table
 from .runs import SPORT_WORDS
 
 TITLE = "Extrapolation: unseen WebNLG categories and an unseen XSUM topic"
@@ -14,8 +15,8 @@ SCALE_TEXT = ("WebNLG: a random subset of {s.webnlg_train_examples} of the train
               "adapters of 3%; {webnlg}, {beams}, the official "
               "metrics. XSUM: prefix (length 10) and fine-tuning trained on the news articles of our XSUM training split "
               "(sources cut to {s.max_source_tokens} tokens), {s.seeds} seeds, selected on dev loss; scored on up to "
-              "{s.summary_test_examples} news and {s.summary_test_examples} sport test articles with the paper's "
-              "summarization decoding.")
+              "{s.summary_test_examples} news and {s.summary_test_examples} sport articles of our "
+              f"{XSUM_SIZES['test']}-article XSUM test split (the table gives how many it has) with the paper's summarization decoding.")
 METHODS = ("prefix", "finetune", "adapter-3")
 XSUM_METHODS = ("prefix", "finetune")
 WEBNLG_PAPER = {"prefix": (62.9, 45.6, 55.1), "finetune": (64.2, 27.7, 46.5), "adapter-3": (60.4, 48.3, 54.9)}  # Table 1 BLEU S/U/A
@@ -78,7 +79,8 @@ def report(results, scale: Scale, ctx) -> str:
         table(["method", "BLEU S", "BLEU U", "BLEU A", "METEOR U", "TER U", "paper BLEU S / U / A"], rows), "",
         f"Seen → unseen BLEU change (mean over seeds): {', '.join(drops)} (paper: prefix −17.3, fine-tuning −36.5, adapters −12.1).", "",
         "## XSUM, trained on news: ROUGE-L on news (seen topic) and sport (unseen topic)", "",
-        table(["method", "news", "sport"], xrows), "",
+        table(["method"] + [f"{t} ({n} test articles)" if (n := scored_items(results, [r for m in xs.values() for r in m], e))
+                            else t for t, e in xe.items()], xrows), "",
         "Topics: XSUM's rows here have no URL or section field, so an article is *sport* when its text uses at least "
         f"4 distinct words of this list, else *news*: {', '.join(SPORT_WORDS)} "
         "(`prefixtune.experiments.runs.xsum_topic`); the paper splits by URL on the full dataset.", "",

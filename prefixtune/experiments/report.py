@@ -31,6 +31,12 @@ def metric(results: list[dict], run: Run, ev: Eval, name: str, column: str = "A"
     return value * 100 if value is not None and name in PERCENT.get(ev.task, ()) else value
 
 
+def scored_items(results: list[dict], runs: list[Run], ev: Eval) -> str:
+    """How many test items the finished runs of ``runs`` were scored on, e.g. "77" ("" if none is)."""
+    found = sorted({r["evals"][ev.key()]["n"] for run in runs if (r := find(results, run)) and ev.key() in r["evals"]})
+    return "/".join(map(str, found))
+
+
 def item_stats(results: list[dict], run: Run, ev: Eval, name: str, subset: str | None = None) -> list | None:
     """Per-item statistics of ``name`` (see runs.score_outputs) of one evaluation; ``subset``: WebNLG "S"/"U"."""
     r = find(results, run)
