@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     groups = group_references(read_task("webnlg", "test", args.data))
     assert len(groups) == len(outputs), f"{len(outputs)} outputs for {len(groups)} test entries"
     refs, seen = [g.references for g in groups], seen_categories(args.data)
-    columns = {"A": list(range(len(groups))), "S": [i for i, g in enumerate(groups) if g.category in seen],
-               "U": [i for i, g in enumerate(groups) if g.category not in seen]}
+    columns = webnlg.columns([g.category for g in groups], seen)
     scores = {}
 
     def per_column():

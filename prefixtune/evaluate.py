@@ -46,10 +46,7 @@ def evaluate(task: str, predictions: str | Path, split: str = "test", references
     preds = read_lines(predictions, len(groups))
     refs = [g.references for g in groups]
     if task == "webnlg":
-        seen = _seen(data)
-        columns = {"S": [i for i, g in enumerate(groups) if g.category in seen],
-                   "U": [i for i, g in enumerate(groups) if g.category not in seen],
-                   "A": list(range(len(groups)))}
+        columns = webnlg.columns([g.category for g in groups], _seen(data))
         return webnlg.score_columns(preds, refs, columns, max_refs=3, ter=ter)
     if task == "dart":
         return {"A": webnlg.score(preds, refs, max_refs=3, dataset="dart", ter=ter)}  # the official script reads 3 ref files

@@ -266,8 +266,7 @@ def score_outputs(ev: Eval, groups: list[Example], outputs: list[str], data) -> 
         if ev.task == "webnlg":
             seen = seen_categories(data)
             items["category"] = ["S" if g.category in seen else "U" for g in groups]
-            cols["S"] = [i for i, c in enumerate(items["category"]) if c == "S"]
-            cols["U"] = [i for i, c in enumerate(items["category"]) if c == "U"]
+            cols = webnlg.columns([g.category for g in groups], seen)
         return webnlg.score_columns(outputs, refs, cols, max_refs=3, dataset=dataset), items
     per = rouge.item_scores(outputs, refs)
     return {"A": rouge.score(outputs, refs)}, {k: [[row[k], 1] for row in per] for k in ("ROUGE-1", "ROUGE-2", "ROUGE-L")}

@@ -32,7 +32,7 @@ so they are not computed.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sacrebleu.metrics import BLEU, CHRF, TER
 from unidecode import unidecode
@@ -109,6 +109,12 @@ def score(
         scores["TER"] = corpus_ter(hyps, [[f[i] for f in ref_files if f[i]] for i in range(len(hyps))])
     scores["chrF++"] = CHRF(word_order=2).corpus_score(hyps, _drop_empty(ref_files)).score
     return scores
+
+
+def columns(categories: Sequence[str | None], seen: Collection[str]) -> dict[str, list[int]]:
+    """The paper's WebNLG columns, as indices of entries: seen categories (S), unseen (U), all (A)."""
+    return {"S": [i for i, c in enumerate(categories) if c in seen],
+            "U": [i for i, c in enumerate(categories) if c not in seen], "A": list(range(len(categories)))}
 
 
 def score_columns(
