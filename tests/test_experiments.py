@@ -555,6 +555,50 @@ def test_a_verdict_on_fewer_run_pairs_than_planned_is_provisional():
     assert stats.HOLDS in finding(ctx, "claim", "paper", tiny, +1, "BLEU", digits=8)
 
 
+def test_runs_the_step_cap_ended_are_listed_and_flag_the_findings_resting_on_them(tmp_path):
+    """A run still improving at its cap (best evaluation = last) marks the finding that uses it, in the
+    report and the README table; a run the cap ended after its best is listed but marks nothing; a run
+    its stopping rule ended is neither."""
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from prefixtune.experiments.report import at_cap, cap_section, compare, finding
+
+    rng, ev = np.random.default_rng(0), Eval("e2e", n=12)
+    a = [Run("e2e", "prefix", lr=1e-4, train_examples=50, seed=s, evals=(ev,)) for s in (0, 1)]
+    b = [Run("e2e", "finetune", lr=1e-5, train_examples=50, seed=s, evals=(ev,)) for s in (0, 1)]
+    results = [fake_result(r, rng) for r in a + b]
+    for r in results:
+        r["train"]["max_steps"] = 75
+    scores = {"improving": [41.0, 40.0, 42.5], "after best": [41.0, 43.0, 42.0]}
+    for r, kind in zip(results[:2], scores):  # a[0] ends at the cap still improving, a[1] after its best
+        for h, x in zip(r["train"]["dev_curve"][1:], scores[kind]):
+            h["dev_score"] = x
+        r["train"].update(stopped_early=False, selected_by="dev_score", best_step=75 if kind == "improving" else 50)
+    improving, after = at_cap(results[0]["train"]), at_cap(results[1]["train"])
+    assert improving["still_improving"] and improving["last_gain"] == pytest.approx(1.5) and improving["cap"] == 75
+    assert not after["still_improving"] and after["after_best"] == 1 and after["last_gain"] is None
+    assert at_cap(results[2]["train"]) is None
+    # dev loss: lower is better
+    loss = {"stopped_early": False, "selected_by": "dev_loss", "best_step": 20, "steps": 20, "max_steps": 20,
+            "dev_curve": [{"step": 0, "dev_loss": 5.0}, {"step": 10, "dev_loss": 2.61}, {"step": 20, "dev_loss": 2.6}]}
+    assert at_cap(loss)["still_improving"] and at_cap(loss)["last_gain"] == pytest.approx(0.01)
+
+    c = compare(results, a, b, ev, "BLEU")
+    assert c.unconverged == (a[0].label(),)
+    ctx = SimpleNamespace(name="low-data", findings=[])
+    text = finding(ctx, "claim", "paper", c, +1, "BLEU")
+    assert f"Not converged: `{a[0].label()}` was still improving" in text and a[1].label() not in text
+    assert not compare(results, a[1:], b[1:], ev, "BLEU").unconverged
+    section = cap_section(results, a + b)
+    assert section.count("| `e2e/50/") == 2 and "dev BLEU +1.5000 at its last evaluation" in section
+    assert cap_section(results, b) == ""
+    (tmp_path / "low-data.json").write_text(json.dumps({"findings": ctx.findings}))
+    assert "(1 run still improving at the step cap)" in grid.verdict_table(tmp_path)
+
+
 def test_a_resumed_runs_time_counts_all_its_sessions():
     """A run's wall_seconds cover its last session only; its evaluation intervals cover all of them
     (numbers of a real resumed run: 182 s in its last session, 2523 s of steps and 1401 s of dev BLEU)."""

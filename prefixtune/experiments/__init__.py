@@ -22,6 +22,7 @@ from typing import Literal
 
 from ..methods import METHODS
 from ..options import check_choices, option
+from .report import cap_section
 from .runs import Eval, Run, run_all
 
 NAMES = ("lr-grid", "low-data", "initialisation", "table-to-text", "extrapolation", "prefix-length", "summarization")
@@ -237,7 +238,8 @@ def write_report(name: str, scale: Scale, results_dir: str | Path = "results", c
                    "grid)</summary>", ""]
         header += [f"- `{Run(**r['run']).label()}` (`{k}`): {r['error']}" for k, r in missing.items()]
         header += ["", "</details>", ""]
-    md = "\n".join(header) + "\n" + body + "\n"
+    capped = cap_section(results, runs)
+    md = "\n".join(header) + "\n" + body + "\n" + (f"\n{capped}" if capped else "")
     path = Path(results_dir) / f"{name}.md"
     write_atomic(path, md)
     write_atomic(Path(results_dir) / f"{name}.json", json.dumps(
@@ -250,7 +252,7 @@ def write_report(name: str, scale: Scale, results_dir: str | Path = "results", c
 PROTOCOL = ("Every run is trained to its best dev score: it evaluates every half epoch (at most every "
             "{{s.min_eval_steps}} steps), stops after {{s.patience}} evaluations without improvement or at the cap "
             "(the larger of {{s.max_epochs:g}} epochs and {{s.min_steps}} steps; linear learning-rate decay to 0 over "
-            "the cap), and keeps its best evaluation. Table-to-text runs are selected on dev BLEU ({{dev_decoding}}, "
+            "the cap), and keeps its best evaluation; runs the cap ended are listed at the end of the report. Table-to-text runs are selected on dev BLEU ({{dev_decoding}}, "
             "{{s.dev_score_examples}} dev inputs, a fixed random sample), summarization runs on dev loss. Each method uses its own learning "
             "rate, chosen on dev BLEU by the learning-rate grid (`results/lr-grid.md`). Arithmetic: {arithmetic}. "
             "Comparisons are paired (same training subsample and seed for both methods, same test items); intervals "

@@ -396,7 +396,10 @@ def verdict_table(results_dir: str | Path) -> str:
         path = Path(results_dir) / f"{name}.json"
         if path.is_file():
             for f in json.loads(path.read_text()).get("findings", []):
-                rows.append([f"[{name}](results/{name}.md)", f["finding"], f["paper"], f"{f['measure']}: {f['ours']}", f"**{f['verdict']}**"])
+                n = len(f.get("unconverged", []))
+                still = f" ({n} run{'s' if n > 1 else ''} still improving at the step cap)" if n else ""
+                rows.append([f"[{name}](results/{name}.md)", f["finding"], f["paper"], f"{f['measure']}: {f['ours']}",
+                             f"**{f['verdict']}**{still}"])
     return table(["report", "finding", "paper", "ours (mean difference [95% CI])", "verdict"], rows) if rows else "(no findings yet)"
 
 

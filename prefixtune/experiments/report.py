@@ -67,12 +67,59 @@ def compare(results: list[dict], a: list[Run], b: list[Run], ev: Eval, name: str
     """Paired comparison of runs ``a[i]`` vs ``b[i]`` (same subsample and seed) on metric ``name`` of
     evaluation ``ev`` (``ev_b`` for b if another); pairs where either run is missing are left out.
     None without any complete pair."""
-    pairs = [(x, y) for x, y in ((item_stats(results, ra, ev, name, subset), item_stats(results, rb, ev_b or ev, name, subset))
-                                 for ra, rb in zip(a, b)) if x is not None and y is not None]
+    pairs = [(x, y, (ra, rb)) for x, y, ra, rb in ((item_stats(results, ra, ev, name, subset),
+                                                     item_stats(results, rb, ev_b or ev, name, subset), ra, rb)
+                                                    for ra, rb in zip(a, b)) if x is not None and y is not None]
     if not pairs:
         return None
-    c = stats.paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs], metric_fn(ev.task, name))
-    return replace(c, planned=len(a))
+    c = stats.paired_bootstrap([x for x, _, _ in pairs], [y for _, y, _ in pairs], metric_fn(ev.task, name))
+    unconverged = [run.label() for _, _, both in pairs for run in both if (cap := at_cap(find(results, run)["train"]))
+                   and cap["still_improving"]]
+    return replace(c, planned=len(a), unconverged=tuple(dict.fromkeys(unconverged)))
+
+
+def at_cap(train: dict) -> dict | None:
+    """How a run stood when its step cap, not its stopping rule, ended it (None when the stopping rule
+    did): ``best_step``, ``cap``, ``after_best`` (evaluations after its best) and ``still_improving``
+    (its best evaluation is its last one: it had not converged within the cap), with ``last_gain``, how
+    much that last evaluation bettered the best before it (dev BLEU points or dev-loss nats; None if
+    it is the first). The learning rate decays to 0 over the cap, so the last evaluations' gains are small
+    by design; a run still improving there is flagged, not discarded."""
+    if train.get("stopped_early", True):
+        return None
+    key = train.get("selected_by") or "dev_loss"
+    curve = [h for h in train["dev_curve"] if h["step"] > 0 and h.get(key) is not None]
+    best = train["best_step"]
+    after = sum(h["step"] > best for h in curve)
+    earlier = [h[key] for h in curve if h["step"] < best]
+    gain = None
+    if not after and earlier:
+        last = curve[-1][key]
+        gain = last - max(earlier) if key == "dev_score" else min(earlier) - last
+    return {"best_step": best, "cap": train.get("max_steps", train["steps"]), "after_best": after,
+            "still_improving": not after, "last_gain": gain, "selected_by": key}
+
+
+def cap_section(results: list[dict], runs: list[Run]) -> str:
+    """The report's list of its finished runs that the step cap ended ("" when there is none)."""
+    rows = []
+    for run in runs:
+        r = find(results, run)
+        cap = r and at_cap(r["train"])
+        if cap:
+            unit = "dev BLEU" if cap["selected_by"] == "dev_score" else "dev loss"
+            still = (f"**yes**: {unit} {'+' if unit == 'dev BLEU' else '−'}{cap['last_gain']:.4f} at its last evaluation"
+                     if cap["still_improving"] and cap["last_gain"] is not None else "**yes**" if cap["still_improving"] else "no")
+            rows.append([f"`{run.label()}`", f"`{run.key()}`", cap["best_step"], cap["cap"], cap["after_best"], still])
+    if not rows:
+        return ""
+    return "\n".join([
+        "## Runs ended by the step cap", "",
+        f"{len(rows)} finished run{'s' if len(rows) > 1 else ''} of this report did not meet the stopping rule "
+        "(patience) before the step cap. A run whose best evaluation is its last one was still improving: it had not "
+        "converged within the cap, and a finding resting on it says so. The others had stopped improving, but fewer "
+        "evaluations than the patience had passed.", "",
+        table(["run", "key", "best step", "cap", "evaluations after the best", "still improving"], rows), ""])
 
 
 def verdict_label(c: stats.Comparison | None, expected: int, digits: int = 2) -> str:
@@ -94,9 +141,13 @@ def finding(ctx, claim: str, paper: str, comparison: stats.Comparison | None, ex
     verdict, ours = verdict_label(comparison, expected, digits), "—"
     if comparison is not None:
         ours = comparison.text(digits) + f" ({comparison.pairs} run pair{'s' if comparison.pairs > 1 else ''}, {comparison.items} test items)"
+    unconverged = list(comparison.unconverged) if comparison else []
     ctx.findings.append({"experiment": ctx.name, "finding": claim, "paper": paper, "measure": what, "ours": ours,
-                         "verdict": verdict})
+                         "verdict": verdict, "unconverged": unconverged})
     single = " One run pair: the interval covers test-item variation only." if comparison and comparison.pairs == 1 else ""
+    if unconverged:
+        single += (f" Not converged: {', '.join(f'`{u}`' for u in unconverged)} {'was' if len(unconverged) == 1 else 'were'} "
+                   "still improving at the step cap (see \"Runs ended by the step cap\").")
     return f"- **{claim}** — paper: {paper}. Ours ({what}): {ours}. **Verdict: {verdict}.**{single}" + (f" {note}" if note else "")
 
 

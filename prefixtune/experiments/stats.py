@@ -48,6 +48,7 @@ class Comparison:
     a: float  # mean metric of each system
     b: float
     planned: int = 0  # run pairs the experiment plans (0: not stated); see report.verdict_label
+    unconverged: tuple[str, ...] = ()  # runs of the pairs still improving at their step cap (report.at_cap)
 
     def verdict(self, expected: int, digits: int | None = None) -> str:
         """``expected``: +1 if the paper finds a > b, -1 if a < b. ``digits``: the decimals the
