@@ -67,14 +67,16 @@ def compare(results: list[dict], a: list[Run], b: list[Run], ev: Eval, name: str
     """Paired comparison of runs ``a[i]`` vs ``b[i]`` (same subsample and seed) on metric ``name`` of
     evaluation ``ev`` (``ev_b`` for b if another); pairs where either run is missing are left out.
     None without any complete pair."""
-    pairs = [(x, y, (ra, rb)) for x, y, ra, rb in ((item_stats(results, ra, ev, name, subset),
-                                                     item_stats(results, rb, ev_b or ev, name, subset), ra, rb)
-                                                    for ra, rb in zip(a, b)) if x is not None and y is not None]
+    pairs, used = [], []
+    for ra, rb in zip(a, b):
+        x, y = item_stats(results, ra, ev, name, subset), item_stats(results, rb, ev_b or ev, name, subset)
+        if x is not None and y is not None:
+            pairs.append((x, y))
+            used += [ra, rb]
     if not pairs:
         return None
-    c = stats.paired_bootstrap([x for x, _, _ in pairs], [y for _, y, _ in pairs], metric_fn(ev.task, name))
-    unconverged = [run.label() for _, _, both in pairs for run in both if (cap := at_cap(find(results, run)["train"]))
-                   and cap["still_improving"]]
+    c = stats.paired_bootstrap([x for x, _ in pairs], [y for _, y in pairs], metric_fn(ev.task, name))
+    unconverged = [run.label() for run in used if (cap := at_cap(find(results, run)["train"])) and cap["still_improving"]]
     return replace(c, planned=len(a), unconverged=tuple(dict.fromkeys(unconverged)))
 
 
@@ -103,14 +105,16 @@ def at_cap(train: dict) -> dict | None:
 def cap_section(results: list[dict], runs: list[Run]) -> str:
     """The report's list of its finished runs that the step cap ended ("" when there is none)."""
     rows = []
-    for run in runs:
+    for run in {r.key(): r for r in runs}.values():
         r = find(results, run)
         cap = r and at_cap(r["train"])
-        if cap:
-            unit = "dev BLEU" if cap["selected_by"] == "dev_score" else "dev loss"
-            still = (f"**yes**: {unit} {'+' if unit == 'dev BLEU' else '−'}{cap['last_gain']:.4f} at its last evaluation"
-                     if cap["still_improving"] and cap["last_gain"] is not None else "**yes**" if cap["still_improving"] else "no")
-            rows.append([f"`{run.label()}`", f"`{run.key()}`", cap["best_step"], cap["cap"], cap["after_best"], still])
+        if not cap:
+            continue
+        still = "**yes**" if cap["still_improving"] else "no"
+        if cap["last_gain"] is not None:  # (a gain in dev BLEU, a fall in dev loss)
+            still += (f": dev BLEU +{cap['last_gain']:.4f}" if cap["selected_by"] == "dev_score"
+                      else f": dev loss −{cap['last_gain']:.4f}") + " at its last evaluation"
+        rows.append([f"`{run.label()}`", f"`{run.key()}`", cap["best_step"], cap["cap"], cap["after_best"], still])
     if not rows:
         return ""
     return "\n".join([
