@@ -239,7 +239,7 @@ def write_report(name: str, scale: Scale, results_dir: str | Path = "results", c
         header += [f"- `{Run(**r['run']).label()}` (`{k}`): {r['error']}" for k, r in missing.items()]
         header += ["", "</details>", ""]
     capped = cap_section(results, runs)
-    md = "\n".join(header) + "\n" + body + "\n" + (f"\n{capped}" if capped else "")
+    md = "\n".join(header) + "\n" + body.rstrip("\n") + "\n" + (f"\n{capped}" if capped else "")
     path = Path(results_dir) / f"{name}.md"
     write_atomic(path, md)
     write_atomic(Path(results_dir) / f"{name}.json", json.dumps(

@@ -32,7 +32,7 @@ def plan(scale: Scale):
 def _speed(results, run, ev):
     """Output tokens per CPU second of the run's test decode (per wall second where CPU time was not
     counted): wall time swings with the decode's threads (1 or 2) and whatever else ran; CPU time much
-    less (measured on this ledger: 23-80 tokens per wall second, 35-40 per CPU second for E2E)."""
+    less (measured on this ledger: 23-80 tokens per wall second, 33-40 per CPU second for E2E)."""
     r = find(results, run)
     if r is None or ev.key() not in r["evals"]:
         return None

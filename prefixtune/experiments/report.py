@@ -87,7 +87,7 @@ def at_cap(train: dict) -> dict | None:
     much that last evaluation bettered the best before it (dev BLEU points or dev-loss nats; None if
     it is the first). The learning rate decays to 0 over the cap, so the last evaluations' gains are small
     by design; a run still improving there is flagged, not discarded."""
-    if train.get("stopped_early", True):
+    if train.get("stopped_early", True) or train.get("best_step") is None:  # (None: it never evaluated)
         return None
     key = train.get("selected_by") or "dev_loss"
     curve = [h for h in train["dev_curve"] if h["step"] > 0 and h.get(key) is not None]
