@@ -9,12 +9,15 @@ cases below are exactly those wrappers, on a fixed batch of real E2E training pa
 * ``prefix/autocast``, ``finetune/autocast``, ``adapter/autocast``: float32 weights (the master copy
   that AdamW updates) and ``torch.autocast("cpu", torch.bfloat16)`` around the forward: matmuls in
   bfloat16, reductions and the loss in float32: the standard mixed-precision recipe
-  (``TrainConfig.autocast``), with the frozen weights' bfloat16 copies kept across steps
-  (``prefixtune.train.FrozenCasts``, what the Trainer does).
-* ``prefix/autocast-recast``: the same, with autocast casting the frozen weights at every forward
-  (as before FrozenCasts).
+  (``TrainConfig.autocast``), run as the Trainer runs it (``prefixtune.train.frozen_casts``): the
+  frozen weights' bfloat16 copies kept across steps (``FrozenCasts``), or, on a CPU without bfloat16
+  kernels, the products in float32 on bfloat16-rounded operands (``prefixtune/cpu_bf16.py``).
+* ``prefix/autocast-recast``: the same with autocast's own kernels and casts, the frozen weights cast
+  at every forward (as before FrozenCasts).
 * ``decode/float32``, ``decode/bf16``: beam-5 decoding (the paper's table-to-text decoding, at most
-  80 new tokens) of the same E2E test tables with a trained-shape prefix, base in float32 / bfloat16.
+  80 new tokens) of the same E2E test tables with a trained-shape prefix, base in float32 / bfloat16
+  (run as ``generate`` runs it: see above). ``decode/bf16-native``: bfloat16 with torch's own kernels
+  (the same as ``decode/bf16`` on a CPU with bfloat16 kernels).
 
 Timing follows benchmarks/_common.py: warm-up, interleaved rounds, medians, ratios from one process.
 
@@ -33,7 +36,7 @@ import _common as C  # noqa: E402
 
 TRAIN_CASES = ("prefix/float32", "prefix/bf16", "prefix/autocast", "prefix/autocast-recast", "finetune/float32",
                "finetune/autocast", "adapter/float32", "adapter/autocast")
-DECODE_CASES = ("decode/float32", "decode/bf16")
+DECODE_CASES = ("decode/float32", "decode/bf16", "decode/bf16-native")
 
 
 def parse_args(argv=None):
@@ -57,10 +60,11 @@ def build_cases(args):
     import torch
 
     import prefixtune as pt
+    from prefixtune import cpu_bf16
     from prefixtune.data import DECODING, group_references, read_task
     from prefixtune.methods import MethodConfig, build
     from prefixtune.template import collate_train, encode, special_ids
-    from prefixtune.train import FrozenCasts, autocast_context
+    from prefixtune.train import autocast_context, frozen_casts
 
     models = {}
 
@@ -74,15 +78,19 @@ def build_cases(args):
     cases, info = {}, {}
     for name in args.cases:
         method, mode = name.split("/")
-        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
         if method == "decode":
             m, tok = model(dtype)
             torch.manual_seed(args.seed)
             prefix = pt.PrefixTuner(m, pt.PrefixConfig(length=10)).export()
             decoding = dict(DECODING["e2e"])
 
-            def step(m=m, tok=tok, prefix=prefix, decoding=decoding):
-                return pt.generate(m, tok, tables, prefixes=prefix, batch_size=16, **decoding)
+            def step(m=m, tok=tok, prefix=prefix, decoding=decoding, native=mode == "bf16-native"):
+                was, cpu_bf16.FLOAT32_PRODUCTS = cpu_bf16.FLOAT32_PRODUCTS, cpu_bf16.FLOAT32_PRODUCTS and not native
+                try:
+                    return pt.generate(m, tok, tables, prefixes=prefix, batch_size=16, **decoding)
+                finally:
+                    cpu_bf16.FLOAT32_PRODUCTS = was
 
             cases[name], info[name] = step, {"tables": len(tables), **decoding}
             continue
@@ -96,7 +104,7 @@ def build_cases(args):
         opt = torch.optim.AdamW([p for p in tuner.parameters() if p.requires_grad], lr=1e-5)
 
         def step(tuner=tuner, opt=opt, batch=batch, auto=mode.startswith("autocast"),
-                 casts=FrozenCasts() if mode == "autocast" else None):
+                 casts=frozen_casts("cpu") if mode == "autocast" else None):
             opt.zero_grad(set_to_none=True)
             with autocast_context(auto, "cpu", casts):
                 loss = tuner(**batch, return_logits=False).loss
@@ -122,7 +130,7 @@ def main(argv=None) -> int:
     for a, b in (("prefix/bf16", "prefix/float32"), ("prefix/autocast", "prefix/float32"),
                  ("prefix/autocast", "prefix/autocast-recast"),
                  ("finetune/autocast", "finetune/float32"), ("adapter/autocast", "adapter/float32"),
-                 ("decode/bf16", "decode/float32"), ("finetune/float32", "prefix/float32"),
+                 ("decode/bf16", "decode/float32"), ("decode/bf16", "decode/bf16-native"), ("finetune/float32", "prefix/float32"),
                  ("finetune/autocast", "prefix/bf16")):
         if a in times and b in times:
             ratios[f"{a} / {b}"] = {"ratio_of_medians": C.ratio(med[a], med[b]), "paired": C.paired_ratio(times[a], times[b])}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import attach, beam
+from . import attach, beam, cpu_bf16
 from .batch import make_batch
 from .loss import decoder_inputs_from_labels, token_logprobs
 from .prefix import Prefix
@@ -115,7 +115,7 @@ def generate(
     results: list = [None] * len(sources)
     head = _contiguous_lm_head_input(model)
     try:
-        with eval_mode(model):
+        with eval_mode(model), cpu_bf16.products(model):
             for rows in tqdm(batches, desc="generate", disable=not progress):
                 batch = {k: v.to(device) for k, v in collate_prompts(model, [prompts[i] for i in rows], pad).items()}
                 # decoder-only prompts are left-padded: every row's separator is the last prompt token
@@ -197,7 +197,7 @@ def score(
     encoded = [encode(model, tokenizer, s, t) for s, t in zip(sources, targets)]
     results = [0.0] * len(sources)
     seq2seq = attach.is_seq2seq(model)
-    with eval_mode(model):
+    with eval_mode(model), cpu_bf16.products(model):
         for rows in tqdm(length_batches([len(e.prompt) + len(e.target) for e in encoded], batch_size), desc="score",
                          disable=not progress):
             batch = {k: v.to(device) for k, v in collate_train(model, [encoded[i] for i in rows], pad).items()}

@@ -39,7 +39,7 @@ from .batch import stack_prefixes
 from .config import PrefixConfig
 from .loss import lm_forward
 from .template import collate_train, special_ids
-from .train import FrozenCasts, TrainConfig, Trainer, StopAtStepEnd, autocast_context
+from .train import TrainConfig, Trainer, StopAtStepEnd, autocast_context, frozen_casts
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PREFIX_FIELDS = {f.name for f in fields(PrefixConfig)} - {"placements", "gradient_checkpointing"}
@@ -124,8 +124,8 @@ class ManyTrainer:
         self.head_dims = attach.prefix_shapes(model).head_dims
         self.pad, self.device = special_ids(tokenizer)[2], next(model.parameters()).device
         self._turn = 0
-        # the frozen base's bfloat16 copies, one set for all jobs (each Trainer would make its own)
-        self.casts = FrozenCasts()
+        # the frozen base's kept copies, one set for all jobs (each Trainer would make its own)
+        self.casts = frozen_casts(self.device.type)
         for job in jobs:
             self.trainers[job.name] = self.trainer(job, self.out / "jobs" / job.name)
 

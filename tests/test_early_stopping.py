@@ -10,6 +10,7 @@ import torch
 import prefixtune as pt
 from prefixtune.data import Example
 from prefixtune.methods import METHODS, MethodConfig
+from prefixtune import cpu_bf16
 from prefixtune import train as train_module
 from prefixtune.train import TrainConfig, Trainer, autocast_context
 from architectures import ARCHS, tiny_tokenizer
@@ -116,19 +117,23 @@ def test_decoding_kwargs_decode_what_is_being_trained(tmp_path, tokenizer, metho
 WORKING = [a for a in ARCHS if a.expect == "works"]
 
 
-def _autocast_steps(model, tokenizer, tmp_path, method, cached, monkeypatch):
-    """Two training steps and a dev loss under bfloat16 autocast: losses, dev loss, trained weights,
-    and how many frozen weights got a kept bfloat16 copy."""
+def _autocast_steps(model, tokenizer, tmp_path, method, cached, monkeypatch, float32_products=False):
+    """Two training steps and a dev loss under bfloat16 autocast (the products by torch's bfloat16 kernels,
+    or in float32 as on a CPU without them: prefixtune/cpu_bf16.py): losses, dev loss, trained weights,
+    and how many frozen weights got a kept copy."""
     monkeypatch.setattr(train_module, "CACHE_FROZEN_CASTS", cached)
+    monkeypatch.setattr(cpu_bf16, "FLOAT32_PRODUCTS", float32_products)
     trainer = Trainer(model, tokenizer, PAIRS, PAIRS[:4], pt.PrefixConfig(length=3, mlp_hidden=16),
-                      TrainConfig(max_steps=4, batch_size=4, lr=5e-2, seed=0, autocast=True), tmp_path / f"c{cached}",
-                      progress=False, method=method)
+                      TrainConfig(max_steps=4, batch_size=4, lr=5e-2, seed=0, autocast=True),
+                      tmp_path / f"c{cached}{float32_products}", progress=False, method=method)
+    assert isinstance(trainer.casts, cpu_bf16.Float32Products if float32_products else
+                      train_module.FrozenCasts if cached else type(None))
     losses = []
     for _ in range(2):
         losses.append(trainer._train_step())
         trainer.step += 1
     weights = [p.detach().clone() for p in trainer.tuner.parameters() if p.requires_grad]
-    return losses, trainer.dev_loss(), weights, len(trainer.casts.copies)
+    return losses, trainer.dev_loss(), weights, 0 if trainer.casts is None else len(trainer.casts.copies)
 
 
 @pytest.mark.parametrize("arch", WORKING, ids=[f"{a.model_type}-{i}" for i, a in enumerate(WORKING)])
@@ -149,3 +154,22 @@ def test_kept_bfloat16_copies_give_autocasts_bits_for_every_method(method, token
     (l1, d1, w1, n1), (l2, d2, w2, _) = got[True], got[False]
     assert l1 == l2 and d1 == d2 and len(w1) == len(w2) and all(torch.equal(a, b) for a, b in zip(w1, w2))
     assert (n1 > 0) == (method != "finetune")  # fine-tuning trains every weight: nothing to keep
+
+
+@pytest.mark.parametrize("method", [None, "lora", "finetune"])
+def test_float32_products_give_the_bfloat16_kernels_training(method, tokenizer, tmp_path, monkeypatch):
+    """On a CPU without bfloat16 kernels the Trainer runs autocast's products in float32 on the rounded
+    operands: the same training as torch's bfloat16 kernels up to summation order, and its kept copies
+    of the frozen weights give the same bits as making them at every call."""
+    got = {(cached, f32): _autocast_steps(tiny_model("llama-gqa", init_range=0.2), tokenizer, tmp_path,
+                                          None if method is None else MethodConfig(method, size=0.05),
+                                          cached, monkeypatch, float32_products=f32)
+           for cached, f32 in ((True, True), (False, True), (True, False))}
+    (l1, d1, w1, n1), (l2, d2, w2, n2), (l3, d3, w3, _) = got[True, True], got[False, True], got[True, False]
+    assert l1 == l2 and d1 == d2 and all(torch.equal(a, b) for a, b in zip(w1, w2))
+    assert n1 > 0 and n2 == 0  # (fine-tuning: the dev loss's, under no_grad)
+    # against the bfloat16 kernels: the first loss up to summation order, then bfloat16 rounding apart (not
+    # the weights: Adam's first steps move each by ~lr times its gradient's sign, which rounding can flip
+    # where the gradient is near 0)
+    assert l1[0] == pytest.approx(l3[0], rel=1e-4)
+    assert l1 == pytest.approx(l3, rel=1e-2) and d1 == pytest.approx(d3, rel=1e-2)

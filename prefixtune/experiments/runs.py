@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import cpu_bf16
 from ..data import Example, group_references
 from ..data import read_task as _read_task
 from ..files import write_atomic
@@ -368,6 +369,9 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
         "peak_memory_mb": _peak_rss_mb() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_memory_mb_before": None if reset else rss_before / 1024,
         "threads": torch.get_num_threads(),
+        # how this machine ran the bfloat16 products (of the last session, for a resumed run): its own
+        # bfloat16 kernels, or float32 on bfloat16-rounded operands (see prefixtune/cpu_bf16.py)
+        "bf16_products": "float32" if cpu_bf16.FLOAT32_PRODUCTS else "native",
     }
     del trainer, model
     return summary
@@ -440,7 +444,8 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
             sources = [g.source for g in groups]
             if decoder == "peft":
                 start, cpu = time.perf_counter(), time.process_time()
-                tokens = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
+                with cpu_bf16.products(model):  # PEFT's generate, not ours (which enters it itself)
+                    tokens = peft_generate(model, tokenizer, out, prefix_config, sources, decoding)
                 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
             else:
                 tokens, seconds, cpu_seconds = decode_batches(model, tokenizer, sources, out / f"decoding-{ev.key()}.jsonl",
@@ -453,7 +458,8 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
             seen = seen_categories(data) if ev.task == "webnlg" else set()
             results[ev.key()] = {
                 "eval": asdict(ev), "n": len(groups), "scores": scores, "decode_seconds": seconds, "decode_cpu_seconds": cpu_seconds,
-                "output_tokens": new_tokens, "decoding": decoding, "threads": torch.get_num_threads(), **files,
+                "output_tokens": new_tokens, "decoding": decoding, "threads": torch.get_num_threads(),
+                "bf16_products": "float32" if cpu_bf16.FLOAT32_PRODUCTS else "native", **files,
                 "counts": {"S": sum(g.category in seen for g in groups), "U": sum(g.category not in seen for g in groups)}
                 if ev.task == "webnlg" else {}, "items": items}
         del model
