@@ -91,3 +91,30 @@ def test_products_is_a_no_op_where_not_needed(monkeypatch):
     assert isinstance(cpu_bf16.products(model.to(torch.bfloat16)), Float32Products)
     monkeypatch.setattr(cpu_bf16, "FLOAT32_PRODUCTS", False)  # a CPU with bfloat16 kernels
     assert isinstance(cpu_bf16.products(model), contextlib.nullcontext)
+
+
+def test_the_serving_engine_runs_a_bfloat16_model_in_float32_products(tokenizer, monkeypatch):
+    """The engine keeps one Float32Products across steps (its weight copies made once) and makes the
+    tokens torch's bfloat16 kernels make."""
+    from prefixtune.serve.engine import Engine, Seq
+
+    model = tiny_model("llama-gqa", init_range=0.2).to(torch.bfloat16)
+    prefix = random_prefix(model, 3, seed=2)
+    prompts = [pt.template.encode(model, tokenizer, s).prompt for s in ("name : Aromi | food : Chinese", "hello")]
+    got = {}
+    for flag in (True, False):
+        monkeypatch.setattr(cpu_bf16, "FLOAT32_PRODUCTS", flag)
+        engine = Engine(model, eos=2, max_rows=2)
+        seqs = [Seq(p, prefix if i else None, 6) for i, p in enumerate(prompts)]
+        for s in seqs:
+            engine.add(s)
+        tokens = {id(s): [] for s in seqs}
+        while engine.busy():
+            for seq, token, _ in engine.step():
+                tokens[id(seq)].append(token)
+                if len(tokens[id(seq)]) == seq.max_new_tokens:
+                    engine.finish(seq)
+        got[flag] = ([tokens[id(s)] for s in seqs], engine.products)
+    assert got[True][0] == got[False][0]
+    assert isinstance(got[True][1], Float32Products) and len(got[True][1].copies) > 0
+    assert isinstance(got[False][1], contextlib.nullcontext)

@@ -47,7 +47,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.cache_utils import Cache, DynamicCache
 
-from .. import attach
+from .. import attach, cpu_bf16
 from ..attach import PrefixBatch
 from ..generate import token_logprobs_at
 from ..batch import make_batch
@@ -120,6 +120,9 @@ class Engine:
         self.pmask = torch.zeros(self.max_rows, 0, dtype=torch.bool, device=self.device)
         self.plen = [0] * self.max_rows
         self._processors: dict[tuple, LogitsProcessorList] = {}
+        # a bfloat16 model on a CPU without bfloat16 kernels: its products in float32 (prefixtune/cpu_bf16.py),
+        # one instance kept across steps with its float32 copies of the weights
+        self.products = cpu_bf16.products(model)
 
     # -- what can run here ---------------------------------------------------------------------
     @staticmethod
@@ -195,6 +198,10 @@ class Engine:
     def step(self) -> list[tuple[Seq, int | BaseException, tuple | None]]:
         """One decoding step and some prefill. Returns (row, token, logprob) for every token made,
         or (row, exception) for a row that failed (only that row: the caller should finish it)."""
+        with self.products:
+            return self._step()
+
+    def _step(self) -> list[tuple[Seq, int | BaseException, tuple | None]]:
         events = self._decode_isolated(0, len(self.rows)) if self.rows else []
         room = self.max_rows - len(self.rows)
         group, width = [], 0  # waiting prompts that fit the budget together (left-padded to the longest)
