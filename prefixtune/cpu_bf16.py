@@ -51,7 +51,7 @@ class Float32Products(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is nn.functional.linear and _in_bfloat16(args[0], args[1]):
+        if func is nn.functional.linear and len(args) >= 2 and _in_bfloat16(args[0], args[1]):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             operands = [self._operand(args[0]), self._operand(args[1]), None if bias is None else self._operand(bias)]
             with torch.autocast("cpu", enabled=False):

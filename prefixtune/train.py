@@ -553,7 +553,7 @@ def autocast_context(enabled: bool, device_type: str = "cpu", casts: TorchFuncti
 
 def frozen_casts(device_type: str, cache: bool = True) -> TorchFunctionMode | None:
     """The mode a trainer runs bfloat16 autocast under (its copies of frozen weights live as long as it):
-    on a CPU without bfloat16 kernels, the products in float32 (cpu_bf16.Float32Products, ~10x faster
+    on a CPU without bfloat16 kernels, the products in float32 (cpu_bf16.Float32Products, ~16x faster
     there); else autocast's own, with the frozen weights' bfloat16 copies kept (FrozenCasts).
     ``cache=False``: no kept copies."""
     cache = cache and CACHE_FROZEN_CASTS

@@ -118,3 +118,10 @@ def test_the_serving_engine_runs_a_bfloat16_model_in_float32_products(tokenizer,
     assert got[True][0] == got[False][0]
     assert isinstance(got[True][1], Float32Products) and len(got[True][1].copies) > 0
     assert isinstance(got[False][1], contextlib.nullcontext)
+
+
+def test_a_linear_called_with_keywords_runs_as_it_would():
+    x, w = torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    with Float32Products():
+        out = F.linear(input=x, weight=w)  # (not intercepted: torch's kernel)
+    assert torch.equal(out, F.linear(x, w))
