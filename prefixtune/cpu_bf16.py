@@ -101,6 +101,12 @@ def _rounded(t: torch.Tensor) -> torch.Tensor:
     return t.to(BF16).float()
 
 
+def products_kind() -> str:
+    """How this machine runs bfloat16 products: ``"native"`` (its own kernels) or ``"float32"``
+    (``Float32Products``); the grid's ledger records it with each run."""
+    return "float32" if FLOAT32_PRODUCTS else "native"
+
+
 def products(model) -> contextlib.AbstractContextManager:
     """Float32Products for running a bfloat16 ``model`` on a CPU without bfloat16 kernels, else nothing."""
     weight = next(model.parameters(), None)

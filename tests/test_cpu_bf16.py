@@ -89,8 +89,10 @@ def test_products_is_a_no_op_where_not_needed(monkeypatch):
     monkeypatch.setattr(cpu_bf16, "FLOAT32_PRODUCTS", True)
     assert isinstance(cpu_bf16.products(model), contextlib.nullcontext)  # float32
     assert isinstance(cpu_bf16.products(model.to(torch.bfloat16)), Float32Products)
+    assert cpu_bf16.products_kind() == "float32"  # what the grid's ledger records
     monkeypatch.setattr(cpu_bf16, "FLOAT32_PRODUCTS", False)  # a CPU with bfloat16 kernels
     assert isinstance(cpu_bf16.products(model), contextlib.nullcontext)
+    assert cpu_bf16.products_kind() == "native"
 
 
 def test_the_serving_engine_runs_a_bfloat16_model_in_float32_products(tokenizer, monkeypatch):

@@ -371,7 +371,7 @@ def train(run: Run, out: Path, data, threads: int | None) -> dict:
         "threads": torch.get_num_threads(),
         # how this machine ran the bfloat16 products (of the last session, for a resumed run): its own
         # bfloat16 kernels, or float32 on bfloat16-rounded operands (see prefixtune/cpu_bf16.py)
-        "bf16_products": "float32" if cpu_bf16.FLOAT32_PRODUCTS else "native",
+        "bf16_products": cpu_bf16.products_kind(),
     }
     del trainer, model
     return summary
@@ -459,7 +459,7 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
             results[ev.key()] = {
                 "eval": asdict(ev), "n": len(groups), "scores": scores, "decode_seconds": seconds, "decode_cpu_seconds": cpu_seconds,
                 "output_tokens": new_tokens, "decoding": decoding, "threads": torch.get_num_threads(),
-                "bf16_products": "float32" if cpu_bf16.FLOAT32_PRODUCTS else "native", **files,
+                "bf16_products": cpu_bf16.products_kind(), **files,
                 "counts": {"S": sum(g.category in seen for g in groups), "U": sum(g.category not in seen for g in groups)}
                 if ev.task == "webnlg" else {}, "items": items}
         del model
