@@ -12,6 +12,9 @@ cases below are exactly those wrappers, on a fixed batch of real E2E training pa
   (``TrainConfig.autocast``), run as the Trainer runs it (``prefixtune.train.frozen_casts``): the
   frozen weights' bfloat16 copies kept across steps (``FrozenCasts``), or, on a CPU without bfloat16
   kernels, the products in float32 on bfloat16-rounded operands (``prefixtune/cpu_bf16.py``).
+* ``prefix/autocast-bf16-attention``, ``finetune/autocast-bf16-attention``: as ``*/autocast`` but the
+  attention by torch's bfloat16 kernel, where the products run in float32 (cpu_bf16.ATTENTION off;
+  the same as ``*/autocast`` on a CPU with bfloat16 kernels).
 * ``prefix/autocast-recast``: the same with autocast's own kernels and casts, the frozen weights cast
   at every forward (as before FrozenCasts).
 * ``decode/float32``, ``decode/bf16``: beam-5 decoding (the paper's table-to-text decoding, at most
@@ -20,6 +23,9 @@ cases below are exactly those wrappers, on a fixed batch of real E2E training pa
   (the same as ``decode/bf16`` on a CPU with bfloat16 kernels).
 
 Timing follows benchmarks/_common.py: warm-up, interleaved rounds, medians, ratios from one process.
+
+``--task dialogsum`` takes the training batch from DialogSum, its sources cut as the experiments cut
+them (192 tokens): long sequences, where attention costs most.
 
 Example: ``python benchmarks/arithmetic.py --threads 1``
 """
@@ -35,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 TRAIN_CASES = ("prefix/float32", "prefix/bf16", "prefix/autocast", "prefix/autocast-recast", "finetune/float32",
-               "finetune/autocast", "adapter/float32", "adapter/autocast")
+               "finetune/autocast", "adapter/float32", "adapter/autocast", "prefix/autocast-bf16-attention",
+               "finetune/autocast-bf16-attention")
 DECODE_CASES = ("decode/float32", "decode/bf16", "decode/bf16-native")
 
 
@@ -45,6 +52,8 @@ def parse_args(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=None, help="training rows per step (default 8, --quick 2)")
     p.add_argument("--decode-tables", type=int, default=None, help="E2E test tables per decode call (default 16, --quick 2)")
+    p.add_argument("--task", choices=("e2e", "dialogsum"), default="e2e",
+                   help="the training pairs' data set (dialogsum: sources cut as in the experiments)")
     p.add_argument("--cases", type=C.csv_strs, default=list(TRAIN_CASES + DECODE_CASES), help="subset of the cases")
     C.add_common_args(p, "results/perf/arithmetic.json")
     args = p.parse_args(argv)
@@ -62,6 +71,8 @@ def build_cases(args):
     import prefixtune as pt
     from prefixtune import cpu_bf16
     from prefixtune.data import DECODING, group_references, read_task
+    from prefixtune.experiments import Scale
+    from prefixtune.experiments.runs import truncate_sources
     from prefixtune.methods import MethodConfig, build
     from prefixtune.template import collate_train, encode, special_ids
     from prefixtune.train import autocast_context, frozen_casts
@@ -73,7 +84,7 @@ def build_cases(args):
             models[dtype] = C.load_model(args.model, dtype)
         return models[dtype]
 
-    rows = random.Random(args.seed).sample(read_task("e2e", "train"), args.batch_size)
+    rows = random.Random(args.seed).sample(read_task(args.task, "train"), args.batch_size)
     tables = [g.source for g in group_references(read_task("e2e", "test"))[: args.decode_tables]]
     cases, info = {}, {}
     for name in args.cases:
@@ -96,6 +107,8 @@ def build_cases(args):
             continue
         # a fresh model per trained-weight case (fine-tuning and adapters change it)
         m, tok = (C.load_model(args.model, dtype) if method != "prefix" else model(dtype))
+        if args.task == "dialogsum":
+            rows = truncate_sources(rows, tok, Scale().max_source_tokens)
         pad = special_ids(tok)[2]
         batch = collate_train(m, [encode(m, tok, e.source, e.target) for e in rows], pad)
         torch.manual_seed(args.seed)
@@ -104,13 +117,18 @@ def build_cases(args):
         opt = torch.optim.AdamW([p for p in tuner.parameters() if p.requires_grad], lr=1e-5)
 
         def step(tuner=tuner, opt=opt, batch=batch, auto=mode.startswith("autocast"),
-                 casts=frozen_casts("cpu") if mode == "autocast" else None):
-            opt.zero_grad(set_to_none=True)
-            with autocast_context(auto, "cpu", casts):
-                loss = tuner(**batch, return_logits=False).loss
-            loss.backward()
-            opt.step()
-            return float(loss)
+                 casts=frozen_casts("cpu") if mode.startswith("autocast") and mode != "autocast-recast" else None,
+                 attention=mode != "autocast-bf16-attention"):
+            was, cpu_bf16.ATTENTION = cpu_bf16.ATTENTION, attention
+            try:
+                opt.zero_grad(set_to_none=True)
+                with autocast_context(auto, "cpu", casts):
+                    loss = tuner(**batch, return_logits=False).loss
+                loss.backward()
+                opt.step()
+                return float(loss)
+            finally:
+                cpu_bf16.ATTENTION = was
 
         cases[name] = step
         info[name] = {"trainable_parameters": sum(p.numel() for p in tuner.parameters()),
@@ -131,7 +149,8 @@ def main(argv=None) -> int:
                  ("prefix/autocast", "prefix/autocast-recast"),
                  ("finetune/autocast", "finetune/float32"), ("adapter/autocast", "adapter/float32"),
                  ("decode/bf16", "decode/float32"), ("decode/bf16", "decode/bf16-native"), ("finetune/float32", "prefix/float32"),
-                 ("finetune/autocast", "prefix/bf16")):
+                 ("finetune/autocast", "prefix/bf16"), ("prefix/autocast", "prefix/autocast-bf16-attention"),
+                 ("finetune/autocast", "finetune/autocast-bf16-attention")):
         if a in times and b in times:
             ratios[f"{a} / {b}"] = {"ratio_of_medians": C.ratio(med[a], med[b]), "paired": C.paired_ratio(times[a], times[b])}
     rows = [{"case": n, "seconds": med[n], **{k: v for k, v in info[n].items() if k in ("trainable_parameters", "master_dtype")}}

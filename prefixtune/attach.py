@@ -296,6 +296,7 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         # query and key beside a bfloat16 value (Llama-style models): autocast then runs the kernel in
         # bfloat16, as it does transformers' own attention for methods without a prefix. The findings
         # grid (issue 11) trains so; changing it would change the numerics of its prefix runs mid-grid.
+        # (On a CPU without bfloat16 kernels, cpu_bf16.Float32Products runs that attention in float32.)
         low = CPU_FP32_BACKWARD and query.dtype != torch.float32 and torch.is_grad_enabled()
         q, k, v = (t.float() for t in (query, key, value)) if low else (query, key, value)
         with torch.autocast("cpu", enabled=not low and torch.is_autocast_enabled("cpu")):

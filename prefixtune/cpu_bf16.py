@@ -10,7 +10,8 @@ The same arithmetic runs at float32's speed: a product of two bfloat16 numbers i
 inputs, accumulated in float32 and rounded to bfloat16 at the end, computes what a bfloat16 kernel
 computes, up to the order of the summation (as two bfloat16 kernels differ from each other).
 Autograd rounds the gradients where autocast would: at the casts' backward. ``Float32Products``
-does this for ``F.linear`` (>97% of a step's time), matmuls and ``addmm``; other ops run as they would.
+does this for ``F.linear`` (>97% of a short-sequence step's time), matmuls, ``addmm`` and attention
+(``F.scaled_dot_product_attention``, up to ~45% of a step at 512 positions); other ops run as they would.
 
 Used where this CPU lacks the kernels (``FLOAT32_PRODUCTS``): training under autocast
 (``prefixtune.train.frozen_casts``) and decoding a bfloat16 model (``products``).
@@ -29,14 +30,19 @@ BF16 = torch.bfloat16
 # True where oneDNN has no bfloat16 kernels on this CPU (tests switch it to test both paths)
 FLOAT32_PRODUCTS = not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
+# False: attention runs in torch's bfloat16 kernel (as before 2026-12-02; for benchmarks)
+ATTENTION = True
+
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
 _ADDMMS = {torch.addmm, torch.Tensor.addmm}
+_SDPA = nn.functional.scaled_dot_product_attention
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 class Float32Products(TorchFunctionMode):
-    """Inside, every CPU ``F.linear``, matmul and ``addmm`` that would run in bfloat16 (its operands
-    bfloat16, or under CPU bfloat16 autocast) runs in float32 on the bfloat16-rounded operands, its
-    result rounded to bfloat16. ``cache``: keep each frozen weight's float32 copy (made once, remade if
+    """Inside, every CPU ``F.linear``, matmul, ``addmm`` and ``scaled_dot_product_attention`` that
+    would run in bfloat16 (its operands bfloat16, or under CPU bfloat16 autocast) runs in float32 on
+    the bfloat16-rounded operands, its result rounded to bfloat16. ``cache``: keep each frozen weight's float32 copy (made once, remade if
     the weight changes) instead of making it at every call; the copies live as long as this object."""
 
     def __init__(self, cache: bool = True):
@@ -56,6 +62,19 @@ class Float32Products(TorchFunctionMode):
             operands = [self._operand(args[0]), self._operand(args[1]), None if bias is None else self._operand(bias)]
             with torch.autocast("cpu", enabled=False):
                 return nn.functional.linear(*operands).to(BF16)
+        if func is _SDPA and ATTENTION:
+            call = dict(zip(_SDPA_ARGS, args), **kwargs)
+            q, k, v = call.pop("query", None), call.pop("key", None), call.pop("value", None)
+            if _in_bfloat16(q, k) and _in_bfloat16(q, v):
+                # attention too: torch's bfloat16 kernel rounds its softmax weights to bfloat16
+                # before the product with the values, this one keeps them in float32 (closer to
+                # exact: tests/test_cpu_bf16.py); its backward is ~6x faster than the bfloat16 one
+                # at 512 positions (the summarization runs), where it took ~45% of a step
+                mask = call.get("attn_mask")
+                if isinstance(mask, torch.Tensor) and mask.is_floating_point():
+                    call["attn_mask"] = mask.float()  # additive: 0 or a large negative, kept
+                with torch.autocast("cpu", enabled=False):
+                    return _SDPA(_rounded(q), _rounded(k), _rounded(v), **call).to(BF16)
         if not kwargs and (func in _MATMULS and len(args) == 2 and _in_bfloat16(*args)
                            or func in _ADDMMS and len(args) == 3 and _in_bfloat16(*args[1:]) and _in_bfloat16(*args[:2])):
             operands = list(map(self._operand, args))  # (addmm: GPT-2's Conv1D, bias + input @ weight)

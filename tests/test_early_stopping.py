@@ -159,7 +159,7 @@ def test_kept_bfloat16_copies_give_autocasts_bits_for_every_method(method, token
 @pytest.mark.parametrize("method", [None, "lora", "finetune"])
 def test_float32_products_give_the_bfloat16_kernels_training(method, tokenizer, tmp_path, monkeypatch):
     """On a CPU without bfloat16 kernels the Trainer runs autocast's products in float32 on the rounded
-    operands: the same training as torch's bfloat16 kernels up to summation order, and its kept copies
+    operands: the same training as torch's bfloat16 kernels up to rounding, and its kept copies
     of the frozen weights give the same bits as making them at every call."""
     got = {(cached, f32): _autocast_steps(tiny_model("llama-gqa", init_range=0.2), tokenizer, tmp_path,
                                           None if method is None else MethodConfig(method, size=0.05),
@@ -168,8 +168,9 @@ def test_float32_products_give_the_bfloat16_kernels_training(method, tokenizer, 
     (l1, d1, w1, n1), (l2, d2, w2, n2), (l3, d3, w3, _) = got[True, True], got[False, True], got[True, False]
     assert l1 == l2 and d1 == d2 and all(torch.equal(a, b) for a, b in zip(w1, w2))
     assert n1 > 0 and n2 == 0  # (fine-tuning: the dev loss's, under no_grad)
-    # against the bfloat16 kernels: the first loss up to summation order, then bfloat16 rounding apart (not
-    # the weights: Adam's first steps move each by ~lr times its gradient's sign, which rounding can flip
-    # where the gradient is near 0)
-    assert l1[0] == pytest.approx(l3[0], rel=1e-4)
+    # against the bfloat16 kernels: the first loss within one bfloat16 rounding (summation order, and the
+    # attention's softmax weights, which torch's bfloat16 kernel rounds and ours keeps in float32), then
+    # bfloat16 rounding apart (not the weights: Adam's first steps move each by ~lr times its gradient's
+    # sign, which rounding can flip where the gradient is near 0)
+    assert l1[0] == pytest.approx(l3[0], rel=2 ** -9)
     assert l1 == pytest.approx(l3, rel=1e-2) and d1 == pytest.approx(d3, rel=1e-2)
