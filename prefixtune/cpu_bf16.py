@@ -11,7 +11,8 @@ inputs, accumulated in float32 and rounded to bfloat16 at the end, computes what
 computes, up to the order of the summation (as two bfloat16 kernels differ from each other).
 Autograd rounds the gradients where autocast would: at the casts' backward. ``Float32Products``
 does this for ``F.linear`` (>97% of a short-sequence step's time), matmuls, ``addmm`` and attention
-(``F.scaled_dot_product_attention``, up to ~45% of a step at 512 positions); other ops run as they would.
+(``F.scaled_dot_product_attention``, up to ~45% of a step at 512 positions; not the kernel's bits,
+as its softmax weights stay in float32, but closer to exact); other ops run as they would.
 
 Used where this CPU lacks the kernels (``FLOAT32_PRODUCTS``): training under autocast
 (``prefixtune.train.frozen_casts``) and decoding a bfloat16 model (``products``).
@@ -42,8 +43,9 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 class Float32Products(TorchFunctionMode):
     """Inside, every CPU ``F.linear``, matmul, ``addmm`` and ``scaled_dot_product_attention`` that
     would run in bfloat16 (its operands bfloat16, or under CPU bfloat16 autocast) runs in float32 on
-    the bfloat16-rounded operands, its result rounded to bfloat16. ``cache``: keep each frozen weight's float32 copy (made once, remade if
-    the weight changes) instead of making it at every call; the copies live as long as this object."""
+    the bfloat16-rounded operands, its result rounded to bfloat16. ``cache``: keep each frozen
+    weight's float32 copy (made once, remade if the weight changes) instead of making it at every
+    call; the copies live as long as this object."""
 
     def __init__(self, cache: bool = True):
         super().__init__()
