@@ -12,8 +12,9 @@ Training (forward + backward + AdamW on the prefix, MLP reparameterisation, ``--
   ``attach.CPU_FP32_BACKWARD = False``).
 * ``step_bf16``: the prefixed attention in float32 (the default now): the CPU kernel's bfloat16
   backward is ~3x slower than its float32 one.
-* ``step_bf16_compiled`` (``--compile``): the same step under ``torch.compile(dynamic=True)``
-  (``TrainConfig.compile``); compile time is reported separately and excluded.
+* ``step_bf16_compiled`` (``--compile``): the same step compiled as the Trainer compiles it
+  (``TrainConfig.compile``, ``prefixtune.train.training_forward``); compile time is reported
+  separately and excluded.
 * ``step_fp32``: everything float32, for reference.
 
 Decoding (``--decode-n`` E2E test sources, greedy, batch 16, every row forced to
@@ -65,6 +66,7 @@ def main(argv=None) -> dict:
     from prefixtune.data import group_references, read_task
     generate_module = sys.modules["prefixtune.generate"]  # (prefixtune.generate is also the function)
     from prefixtune.template import collate_train, encode, special_ids
+    from prefixtune.train import training_forward
 
     models = {dt: C.load_model(args.model, dt) for dt in (torch.float32, torch.bfloat16)}
     _, tok = models[torch.float32]
@@ -94,14 +96,12 @@ def main(argv=None) -> dict:
                 torch.manual_seed(args.seed)
                 tuner = pt.PrefixTuner(model, pt.PrefixConfig(length=length)).train()
                 opt = torch.optim.AdamW(tuner.parameters(), lr=1e-5)
-                loss_of = (lambda t: (lambda **kw: t(**kw, return_logits=False).loss))(tuner)
-                if compiled:
-                    loss_of = torch.compile(loss_of, dynamic=True)
+                loss_of = training_forward(tuner, compile=compiled)
 
                 def step(opt=opt, loss_of=loss_of, batch=batch, fp32_attention=fp32_attention):
                     attach.CPU_FP32_BACKWARD = fp32_attention
                     opt.zero_grad(set_to_none=True)
-                    loss_of(**batch).backward()
+                    loss_of(**batch).loss.backward()
                     opt.step()
 
                 name = f"b{b}/L{length}/step_{tag}"

@@ -41,7 +41,7 @@ from .attach import is_seq2seq
 from .config import PrefixConfig
 from .data import Example
 from .files import write_atomic
-from .loss import normaliser
+from .loss import lm_head_split, normaliser
 from .methods import MethodConfig, build
 from .modes import eval_mode
 from .options import option
@@ -87,6 +87,28 @@ class TrainConfig:
 
 # run.json files written before a TrainConfig field existed ran with these values
 _LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False, "compile": False}
+
+
+def training_forward(tuner, compile: bool = False):
+    """``tuner(**batch, return_logits=False)``: the training forward, whose LM head runs on the target
+    positions only (same loss, see :func:`prefixtune.loss.lm_forward`). With ``compile``, it runs under
+    ``torch.compile(dynamic=True)`` as one graph for every batch shape (forward and backward compiled
+    once): the selection of target positions is a data-dependent shape, which dynamo traces only when
+    told to, and would otherwise split the forward into several graphs around a graph break."""
+    def forward(**batch):
+        return tuner(**batch, return_logits=False)
+
+    if not compile:
+        return forward
+    if not is_seq2seq(tuner.model):
+        lm_head_split(tuner.model)  # its one-off check of the model runs here, eagerly, not traced into the graph
+    compiled = torch.compile(forward, dynamic=True)
+
+    def compiled_forward(**batch):
+        with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+            return compiled(**batch)
+
+    return compiled_forward
 
 
 class StopAtStepEnd:
@@ -299,14 +321,10 @@ class Trainer:
         return step_loss
 
     def _forward(self, **batch) -> torch.Tensor:
-        """Summed NLL of a batch's target tokens (return_logits=False: the LM head runs on target
-        positions only, same loss); compiled once when ``TrainConfig.compile``."""
+        """Summed NLL of a batch's target tokens (:func:`training_forward`)."""
         if self._compiled is None:
-            def forward(**b):
-                return self.tuner(**b, return_logits=False).nll_sum
-
-            self._compiled = torch.compile(forward, dynamic=True) if self.config.compile else forward
-        return self._compiled(**batch)
+            self._compiled = training_forward(self.tuner, self.config.compile)
+        return self._compiled(**batch).nll_sum
 
     def loss_normaliser(self, rows: list[int]) -> int:
         """What a step's summed NLL is divided by (:func:`prefixtune.loss.normaliser` of its rows)."""

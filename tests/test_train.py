@@ -238,7 +238,12 @@ def test_gradient_accumulation_is_a_memory_knob(tmp_path, tokenizer, loss):
 
 
 def test_compiled_training_equals_eager(tmp_path, tokenizer):
-    """TrainConfig.compile: the same steps (within float rounding of fused kernels), lengths varying."""
+    """TrainConfig.compile: the same steps (within float rounding of fused kernels), lengths varying,
+    from one graph compiled once: no graph break, no recompiling for a new length."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     params = []
     for compile_ in (False, True):
         trainer = Trainer(tiny_model("llama-gqa", init_range=0.2), tokenizer, PAIRS, None,
@@ -248,6 +253,7 @@ def test_compiled_training_equals_eager(tmp_path, tokenizer):
         trainer.fit()
         params.append(torch.cat([p.detach().flatten() for p in trainer.tuner.parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-4, rtol=1e-4), (params[0] - params[1]).abs().max()
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def test_cpu_time_is_counted_per_evaluation_and_across_a_resume(tmp_path, tokenizer):
