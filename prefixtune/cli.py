@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Train and score every run of one of the paper's experiments (or all, or the whole "
                        "grid in priority order), then write results/NAME.md (protocol, the paper's numbers beside ours "
-                       "with 95%% bootstrap intervals, verdicts, plots). Every run is trained to its best dev score "
+                       "with 95% bootstrap intervals, verdicts, plots). Every run is trained to its best dev score "
                        "(early stopping) and recorded in the ledger results/ledger/<run hash>/ as soon as it finishes; "
                        "rerunning does only what the ledger lacks (an interrupted training resumes from runs/). "
                        "Several processes (one per core) can work on the same grid: a run is held by an flock that dies "

@@ -207,7 +207,8 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["experiment", "--help"])
     assert e.value.code == 0
-    assert "ledger" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ledger" in out and "95% bootstrap" in out  # the description is printed as written (no %-escapes)
     assert main(["experiment", "table-to-text", "--methods", "prefix", "dance", "--report-only"]) == 2
     assert "unknown method 'dance'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
