@@ -1,5 +1,7 @@
 """Tiny randomly initialised models of real architectures, and the embedded SmolLM2."""
 
+import os
+
 import pytest
 import torch
 import transformers as tf
@@ -12,6 +14,14 @@ VOCAB = 49152  # the SmolLM2 tokenizer's; tiny models share it so the text API c
 TINY_ARCHS = ["gpt2", "llama-gqa", "qwen2", "bart", "t5"]
 CAUSAL_ARCHS = ["gpt2", "llama-gqa", "qwen2"]
 SEQ2SEQ_ARCHS = ["bart", "t5"]
+
+# Under pytest-xdist (scripts/test.sh runs one worker per core), each worker and the processes its tests
+# start get their share of the cores: more torch threads than cores make every small op wait on spinning
+# threads (a test of tiny models ran 50x slower beside a 2-thread job).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(_threads)
 
 
 def tiny_model(arch: str, seed: int = 0, init_range: float = 0.02):
