@@ -150,7 +150,9 @@ def test_target_only_lm_head_equals_the_plain_path(arch, loss):
     plain, plain_grads = _loss_and_grads(tuner, b, return_logits=True)
     fast, fast_grads = _loss_and_grads(tuner, b, return_logits=False)
     assert fast.logits is None and plain.logits is not None
-    assert abs(fast.loss.item() - plain.loss.item()) < 1e-5
+    # equal up to float32 summation order (the sequence-sum loss is ~50 here: 1e-5 absolute was 2 ulps, and
+    # one torch thread instead of two sums in another order)
+    assert fast.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6, abs=1e-6)
     assert int(fast.n_targets) == int((b["labels"][:, 1:] != -100).sum()) == int(plain.n_targets)
     for a, g in zip(plain_grads, fast_grads):
         assert torch.allclose(a, g, atol=1e-6, rtol=1e-4)
