@@ -701,7 +701,8 @@ def test_every_report_on_a_full_synthetic_ledger(tmp_path):
         entry = tmp_path / "ledger" / run.key()
         for ev in run.evals:
             rows = items[ev.key()]
-            result["evals"][ev.key()].update(ledger.write_eval_files(tmp_path / "ledger", run.key(), ev, ["x"] * 12, rows))
+            outputs = ["a b c d a b c d"] * 12 if run.method == "ft-top2" else ["x"] * 12  # FT-top2's outputs loop
+            result["evals"][ev.key()].update(ledger.write_eval_files(tmp_path / "ledger", run.key(), ev, outputs, rows))
         ledger.write(tmp_path / "ledger", run.key(), result)
         assert (entry / "result.json").is_file()
     readme = tmp_path / "README.md"
@@ -712,6 +713,11 @@ def test_every_report_on_a_full_synthetic_ledger(tmp_path):
         assert "Missing runs" not in md, name
         assert "runs missing" not in md and ("Verdict:" in md or name == "lr-grid"), name
     assert "| news (12 test articles) | sport (12 test articles) |" in (tmp_path / "extrapolation.md").read_text()
+    # rep-4 %, read from the outputs: "a b c d a b c d" has 5 word 4-grams, one of them seen before
+    rows = {line.split(" | ")[0]: line for line in (tmp_path / "table-to-text.md").read_text().splitlines() if line.startswith("| ")}
+    header = rows["| method"].split(" | ")
+    rep = header.index("rep-4 %")
+    assert rows["| ft-top2"].split(" | ")[rep].startswith("20.00 ± 0.00") and rows["| prefix"].split(" | ")[rep].startswith("0.00")
     table = readme.read_text()
     assert table.count("| [") >= 30 and "runs missing" not in table
     state = grid.status(base, tmp_path / "runs", tmp_path / "ledger")

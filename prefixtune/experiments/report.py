@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
+from pathlib import Path
 
 from . import stats
 from .runs import Eval, Run, step_seconds, training_seconds
@@ -153,6 +154,26 @@ def finding(ctx, claim: str, paper: str, comparison: stats.Comparison | None, ex
         single += (f" Not converged: {', '.join(f'`{u}`' for u in unconverged)} {'was' if len(unconverged) == 1 else 'were'} "
                    "still improving at the step cap (see \"Runs ended by the step cap\").")
     return f"- **{claim}** — paper: {paper}. Ours ({what}): {ours}. **Verdict: {verdict}.**{single}" + (f" {note}" if note else "")
+
+
+def seq_rep(words: list[str], n: int = 4) -> float:
+    """The share of an output's word n-grams that occur earlier in it (seq-rep-n of Welleck et al., 2020,
+    "Neural Text Generation with Unlikelihood Training"): 0 for an output that never repeats a phrase,
+    near 1 for one stuck in a loop."""
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition(results: list[dict], run: Run, ev: Eval, ledger_dir: str | Path) -> float | None:
+    """How much a run's test outputs of ``ev`` repeat themselves: the mean seq-rep-4 over outputs, in %,
+    read from the ledger's outputs file (None without it). A method whose outputs loop loses BLEU and
+    slot accuracy where its dev loss (teacher-forced) does not show it."""
+    r = find(results, run)
+    name = r and r["evals"].get(ev.key(), {}).get("outputs_file")
+    path = Path(ledger_dir) / Run(**r["run"]).key() / name if name else None
+    if path is None or not path.is_file():
+        return None
+    return 100 * statistics.fmean(seq_rep(line.split()) for line in path.read_text().splitlines())
 
 
 def train_info(results: list[dict], run: Run, name: str):
