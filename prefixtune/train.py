@@ -207,7 +207,7 @@ class Trainer:
         # train losses (and wall / CPU seconds) of the steps since the last evaluation: a checkpoint taken
         # between evaluations keeps them, so a resumed run logs the same interval means as a straight one
         self.pending: dict = {"losses": [], "seconds": 0.0, "cpu_seconds": 0.0}
-        self._compiled = None  # see _forward
+        self._training_forward = None  # made on first use (see _forward): compiled with config.compile
         # see frozen_casts; not under torch.compile, which traces the forward itself; kept copies only in
         # one process (a sharded base swaps its weights' storage between forwards)
         self.casts = None if config.compile else frozen_casts(self.device.type, cache=self.world == 1)
@@ -322,9 +322,9 @@ class Trainer:
 
     def _forward(self, **batch) -> torch.Tensor:
         """Summed NLL of a batch's target tokens (:func:`training_forward`)."""
-        if self._compiled is None:
-            self._compiled = training_forward(self.tuner, self.config.compile)
-        return self._compiled(**batch).nll_sum
+        if self._training_forward is None:
+            self._training_forward = training_forward(self.tuner, self.config.compile)
+        return self._training_forward(**batch).nll_sum
 
     def loss_normaliser(self, rows: list[int]) -> int:
         """What a step's summed NLL is divided by (:func:`prefixtune.loss.normaliser` of its rows)."""
