@@ -32,7 +32,15 @@ def _read_task(args, split: str, need_target: bool = True):
 
 
 def _subset(examples, n):
-    return examples if examples is None or not n else examples[:n]
+    return examples if examples is None or n is None else examples[:n]
+
+
+def _count(text: str) -> int:
+    """argparse type of the --max-*-examples options: a whole number >= 1 (0 would silently mean all)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def _processes(args):
@@ -413,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train", help="training JSONL (with --task jsonl)")
     t.add_argument("--dev", help="dev JSONL for dev loss and best-prefix selection (with --task jsonl)")
     t.add_argument("--out", required=True, help="run directory (created; resumed if it holds a checkpoint)")
-    t.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training pairs")
-    t.add_argument("--max-dev-examples", type=int, default=None, help="use only the first N dev pairs")
+    t.add_argument("--max-train-examples", type=_count, default=None, help="use only the first N training pairs")
+    t.add_argument("--max-dev-examples", type=_count, default=None, help="use only the first N dev pairs")
     _training_options(t)
     t.set_defaults(func=cmd_train)
 
@@ -428,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--input", help="sources: .txt (one per line) or .jsonl ({\"source\": ...}) (with --task jsonl)")
     d.add_argument("--split", default="test", help="split of a named task (unique sources in file order)")
     d.add_argument("--out", required=True, help="output file: one line per source (.txt) or JSONL")
-    d.add_argument("--max-examples", type=int, default=None, help="only the first N sources")
+    d.add_argument("--max-examples", type=_count, default=None, help="only the first N sources")
     d.add_argument("--batch-size", type=int, default=16, help="rows per generate call (per process)")
     d.add_argument("--num-beams", type=int, default=None,
                    help="beam size, 1 = greedy (default per task: 5 for table-to-text, 6 for summarization)")

@@ -101,6 +101,10 @@ def generate(
         generate_kwargs.setdefault("max_new_tokens", 100)
     generate_kwargs.setdefault("eos_token_id", eos)
     generate_kwargs.setdefault("pad_token_id", pad)
+    if generate_kwargs.get("num_beams", 1) < 1:
+        raise ValueError(f"num_beams must be >= 1, got {generate_kwargs['num_beams']}")
+    if generate_kwargs.get("top_p") is not None and not 0 < generate_kwargs["top_p"] <= 1:
+        raise ValueError(f"top_p is a probability mass in (0, 1], got {generate_kwargs['top_p']}")
     n_return = generate_kwargs.get("num_return_sequences", 1)
     if return_tokens and n_return != 1:
         raise ValueError("return_tokens=True returns one sequence per source (num_return_sequences=1)")

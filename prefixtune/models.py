@@ -64,7 +64,11 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
     Hugging Face model id or local directory (causal LM or encoder-decoder).
     """
     path = _embedded_dir(name_or_path) if name_or_path in EMBEDDED else name_or_path
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as e:  # neither a model directory nor an id the hub (or its local cache) has
+        raise ValueError(f"model {name_or_path!r}: not a model directory, nor a Hugging Face model id that could be "
+                         f"loaded (is the id spelled right? offline, only ids in the local Hugging Face cache load): {e}") from None
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)

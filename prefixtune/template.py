@@ -73,6 +73,8 @@ def length_batches(lengths: list[int], size: int) -> list[list[int]]:
     """Indices of rows of the given lengths, sorted by length (ties in input order) and cut into
     batches of ``size``: less padding. Every batched pass over a fixed set of rows uses this order
     (generation, scoring, the dev loss, and the rows each process decodes)."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[i : i + size] for i in range(0, len(order), size)]
 

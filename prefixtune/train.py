@@ -84,6 +84,21 @@ class TrainConfig:
         "backward (a bfloat16 step on CPU goes from ~3x to ~2x a no-grad forward, ~1.4x faster, see results/perf.md); "
         "compiling takes minutes once per process, so it pays off on runs of a few hundred steps and more")
 
+    def __post_init__(self):
+        """Refuse settings that would crash later (a division by a zero batch) or train nothing while
+        looking like a run (no steps, a learning rate of 0), naming the field and its option."""
+        at_least = {"batch_size": 1, "grad_accum": 1, "dev_batch_size": 1, "warmup_steps": 0, "eval_every": 0,
+                    "bucket": 0, "patience": 0, "weight_decay": 0}
+        if self.max_steps is not None:
+            at_least["max_steps"] = 1
+        for name, low in at_least.items():
+            if not getattr(self, name) >= low:
+                raise ValueError(f"TrainConfig.{name} must be >= {low}, got {getattr(self, name)} (--{name.replace('_', '-')})")
+        for name in ("epochs", "lr", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"TrainConfig.{name} must be a positive number, got {value} (--{name.replace('_', '-')})")
+
 
 # run.json files written before a TrainConfig field existed ran with these values
 _LEGACY_TRAIN = {"bucket": 0, "patience": 0, "autocast": False, "compile": False}

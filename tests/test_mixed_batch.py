@@ -163,3 +163,16 @@ def test_static_cache_decoding_equals_the_default_cache(arch, tokenizer):
     static = pt.generate(model, tokenizer, SOURCES, prefixes=prefixes, cache_implementation="static", **kw)
     assert static == pt.generate(model, tokenizer, SOURCES, prefixes=prefixes, **kw)
     assert static != pt.generate(model, tokenizer, SOURCES, **kw)  # the prefixes are used
+
+
+def test_generate_refuses_settings_it_cannot_run(tokenizer):
+    """A batch size or beam count below 1 used to end in a ZeroDivisionError or a cryptic range() error,
+    and a top_p above 1 was silently no filtering at all: each is refused, named."""
+    model = tiny_model("llama-gqa")
+    for kwargs, message in ((dict(batch_size=0), "batch size must be >= 1, got 0"),
+                            (dict(num_beams=0), "num_beams must be >= 1, got 0"),
+                            (dict(do_sample=True, top_p=2.0), r"top_p is a probability mass in \(0, 1\], got 2.0")):
+        with pytest.raises(ValueError, match=message):
+            pt.generate(model, tokenizer, SOURCES[:2], max_new_tokens=2, **kwargs)
+    with pytest.raises(ValueError, match="batch size must be >= 1, got 0"):
+        pt.score(model, tokenizer, SOURCES[:2], TARGETS[:2], batch_size=0)

@@ -94,6 +94,25 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     empty.write_text('{"source": "a", "target": ""}\n')
     assert main(["train", "--train", str(empty), "--out", str(tmp_path / "r")]) == 2
     assert f"{empty}:1: expected a non-empty string \"target\"" in capsys.readouterr().err
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"source": "a", "target": "b"}\n')
+    for flags, message in ((["--batch-size", "0"], "TrainConfig.batch_size must be >= 1, got 0 (--batch-size)"),
+                           (["--epochs", "0"], "TrainConfig.epochs must be a positive number, got 0.0 (--epochs)"),
+                           (["--model", str(tmp_path / "no" / "model")], f"model '{tmp_path / 'no' / 'model'}': not a model directory")):
+        assert main(["train", "--train", str(good), "--out", str(tmp_path / "r"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # 0 used to mean all of them
+        main(["generate", "--input", str(good), "--out", str(tmp_path / "o.txt"), "--max-examples", "0"])
+    assert e.value.code == 2 and "argument --max-examples: must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value", [("batch_size", 0), ("grad_accum", 0), ("max_steps", 0), ("epochs", 0.0),
+                                         ("epochs", float("nan")), ("lr", 0.0), ("lr", -1e-4), ("warmup_steps", -1),
+                                         ("eval_every", -1), ("patience", -1), ("weight_decay", -0.1)])
+def test_train_config_refuses_settings_that_would_crash_or_train_nothing(field, value):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} must be"):
+        TrainConfig(**{field: value})
+    TrainConfig(**{field: {"epochs": 0.5, "lr": 1e-4, "weight_decay": 0.0}.get(field, 1)})  # a valid value passes
 
 
 def test_help_explains():
