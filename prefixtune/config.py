@@ -51,6 +51,11 @@ class PrefixConfig:
         check_choices(self)
         if self.init == "words" and not self.init_text:
             raise ValueError("PrefixConfig.init='words' needs init_text, e.g. 'table-to-text:'")
+        for name, low in (("mlp_hidden", 1), ("embed_dim", 1), ("init_steps", 0)):  # an MLP of width 0 trains a constant
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise ValueError(f"PrefixConfig.{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.init_lr > 0:
+            raise ValueError(f"PrefixConfig.init_lr must be a positive number, got {self.init_lr}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PrefixConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.placements is not None:

@@ -241,6 +241,9 @@ def test_config_errors():
         pt.PrefixConfig(init="words")
     with pytest.raises(ValueError, match="length"):
         pt.PrefixConfig(length=0)
+    for field, value in (("mlp_hidden", 0), ("embed_dim", 0), ("init_steps", -1), ("init_lr", 0.0)):
+        with pytest.raises(ValueError, match=rf"PrefixConfig\.{field} must be"):  # a width-0 MLP trained a constant
+            pt.PrefixConfig(**{field: value})
     with pytest.raises(ValueError, match="tokenizer"):
         pt.PrefixTuner(tiny_model("gpt2"), pt.PrefixConfig(init="words", init_text="summarize"))
     with pytest.raises(ValueError, match="placements"):
