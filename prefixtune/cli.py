@@ -36,7 +36,8 @@ def _subset(examples, n):
 
 
 def _count(text: str) -> int:
-    """argparse type of the --max-*-examples options: a whole number >= 1 (0 would silently mean all)."""
+    """argparse type of counts that must be >= 1: --threads (torch refuses fewer), the --max-*-examples
+    options (0 would silently mean all)."""
     n = int(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
@@ -386,7 +387,7 @@ def _common(p: argparse.ArgumentParser, task: bool = True) -> None:
     p.add_argument("--device", default=None,
                    help="torch device, e.g. cuda (default: cpu); under accelerate launch each process gets its own "
                    "(--device cpu: CPU processes)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_count, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the frozen base model; prefixes stay float32 (bfloat16: about 1.7x faster on CPUs "
                    "with avx512_bf16/AMX and on GPUs; see results/perf.md)")
@@ -492,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "now), from the CPU time of finished runs like them, then stop; for a session whose machine, and "
                    "with it the training scratch of an unfinished run, is not kept")
     x.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
-    x.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (1 per process on a shared machine)")
+    x.add_argument("--threads", type=_count, default=None, help="torch CPU threads per process (1 per process on a shared machine)")
     x.add_argument("--runs-dir", default="runs/experiments", help="training scratch (checkpoints, weights; git-ignored)")
     x.add_argument("--results-dir", default="results", help="reports and plots; the ledger is RESULTS_DIR/ledger")
     add_options(x, Scale)

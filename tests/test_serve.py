@@ -857,3 +857,17 @@ def test_upload_a_peft_checkpoint_as_a_zip(env):
             r = a.put("/v1/prefixes/bad-peft", content=body, headers=ct)
             assert r.status_code == 422 and words in r.text, r.text
         assert a.delete("/v1/prefixes/from-peft").status_code == 200
+
+
+@pytest.mark.parametrize("option,value,message", [("max_batch_rows", 0, "--max-batch-rows must be >= 1, got 0"),
+                                                  ("max_queue", 0, "--max-queue must be >= 1, got 0"),
+                                                  ("threads", -1, "--threads must be >= 1, got -1"),
+                                                  ("request_timeout_s", 0.0, "--request-timeout-s must be above 0"),
+                                                  ("port", 70000, "--port must be a TCP port")])
+def test_server_settings_that_would_crash_or_refuse_everything_are_refused_at_start(option, value, message):
+    from prefixtune.cli import main
+    from prefixtune.serve import ServeConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ServeConfig(**{option: value})
+    assert main(["serve", f"--{option.replace('_', '-')}", str(value)]) == 2  # before loading any model

@@ -101,9 +101,10 @@ def test_cli_reports_bad_input(tmp_path, capsys):
                            (["--model", str(tmp_path / "no" / "model")], f"model '{tmp_path / 'no' / 'model'}': not a model directory")):
         assert main(["train", "--train", str(good), "--out", str(tmp_path / "r"), *flags]) == 2
         assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:  # 0 used to mean all of them
-        main(["generate", "--input", str(good), "--out", str(tmp_path / "o.txt"), "--max-examples", "0"])
-    assert e.value.code == 2 and "argument --max-examples: must be >= 1, got 0" in capsys.readouterr().err
+    for flag in ("--max-examples", "--threads"):  # 0 examples used to mean all of them; -1 threads, a torch traceback
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--input", str(good), "--out", str(tmp_path / "o.txt"), flag, "-1"])
+        assert e.value.code == 2 and f"argument {flag}: must be >= 1, got -1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field,value", [("batch_size", 0), ("grad_accum", 0), ("max_steps", 0), ("epochs", 0.0),
