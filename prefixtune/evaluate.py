@@ -33,7 +33,10 @@ def evaluate(task: str, predictions: str | Path, split: str = "test", references
 
     if task == "e2e":
         if references is None and variant == "official":
-            name = {"test": "testset_w_refs.csv", "dev": "devset.csv", "valid": "devset.csv"}[split]
+            official = {"test": "testset_w_refs.csv", "dev": "devset.csv", "valid": "devset.csv"}
+            if split not in official:
+                raise ValueError(f"E2E split must be one of {sorted(official)}, got {split!r}")
+            name = official[split]
             references = data_dir(data) / "e2e" / "original" / name
         if references is not None:
             mrs, refs = e2e.read_references(references)
