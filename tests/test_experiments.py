@@ -779,3 +779,19 @@ def test_a_grid_process_started_in_the_background_stops_on_sigint():
             time.sleep(5)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_hours_measured_on_two_threads_count_as_one_threads(tmp_path):
+    """A run on 2 threads keeps both busy (CPU time ~ 2x wall) but ends only 1.65x sooner: its CPU hours are
+    1.2x what one thread needs, and counted as 1.65/2 of themselves, training and decoding alike (the
+    estimate is of one thread's hours, divided by the speed-up of the process that will run it)."""
+    test = Eval("e2e", n=12)
+    done = Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=0, evals=(test,))
+    ledger.write(tmp_path, done.key(), {"run": done.training(), "evals": {test.key(): {"decode_cpu_seconds": 720.0, "threads": 2}},
+                                        "train": {"wall_seconds": 3700.0, "cpu_seconds": 7200.0, "train_cpu_seconds": 7200.0,
+                                                  "threads": 2}})
+    todo = Run("e2e", "prefix", lr=1e-4, train_examples=500, seed=1, evals=(test,))
+    spent, expected = grid.expected_hours({"done": [done], "running": [], "todo": [todo], "waiting": []}, tmp_path)
+    assert spent[done.key()] == pytest.approx(2.2)  # what it cost stays CPU hours
+    assert expected[todo.key()] == pytest.approx(2.2 * 1.65 / 2)
+    assert grid.one_thread(1.0, None) == grid.one_thread(1.0, 1) == 1.0

@@ -135,13 +135,15 @@ def _likeness(run: Run) -> tuple[tuple, ...]:
 
 def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path, runs_dir: str | Path | None = None
                    ) -> tuple[dict[str, float], dict[str, float | None]]:
-    """(hours of each finished run, expected hours of each other run). A run is expected to take the mean
-    training of the finished runs most like it (``_likeness``), plus each of its test decodings as that
-    decoding took on the finished runs most like it that did it: a whole-run mean would mix runs with a
-    test decoding and runs without one (the learning-rate grid's) and so under-count the first. A run
-    stopped unfinished trains for at least what its attempts were seen to need (``unfinished_hours``). A
-    resumed run from before CPU time was counted (``_timed_by_the_clock``) does not count for training.
-    None where no like run trained or did one of its decodings.
+    """(CPU hours of each finished run, expected hours of one thread for each other run). A run is expected
+    to take the mean training of the finished runs most like it (``_likeness``), plus each of its test
+    decodings as that decoding took on the finished runs most like it that did it, each in one thread's
+    hours (``one_thread``): a whole-run mean would mix runs with a test decoding and runs without one (the
+    learning-rate grid's) and so under-count the first. A run stopped unfinished trains for at least what
+    its attempts were seen to need (``unfinished_hours``, CPU hours as noted: on 2 threads an over-count,
+    the safe side for a lower bound). A resumed run from before CPU time was counted
+    (``_timed_by_the_clock``) does not count for training. None where no like run trained or did one of
+    its decodings.
 
     With ``runs_dir`` (this machine's training scratch), a run counts only what is left of it here: its
     test decodings if its trained weights are here, less what its training checkpoint holds
@@ -152,9 +154,9 @@ def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path, runs_dir
     by = {}  # (likeness tag, "train" or a test decoding's key) -> hours of the finished runs
     for r in state["done"]:
         result = results[r.key()]
-        parts = {k: decode_hours(e) for k, e in result["evals"].items()}
+        parts = {k: one_thread(decode_hours(e), e.get("threads")) for k, e in result["evals"].items()}
         if not _timed_by_the_clock(result["train"]):
-            parts["train"] = train_hours(result)
+            parts["train"] = one_thread(train_hours(result), result["train"].get("threads"))
         for tag in _likeness(r):
             for part, h in parts.items():
                 by.setdefault((tag, part), []).append(h)
@@ -196,6 +198,14 @@ def speedup(threads: int) -> float:
     thread): 1.65x with 2, measured on a WebNLG prefix run's training steps (2026-12-01, AMD EPYC, 3.2
     against 5.2 s per step); more threads are assumed to add as much each."""
     return 1 + 0.65 * (max(1, threads) - 1)
+
+
+def one_thread(cpu_hours: float, threads: int | None) -> float:
+    """The hours one thread needs for work that took ``cpu_hours`` of CPU time on ``threads`` threads: those
+    keep every thread busy (CPU time is about threads x wall time; a waiting thread spins) but end only
+    ``speedup(threads)`` times sooner, so a 2-thread run's CPU hours are 1.2x one thread's for the same work."""
+    threads = max(1, threads or 1)
+    return cpu_hours * speedup(threads) / threads
 
 
 def fits(todo: list[Run], expected: dict[str, float | None], hours_left: float, threads: int = 1) -> list[Run]:
