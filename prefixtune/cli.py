@@ -149,6 +149,29 @@ def decode_share(model, tokenizer, sources: list[str], batch_size: int, rank: in
     return [i for b in batches[rank::world] for i in b]
 
 
+def _decoding(args) -> dict:
+    """generate()'s settings from the options: the paper's decoding for the task, with what was given
+    instead. Refuses, before any model loads, settings generate() would silently ignore."""
+    kwargs = dict(DECODING[args.task], do_sample=args.do_sample)
+    for name, low in (("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0), ("no_repeat_ngram_size", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        if value is not None:
+            kwargs[name] = value
+    if kwargs.get("min_new_tokens", 0) > kwargs["max_new_tokens"]:
+        given = {n: "" if getattr(args, n) is not None else f" (the {args.task} default)" for n in ("min_new_tokens", "max_new_tokens")}
+        raise ValueError(f"--min-new-tokens {kwargs['min_new_tokens']}{given['min_new_tokens']} is more than --max-new-tokens "
+                         f"{kwargs['max_new_tokens']}{given['max_new_tokens']}")
+    sampling = {"temperature": (args.temperature, 1.0), "top_p": (args.top_p, 1.0), "top_k": (args.top_k, 0)}
+    if args.do_sample:
+        kwargs.update({name: value for name, (value, _) in sampling.items()})
+    elif any(value != default for value, default in sampling.values()):
+        raise ValueError("--temperature, --top-p and --top-k set how to sample: add --do-sample (without it, decoding "
+                         "is greedy or beam search and they would be ignored)")
+    return kwargs
+
+
 def cmd_generate(args) -> int:
     import torch
     from accelerate.utils import gather_object
@@ -164,6 +187,7 @@ def cmd_generate(args) -> int:
     else:
         sources = [e.source for e in group_references(_read_task(args, args.split, need_target=False))]
     sources = _subset(sources, args.max_examples)
+    kwargs = _decoding(args)
     prefixes = [Prefix.load(p) for p in args.prefix]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,13 +203,8 @@ def cmd_generate(args) -> int:
             raise SystemExit(f"prefixtune generate: --run of method {method.method} cannot be combined with --prefix")
         prefixes += [loaded["prefixes"]] if "prefixes" in loaded else []
         soft_prompt = loaded.get("soft_prompt")
-    kwargs = dict(DECODING[args.task], do_sample=args.do_sample)  # the paper's decoding for the task
-    for name in ("num_beams", "max_new_tokens", "min_new_tokens", "no_repeat_ngram_size"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
     if args.do_sample:
         torch.manual_seed(args.seed)
-        kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     # every (source, prefix) pair in one mixed-prefix stream of batches
     rows = [(s, p) for s in sources for p in (prefixes or [None])]
     mine = list(range(len(rows)))

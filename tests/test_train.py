@@ -101,6 +101,12 @@ def test_cli_reports_bad_input(tmp_path, capsys):
                            (["--model", str(tmp_path / "no" / "model")], f"model '{tmp_path / 'no' / 'model'}': not a model directory")):
         assert main(["train", "--train", str(good), "--out", str(tmp_path / "r"), *flags]) == 2
         assert message in capsys.readouterr().err
+    for flags, message in ((["--min-new-tokens", "50", "--max-new-tokens", "5"], "--min-new-tokens 50 is more than --max-new-tokens 5"),
+                           (["--task", "xsum", "--max-new-tokens", "5"], "--min-new-tokens 10 (the xsum default) is more than"),
+                           (["--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be >= 0, got -1"),
+                           (["--temperature", "0.5"], "add --do-sample")):  # each was silently ignored
+        assert main(["generate", "--input", str(good), "--out", str(tmp_path / "o.txt"), *flags]) == 2
+        assert message in capsys.readouterr().err
     for flag in ("--max-examples", "--threads"):  # 0 examples used to mean all of them; -1 threads, a torch traceback
         with pytest.raises(SystemExit) as e:
             main(["generate", "--input", str(good), "--out", str(tmp_path / "o.txt"), flag, "-1"])
