@@ -168,6 +168,18 @@ def selection(history: list[dict], key: str, patience: int) -> dict:
             "stopped_early": bool(patience and since >= patience)}
 
 
+def _differences(was: dict, now: dict, path: str = "") -> list[str]:
+    """The settings that differ between two run.json contents, as 'section.name: was -> now'."""
+    out = []
+    for k in dict.fromkeys([*was, *now]):
+        a, b = was.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{path}{k}.")
+        elif a != b:
+            out.append(f"{path}{k}: {a!r} -> {b!r}")
+    return out
+
+
 class Trainer:
     def __init__(self, model, tokenizer, train: list[Example], dev: list[Example] | None,
                  prefix_config: PrefixConfig, config: TrainConfig, out_dir: str | Path, progress: bool = True,
@@ -179,8 +191,6 @@ class Trainer:
         evaluation; when given, the best evaluation and early stopping follow it instead of dev loss."""
         if not train:
             raise ValueError("no training examples")
-        if config.bucket < 0:
-            raise ValueError(f"TrainConfig.bucket must be >= 0, got {config.bucket}")
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.out = Path(out_dir)
         self.device = next(model.parameters()).device
@@ -468,8 +478,7 @@ class Trainer:
                 for k, v in _LEGACY_TRAIN.items():
                     before.get("train", {}).setdefault(k, v)
                 if before != self.run_info:
-                    diff = {k: (before.get(k), self.run_info.get(k)) for k in self.run_info if before.get(k) != self.run_info.get(k)}
-                    error = (f"{self.out} holds a run with a different configuration (was, now): {diff}. "
+                    error = (f"{self.out} holds a run with other settings ({', '.join(_differences(before, self.run_info))}). "
                              "Use another output directory, or delete this one to start over.")
             else:
                 self._write_run_config()
