@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from .options import check_choices, option
+from .options import check_bounds, check_choices, option
 
 
 @dataclass
@@ -46,16 +46,11 @@ class PrefixConfig:
     placements: tuple[str, ...] | None = None
 
     def __post_init__(self):
-        if self.length < 1:
-            raise ValueError(f"PrefixConfig.length must be >= 1, got {self.length}")
         check_choices(self)
         if self.init == "words" and not self.init_text:
             raise ValueError("PrefixConfig.init='words' needs init_text, e.g. 'table-to-text:'")
-        for name, low in (("mlp_hidden", 1), ("embed_dim", 1), ("init_steps", 0)):  # an MLP of width 0 trains a constant
-            if getattr(self, name) is not None and getattr(self, name) < low:
-                raise ValueError(f"PrefixConfig.{name} must be >= {low}, got {getattr(self, name)}")
-        if not self.init_lr > 0:
-            raise ValueError(f"PrefixConfig.init_lr must be a positive number, got {self.init_lr}")
+        # an MLP of width 0 trains a constant (its bias)
+        check_bounds(self, {"length": 1, "mlp_hidden": 1, "embed_dim": 1, "init_steps": 0}, positive=("init_lr",))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"PrefixConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.placements is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 
@@ -55,6 +56,24 @@ def check_choices(obj) -> None:
         if typing.get_origin(kind) is typing.Literal and getattr(obj, name) not in typing.get_args(kind):
             allowed = " or ".join(repr(a) for a in typing.get_args(kind))
             raise ValueError(f"{type(obj).__name__}.{name} must be {allowed}, got {getattr(obj, name)!r}")
+
+
+def check_bounds(obj, at_least: dict[str, float] | None = None, positive: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the field (and its option) when a number of dataclass ``obj`` is below its
+    bound in ``at_least``, or one of ``positive`` is not a finite number above 0; None passes (unset)."""
+    flags = {f.name: f.metadata.get("flag", "--" + f.name.replace("_", "-")) for f in dataclasses.fields(obj) if "help" in f.metadata}
+
+    def refuse(name, expected):
+        flag = f" ({flags[name]})" if name in flags else ""
+        raise ValueError(f"{type(obj).__name__}.{name} must be {expected}, got {getattr(obj, name)}{flag}")
+
+    for name, low in (at_least or {}).items():
+        if getattr(obj, name) is not None and not getattr(obj, name) >= low:
+            refuse(name, f">= {low}")
+    for name in positive:
+        value = getattr(obj, name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            refuse(name, "a positive number")
 
 
 def from_options(cls, args: argparse.Namespace, **fields):

@@ -44,7 +44,7 @@ from .files import write_atomic
 from .loss import lm_head_split, normaliser
 from .methods import MethodConfig, build
 from .modes import eval_mode
-from .options import option
+from .options import check_bounds, option
 from .processes import process_state, share
 from .tuner import PrefixTuner
 from .template import Encoded, collate_train, encode, length_batches, special_ids
@@ -86,18 +86,10 @@ class TrainConfig:
 
     def __post_init__(self):
         """Refuse settings that would crash later (a division by a zero batch) or train nothing while
-        looking like a run (no steps, a learning rate of 0), naming the field and its option."""
-        at_least = {"batch_size": 1, "grad_accum": 1, "dev_batch_size": 1, "warmup_steps": 0, "eval_every": 0,
-                    "bucket": 0, "patience": 0, "weight_decay": 0}
-        if self.max_steps is not None:
-            at_least["max_steps"] = 1
-        for name, low in at_least.items():
-            if not getattr(self, name) >= low:
-                raise ValueError(f"TrainConfig.{name} must be >= {low}, got {getattr(self, name)} (--{name.replace('_', '-')})")
-        for name in ("epochs", "lr", "max_grad_norm"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"TrainConfig.{name} must be a positive number, got {value} (--{name.replace('_', '-')})")
+        looking like a run (no steps, a learning rate of 0)."""
+        check_bounds(self, {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "dev_batch_size": 1, "warmup_steps": 0,
+                            "eval_every": 0, "bucket": 0, "patience": 0, "weight_decay": 0},
+                     positive=("epochs", "lr", "max_grad_norm"))
 
 
 # run.json files written before a TrainConfig field existed ran with these values

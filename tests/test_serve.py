@@ -859,11 +859,11 @@ def test_upload_a_peft_checkpoint_as_a_zip(env):
         assert a.delete("/v1/prefixes/from-peft").status_code == 200
 
 
-@pytest.mark.parametrize("option,value,message", [("max_batch_rows", 0, "--max-batch-rows must be >= 1, got 0"),
-                                                  ("max_queue", 0, "--max-queue must be >= 1, got 0"),
-                                                  ("threads", -1, "--threads must be >= 1, got -1"),
-                                                  ("request_timeout_s", 0.0, "--request-timeout-s must be above 0"),
-                                                  ("port", 70000, "--port must be a TCP port")])
+@pytest.mark.parametrize("option,value,message", [("max_batch_rows", 0, "max_batch_rows must be >= 1, got 0 (--max-batch-rows)"),
+                                                  ("max_queue", 0, "max_queue must be >= 1, got 0 (--max-queue)"),
+                                                  ("threads", -1, "threads must be >= 1, got -1 (--threads)"),
+                                                  ("request_timeout_s", 0.0, "request_timeout_s must be a positive number"),
+                                                  ("port", 70000, "port must be a TCP port (0-65535), got 70000")])
 def test_server_settings_that_would_crash_or_refuse_everything_are_refused_at_start(option, value, message):
     from prefixtune.cli import main
     from prefixtune.serve import ServeConfig

@@ -27,7 +27,7 @@ import torch
 from .. import __version__
 from ..attach import is_seq2seq
 from ..models import DEFAULT_MODEL
-from ..options import check_choices, option
+from ..options import check_bounds, check_choices, option
 from ..data import Example
 from ..config import PrefixConfig
 from ..template import encode
@@ -89,21 +89,13 @@ class ServeConfig:
 
     def __post_init__(self):
         """Refuse limits that would crash the server later or turn it silently useless (a queue of 0 rows
-        answers every request 429), naming the option."""
-        at_least = {"max_batch_rows": 1, "prefill_chunk": 1, "max_queue": 1, "max_input_tokens": 1,
-                    "max_new_tokens_limit": 1, "max_prefixes_in_memory": 1, "max_train_jobs": 1, "max_train_examples": 1,
-                    "max_train_steps": 1, "max_train_prefix_length": 1, "batch_wait_ms": 0, "port": 0}
-        above_zero = ("max_upload_mb", "request_timeout_s", "max_train_mb")
-        if self.threads is not None:
-            at_least["threads"] = 1
-        for name, low in at_least.items():
-            if not getattr(self, name) >= low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
-        for name in above_zero:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be above 0, got {getattr(self, name)}")
+        answers every request 429)."""
+        check_bounds(self, {"max_batch_rows": 1, "prefill_chunk": 1, "max_queue": 1, "max_input_tokens": 1,
+                            "max_new_tokens_limit": 1, "max_prefixes_in_memory": 1, "max_train_jobs": 1,
+                            "max_train_examples": 1, "max_train_steps": 1, "max_train_prefix_length": 1, "batch_wait_ms": 0,
+                            "port": 0, "threads": 1}, positive=("max_upload_mb", "request_timeout_s", "max_train_mb"))
         if self.port > 65535:
-            raise ValueError(f"--port must be a TCP port (0-65535), got {self.port}")
+            raise ValueError(f"ServeConfig.port must be a TCP port (0-65535), got {self.port} (--port)")
         check_choices(self)
 
 
