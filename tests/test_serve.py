@@ -871,3 +871,16 @@ def test_server_settings_that_would_crash_or_refuse_everything_are_refused_at_st
     with pytest.raises(ValueError, match=re.escape(message)):
         ServeConfig(**{option: value})
     assert main(["serve", f"--{option.replace('_', '-')}", str(value)]) == 2  # before loading any model
+
+
+def test_a_bad_keys_file_is_refused_naming_it(tmp_path):
+    from prefixtune.serve.app import load_keys
+
+    with pytest.raises(FileNotFoundError, match="keys file not found: .*nokeys.json"):
+        load_keys(str(tmp_path / "nokeys.json"))
+    for text, message in (("{not json", "not valid JSON"), ("[1, 2]", "keys file must be a JSON object")):
+        (tmp_path / "keys.json").write_text(text)
+        with pytest.raises(ValueError, match=rf"keys.json: {message}"):
+            load_keys(str(tmp_path / "keys.json"))
+    (tmp_path / "keys.json").write_text('{"k1": "alice"}')
+    assert load_keys(str(tmp_path / "keys.json"), "k2:bob") == {"k1": "alice", "k2": "bob"}

@@ -107,7 +107,12 @@ def load_keys(path: str | None = None, env: str | None = None) -> dict[str, str]
     """API key -> tenant, from a JSON file {"key": "tenant"} and/or "key1:tenantA,key2:tenantB"."""
     keys: dict[str, str] = {}
     if path:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"keys file not found: {path}")
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) and k and v
                                                  for k, v in data.items()):
             raise ValueError(f"{path}: keys file must be a JSON object {{\"api-key\": \"tenant\", ...}}")
