@@ -16,8 +16,6 @@ MODEL_BASED = ("BERTScore", "BLEURT", "MoverScore")
 
 def read_lines(path: str | Path, expected: int) -> list[str]:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"predictions file not found: {path}")
     lines = path.read_text(encoding="utf-8").splitlines()
     if len(lines) != expected:
         raise DataError(f"{path}: {len(lines)} lines, expected {expected} (one per unique source, in reader order)")
@@ -31,6 +29,8 @@ def evaluate(task: str, predictions: str | Path, split: str = "test", references
     ``ter=False`` skips TER (pure Python, about 5 CPU minutes on DART test)."""
     from .metrics import e2e, rouge, webnlg
 
+    if not Path(predictions).is_file():
+        raise FileNotFoundError(f"predictions file not found: {predictions}")
     if task == "e2e":
         if references is None and variant == "official":
             official = {"test": "testset_w_refs.csv", "dev": "devset.csv", "valid": "devset.csv"}

@@ -61,10 +61,13 @@ def test_wrong_number_of_lines_is_refused(tmp_path):
         assert main(["evaluate", "--task", "dart", "--predictions", str(short)]) == 2
 
 
-def test_an_unknown_split_is_refused_by_name(tmp_path):
+def test_a_missing_predictions_file_or_an_unknown_split_is_refused_by_name(tmp_path):
     """E2E's official references are looked up by split: an unknown one was a KeyError traceback."""
     short = tmp_path / "short.txt"
     short.write_text("only one line\n")
+    for task in ("e2e", "xsum"):  # E2E's predictions were opened without a check: a bare '[Errno 2]'
+        with pytest.raises(FileNotFoundError, match="predictions file not found: .*nothere.txt"):
+            evaluate(task, tmp_path / "nothere.txt")
     for task, message in (("e2e", "E2E split must be one of"), ("webnlg", "WebNLG split must be one of"),
                           ("xsum", "XSUM split must be")):
         with pytest.raises(ValueError, match=f"{message}.*got 'tset'"):
