@@ -701,7 +701,8 @@ def test_every_report_on_a_full_synthetic_ledger(tmp_path):
         entry = tmp_path / "ledger" / run.key()
         for ev in run.evals:
             rows = items[ev.key()]
-            outputs = ["a b c d a b c d"] * 12 if run.method == "ft-top2" else ["x"] * 12  # FT-top2's outputs loop
+            loops = run.method == "ft-top2" or (run.method == "finetune" and run.train_examples == 50)
+            outputs = ["a b c d a b c d"] * 12 if loops else ["x"] * 12  # these runs' outputs loop
             result["evals"][ev.key()].update(ledger.write_eval_files(tmp_path / "ledger", run.key(), ev, outputs, rows))
         ledger.write(tmp_path / "ledger", run.key(), result)
         assert (entry / "result.json").is_file()
@@ -718,6 +719,12 @@ def test_every_report_on_a_full_synthetic_ledger(tmp_path):
     header = rows["| method"].split(" | ")
     rep = header.index("rep-4 %")
     assert rows["| ft-top2"].split(" | ")[rep].startswith("20.00 ± 0.00") and rows["| prefix"].split(" | ")[rep].startswith("0.00")
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in (tmp_path / "low-data.md").read_text().splitlines()
+             if line.startswith("| ")]
+    rows = {row[0]: row for row in cells}
+    prefix_rep, ft_rep = rows["train pairs"].index("prefix rep-4 %"), rows["train pairs"].index("FT rep-4 %")
+    assert rows["50"][ft_rep].startswith("20.00 ± 0.00") and rows["50"][prefix_rep].startswith("0.00")
+    assert rows["100"][ft_rep].startswith("0.00")
     table = readme.read_text()
     assert table.count("| [") >= 30 and "runs missing" not in table
     state = grid.status(base, tmp_path / "runs", tmp_path / "ledger")

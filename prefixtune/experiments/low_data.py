@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import Scale
-from .report import compare, finding, line_plot, mean, metric, sd, spread, table, verdict_label
+from .report import compare, finding, line_plot, mean, metric, repetition, sd, spread, table, verdict_label
 
 TITLE = "Low-data: prefix-tuning vs fine-tuning on 50-500 E2E training examples, BLEU and slot errors"
 SCALE_TEXT = ("E2E training subsets of {s.train_sizes} pairs, {s.samplings} random samplings x {s.seeds} seeds per "
@@ -63,7 +63,8 @@ def report(results, scale: Scale, ctx) -> str:
         rows.append([n, spread([metric(results, r, ev, "BLEU") for r in runs["prefix"]]),
                      spread([metric(results, r, ev, "BLEU") for r in runs["finetune"]]), "—" if bleu is None else bleu.text(),
                      spread([metric(results, r, ev, "SER") for r in runs["prefix"]]),
-                     spread([metric(results, r, ev, "SER") for r in runs["finetune"]]), "—" if ser is None else ser.text()])
+                     spread([metric(results, r, ev, "SER") for r in runs["finetune"]]), "—" if ser is None else ser.text(),
+                     *(spread([repetition(results, r, ev, ctx.dir / "ledger") for r in runs[m]]) for m in METHODS)])
         findings.append(finding(ctx, f"Prefix-tuning beats fine-tuning with {n} examples", "prefix ahead at every "
                                 "low-data size (Figure 3)", bleu, +1, "BLEU, prefix − fine-tuning"))
         if n in (100, 200):
@@ -93,9 +94,11 @@ def report(results, scale: Scale, ctx) -> str:
     return "\n".join([
         "## E2E BLEU and slot errors by training size", "",
         table(["train pairs", "prefix BLEU", "fine-tuning BLEU", "prefix − FT [95% CI]", "prefix SER %", "FT SER %",
-               "prefix − FT SER [95% CI]"], rows), "",
+               "prefix − FT SER [95% CI]", *(f"{'prefix' if m == 'prefix' else 'FT'} rep-4 %" for m in METHODS)], rows), "",
         "Cells: mean ± sd over samplings x seeds (min–max, n). SER: slot error rate, missing + added + wrong attribute "
-        "values per table value, with the value-matching rules of the E2E cleaning work (prefixtune/metrics/slot_error.py).", "",
+        "values per table value, with the value-matching rules of the E2E cleaning work (prefixtune/metrics/slot_error.py). "
+        "rep-4: how much an output repeats itself (the share of its word 4-grams that occur earlier in it, mean over the "
+        "test outputs; Welleck et al., 2020).", "",
         f"![low-data BLEU]({p1.name})", "", f"![slot errors]({p2.name})", "",
         "## Findings", "", *findings, "",
         f"## Arithmetic check: the {scale.arithmetic_cell}-example cell (sampling 0, {scale.seeds} seeds) in both arithmetics", "",
