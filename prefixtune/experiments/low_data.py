@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from . import Scale
-from .report import compare, finding, line_plot, mean, metric, repetition, sd, spread, table, verdict_label
+from .report import REPETITION_NOTE, compare, finding, line_plot, mean, metric, repetition, sd, spread, table, verdict_label
 
 TITLE = "Low-data: prefix-tuning vs fine-tuning on 50-500 E2E training examples, BLEU and slot errors"
 SCALE_TEXT = ("E2E training subsets of {s.train_sizes} pairs, {s.samplings} random samplings x {s.seeds} seeds per "
@@ -97,8 +97,7 @@ def report(results, scale: Scale, ctx) -> str:
                "prefix − FT SER [95% CI]", *(f"{'prefix' if m == 'prefix' else 'FT'} rep-4 %" for m in METHODS)], rows), "",
         "Cells: mean ± sd over samplings x seeds (min–max, n). SER: slot error rate, missing + added + wrong attribute "
         "values per table value, with the value-matching rules of the E2E cleaning work (prefixtune/metrics/slot_error.py). "
-        "rep-4: how much an output repeats itself (the share of its word 4-grams that occur earlier in it, mean over the "
-        "test outputs; Welleck et al., 2020).", "",
+        + REPETITION_NOTE, "",
         f"![low-data BLEU]({p1.name})", "", f"![slot errors]({p2.name})", "",
         "## Findings", "", *findings, "",
         f"## Arithmetic check: the {scale.arithmetic_cell}-example cell (sampling 0, {scale.seeds} seeds) in both arithmetics", "",

@@ -164,6 +164,11 @@ def seq_rep(words: list[str], n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
+REPETITION_NOTE = ("rep-4 %: how much an output repeats itself (the share of its word 4-grams that occur earlier in it, mean "
+                   "over the test outputs; Welleck et al., 2020): outputs stuck in a loop cost BLEU and slot errors that the "
+                   "teacher-forced dev loss does not show.")
+
+
 def repetition(results: list[dict], run: Run, ev: Eval, ledger_dir: str | Path) -> float | None:
     """How much a run's test outputs of ``ev`` repeat themselves: the mean seq-rep-4 over outputs, in %,
     read from the ledger's outputs file (None without it). A method whose outputs loop loses BLEU and

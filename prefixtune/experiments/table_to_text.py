@@ -5,8 +5,8 @@ one E2E training size, each method with its own learning rate, trained to its be
 from __future__ import annotations
 
 from . import Scale
-from .report import (bar_plot, compare, finding, fmt, mean, metric, peak_cell, repetition, run_minutes, spread, step_time, table,
-                     train_info)
+from .report import (REPETITION_NOTE, bar_plot, compare, finding, fmt, mean, metric, peak_cell, repetition, run_minutes, spread,
+                     step_time, table, train_info)
 
 TITLE = "Table-to-text: prefix-tuning vs the baselines on E2E (the paper's Table 1)"
 SCALE_TEXT = ("Every method trained on the same {s.train_size} E2E training pairs (random sampling 0), {s.seeds} seeds, "
@@ -87,7 +87,7 @@ def report(results, scale: Scale, ctx) -> str:
            table(["method", "lr", "trainable %", "stored %", *E2E_METRICS, "SER %", "rep-4 %", "paper BLEU", "best epoch", "s/step",
                   "run min", "peak RSS MB"], rows), "",
            "Cells with several seeds: mean ± sd (min–max, n). trainable %: what the optimizer updates (the prefix-like "
-           "methods include their reparameterisation MLP); stored %: what is kept after training. rep-4 %: how much an output repeats itself (the share of its word 4-grams that occur earlier in it, mean over the test outputs; Welleck et al., 2020): outputs stuck in a loop cost BLEU and slot errors that the teacher-forced dev loss does not show. best epoch: mean over "
+           "methods include their reparameterisation MLP); stored %: what is kept after training. " + REPETITION_NOTE + " best epoch: mean over "
            "seeds of the epoch of the selected evaluation. s/step, run min (training with its evaluations over all of a "
            "resumed run's sessions, plus test decoding; CPU time, or wall time for runs from before it was counted per evaluation) and peak RSS: seed 0, one thread. Paper: GPT-2 medium, all 42k training pairs, beam 5 (Table 1).", "",
            f"![E2E BLEU]({plot.name})", "", "## Findings", "", *findings, ""]
