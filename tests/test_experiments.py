@@ -802,3 +802,11 @@ def test_hours_measured_on_two_threads_count_as_one_threads(tmp_path):
     assert spent[done.key()] == pytest.approx(2.2)  # what it cost stays CPU hours
     assert expected[todo.key()] == pytest.approx(2.2 * 1.65 / 2)
     assert grid.one_thread(1.0, None) == grid.one_thread(1.0, 1) == 1.0
+
+
+def test_seq_rep_counts_the_word_ngrams_seen_earlier_in_an_output():
+    from prefixtune.experiments.report import seq_rep
+
+    assert seq_rep([]) == seq_rep("too short".split()) == seq_rep("no phrase comes back here".split()) == 0.0
+    assert seq_rep("a b c d a b c d".split()) == pytest.approx(1 / 5)  # abcd bcda cdab dabc abcd
+    assert seq_rep(("pub " * 40).split()) == pytest.approx(36 / 37)  # a loop: all but the first 4-gram repeat
