@@ -155,10 +155,11 @@ def _decoding(args) -> dict:
     kwargs = dict(DECODING[args.task], do_sample=args.do_sample)
     for name, low in (("num_beams", 1), ("max_new_tokens", 1), ("min_new_tokens", 0), ("no_repeat_ngram_size", 0)):
         value = getattr(args, name)
-        if value is not None and value < low:
+        if value is None:
+            continue
+        if value < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-        if value is not None:
-            kwargs[name] = value
+        kwargs[name] = value
     if kwargs.get("min_new_tokens", 0) > kwargs["max_new_tokens"]:
         given = {n: "" if getattr(args, n) is not None else f" (the {args.task} default)" for n in ("min_new_tokens", "max_new_tokens")}
         raise ValueError(f"--min-new-tokens {kwargs['min_new_tokens']}{given['min_new_tokens']} is more than --max-new-tokens "

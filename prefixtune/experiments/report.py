@@ -7,7 +7,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from . import stats
+from . import ledger, stats
 from .runs import Eval, Run, step_seconds, training_seconds
 
 
@@ -175,7 +175,7 @@ def repetition(results: list[dict], run: Run, ev: Eval, ledger_dir: str | Path) 
     slot accuracy where its dev loss (teacher-forced) does not show it."""
     r = find(results, run)
     name = r and r["evals"].get(ev.key(), {}).get("outputs_file")
-    path = Path(ledger_dir) / Run(**r["run"]).key() / name if name else None
+    path = ledger.entry(ledger_dir, Run(**r["run"]).key()) / name if name else None
     if path is None or not path.is_file():
         return None
     return 100 * statistics.fmean(seq_rep(line.split()) for line in path.read_text().splitlines())
