@@ -44,6 +44,19 @@ def _count(text: str) -> int:
     return n
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` that shows an option's default only where it tells something: not for required
+    options, off-by-default switches, unset (None) or empty defaults, or a help text that already
+    says what its default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ([], "")
+        if action.required or unset or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _processes(args):
     """(accelerate's process state, the device for this process's model). One process: --device as
     given (default CPU). N processes (accelerate launch / torchrun): one device per process (CPU
@@ -424,10 +437,10 @@ def _training_options(t: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefixtune", description="Prefix-Tuning (Li & Liang, 2021) for frozen Hugging Face LMs.")
+    parser = argparse.ArgumentParser(prog="prefixtune", formatter_class=_Help, description="Prefix-Tuning (Li & Liang, 2021) for frozen Hugging Face LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a prefix (or a baseline: --method)", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    t = sub.add_parser("train", help="train a prefix (or a baseline: --method)", formatter_class=_Help,
                        description="Train a prefix on (source, target) pairs with the base model frozen. The run "
                        "directory gets the best prefix by dev loss (prefix.safetensors), the last checkpoint, a "
                        "log and summary.json (parameter counts, wall time, peak memory); running the same command "
@@ -447,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     _training_options(t)
     t.set_defaults(func=cmd_train)
 
-    d = sub.add_parser("generate", help="decode with one or more prefixes", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    d = sub.add_parser("generate", help="decode with one or more prefixes", formatter_class=_Help,
                        description="Generate an output for each source. With several --prefix, every source is "
                        "decoded with every prefix, all in the same mixed-prefix batches, and the output is JSONL.")
     _common(d)
@@ -472,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="score predictions with the task's official metrics",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_Help,
                        description="E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr as the official E2E scorer; WebNLG (S/U/A) "
                        "and DART: BLEU, METEOR, TER (+chrF++) as their official scripts; summarization: ROUGE-1/2/L/Lsum.")
     e.add_argument("--task", required=True, choices=TASKS, help="which task's references and metrics")
@@ -491,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import NAMES, Scale
 
     x = sub.add_parser("experiment", help="run the paper's experiments (to convergence) and write their reports",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_Help,
                        description="Train and score every run of one of the paper's experiments (or all, or the whole "
                        "grid in priority order), then write results/NAME.md (protocol, the paper's numbers beside ours "
                        "with 95% bootstrap intervals, verdicts, plots). Every run is trained to its best dev score "
@@ -522,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_experiment)
 
     s = sub.add_parser("serve", help="serve many tenants' prefixes over HTTP with continuous batching across prefixes",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_Help,
                        description="One process, one frozen base model, an HTTP API (FastAPI; docs at /docs): tenants "
                        "upload exported prefixes and generate with them; concurrent requests for different prefixes "
                        "decode together in one running batch that rows join and leave at every step. See README, 'Serving'.")
@@ -536,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("train-many", help="train many prefixes (one per user) together on one frozen model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_Help,
                        description="Train the jobs of --jobs (a JSONL file, one job per line: {\"name\", \"train\": "
                        "FILE.jsonl, \"dev\": FILE.jsonl?, any setting of the options below by its field name, e.g. "
                        "\"length\": 20, \"lr\": 0.001, \"max_steps\": 300, \"patience\": 3}) on one copy of the "
@@ -556,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import-peft", help="convert a PEFT prefix-tuning checkpoint to a prefixtune prefix file",
                        description="Read a PEFT prefix-tuning directory (adapter_config.json + adapter_model."
                        "safetensors, with or without prefix_projection) and write a prefixtune .safetensors prefix "
-                       "for --model. " + peft_doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "for --model. " + peft_doc, formatter_class=_Help)
     i.add_argument("directory", help="the PEFT adapter directory (as save_pretrained writes it)")
     i.add_argument("--model", default=DEFAULT_MODEL, help="the base model the PEFT prefix was trained on")
     i.add_argument("--out", required=True, help="prefix file to write (.safetensors)")
@@ -567,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export-peft", help="write a prefixtune prefix as a PEFT prefix-tuning checkpoint",
                        description="Write a directory that PeftModel.from_pretrained(model, DIR) loads, whose "
                        "forward gives prefixtune's logits. " + peft_doc,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     x.add_argument("prefix", help="prefix file (.safetensors) written by prefixtune")
     x.add_argument("--out", required=True, help="directory to write")
     x.add_argument("--model", default=None, help="the prefix's base model (default: the one its metadata names)")

@@ -1,12 +1,14 @@
 """Training loop, checkpoints and CLI on tiny models (a local model directory, as a user's HF path)."""
 
+import argparse
 import json
+import re
 
 import pytest
 import torch
 
 import prefixtune as pt
-from prefixtune.cli import main
+from prefixtune.cli import build_parser, main
 from prefixtune.data import Example
 from prefixtune.template import collate_train
 from prefixtune.train import TrainConfig, Trainer
@@ -122,11 +124,22 @@ def test_train_config_refuses_settings_that_would_crash_or_train_nothing(field, 
     TrainConfig(**{field: {"epochs": 0.5, "lr": 1e-4, "weight_decay": 0.0}.get(field, 1)})  # a valid value passes
 
 
-def test_help_explains():
+def test_help_explains(capsys):
     for cmd in ("train", "generate"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
+    # every command's --help shows the defaults that say something, each once, and no empty ones
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"train", "generate", "evaluate", "experiment", "serve", "train-many", "import-peft",
+                             "export-peft"}
+    for name, parser in commands.items():
+        text = " ".join(parser.format_help().split())
+        for empty in ("(default: None)", "(default: False)", "(default: [])"):
+            assert empty not in text, (name, empty)
+        assert not re.search(r"\(default[^)]*\) \(default:", text), name  # a help text stating its default gets no second
+    assert "--batch-size BATCH_SIZE rows per generate call (per process) (default: 16)" in " ".join(
+        commands["generate"].format_help().split())
 
 
 def test_cli_named_tasks(tmp_path, tokenizer):
