@@ -107,7 +107,7 @@ def cmd_train(args) -> int:
     from .train import train_method
 
     if args.task == "jsonl" and not args.train:
-        raise SystemExit("prefixtune train: --task jsonl needs --train FILE.jsonl (rows of {\"source\", \"target\"})")
+        raise ValueError("--task jsonl needs --train FILE.jsonl (rows of {\"source\", \"target\"})")
     train = _subset(_read_task(args, "train"), args.max_train_examples)
     dev = _subset(_read_task(args, "dev"), args.max_dev_examples)
     prefix_config, train_config = train_configs(args)
@@ -194,7 +194,7 @@ def cmd_generate(args) -> int:
     from .data import group_references
 
     if args.task == "jsonl" and not args.input:
-        raise SystemExit("prefixtune generate: give --input FILE (.txt: one source per line; .jsonl: {\"source\": ...})")
+        raise ValueError("give --input FILE (.txt: one source per line; .jsonl: {\"source\": ...})")
     if args.input and args.input.endswith(".txt"):
         lines = Path(args.input).read_text(encoding="utf-8").splitlines()
         sources = [s for s in lines if s.strip()]
@@ -214,7 +214,7 @@ def cmd_generate(args) -> int:
         method, prefix_config = read_run(args.run)
         loaded = load_trained(method, model, args.run, prefix_config)
         if args.prefix and "prefixes" not in loaded:
-            raise SystemExit(f"prefixtune generate: --run of method {method.method} cannot be combined with --prefix")
+            raise ValueError(f"--run of method {method.method} cannot be combined with --prefix")
         prefixes += [loaded["prefixes"]] if "prefixes" in loaded else []
         soft_prompt = loaded.get("soft_prompt")
     if args.do_sample:
@@ -280,18 +280,22 @@ def cmd_experiment(args) -> int:
     lrs = {}
     for item in args.lr:
         method, _, value = item.partition("=")
-        if method not in LR_GRID or not value:
-            raise SystemExit(f"prefixtune experiment: --lr wants METHOD=VALUE with METHOD in {sorted(LR_GRID)}, got {item!r}")
-        lrs[method] = float(value)
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if method not in LR_GRID or not lr > 0:
+            raise ValueError(f"--lr wants METHOD=VALUE with METHOD in {sorted(LR_GRID)} and VALUE > 0, got {item!r}")
+        lrs[method] = lr
     scale = from_options(Scale, args, lr=lrs)
     deadline = None
     if args.deadline:
         if args.name != "grid" or args.report_only or args.status:
-            raise SystemExit("prefixtune experiment: --deadline is for running the grid (prefixtune experiment grid)")
+            raise ValueError("--deadline is for running the grid (prefixtune experiment grid)")
         try:
             deadline = grid.parse_deadline(args.deadline)
         except ValueError as e:
-            raise SystemExit(f"prefixtune experiment: --{e}")
+            raise ValueError(f"--{e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     # the command that trains the runs (a --report-only rewrite reports the same runs)

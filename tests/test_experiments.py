@@ -211,12 +211,14 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     assert "ledger" in out and "95% bootstrap" in out  # the description is printed as written (no %-escapes)
     assert main(["experiment", "table-to-text", "--methods", "prefix", "dance", "--report-only"]) == 2
     assert "unknown method 'dance'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["experiment", "low-data", "--lr", "prefix"])
-    with pytest.raises(SystemExit, match="--deadline is for running the grid"):
-        main(["experiment", "low-data", "--deadline", "+60"])
-    with pytest.raises(SystemExit, match="expected HH:MM"):
-        main(["experiment", "grid", "--deadline", "tonight"])
+    for argv, message in ((["low-data", "--lr", "prefix"], "--lr wants METHOD=VALUE"),
+                          (["low-data", "--lr", "prefix=fast"], "--lr wants METHOD=VALUE"),
+                          (["low-data", "--lr", "prefix=0"], "--lr wants METHOD=VALUE"),
+                          (["low-data", "--lr", "dance=1e-4"], "--lr wants METHOD=VALUE"),
+                          (["low-data", "--deadline", "+60"], "--deadline is for running the grid"),
+                          (["grid", "--deadline", "tonight"], "--deadline 'tonight': expected HH:MM")):
+        assert main(["experiment", *argv]) == 2
+        assert f"prefixtune experiment: error: {message}" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     assert main(["experiment", "grid", "--status"]) == 0
     out = capsys.readouterr().out

@@ -96,6 +96,11 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     empty.write_text('{"source": "a", "target": ""}\n')
     assert main(["train", "--train", str(empty), "--out", str(tmp_path / "r")]) == 2
     assert f"{empty}:1: expected a non-empty string \"target\"" in capsys.readouterr().err
+    empty.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n')
+    assert main(["train", "--train", str(empty), "--out", str(tmp_path / "r")]) == 2
+    assert f'{empty}:2: no "target" (training and scoring need one per row)' in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r")]) == 2
+    assert "prefixtune train: error: --task jsonl needs --train FILE.jsonl" in capsys.readouterr().err
     good = tmp_path / "good.jsonl"
     good.write_text('{"source": "a", "target": "b"}\n')
     for flags, message in ((["--batch-size", "0"], "TrainConfig.batch_size must be >= 1, got 0 (--batch-size)"),

@@ -23,6 +23,8 @@ def read(path: str | Path, need_target: bool = True) -> list[Example]:
                 raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict) or not isinstance(row.get("source"), str):
                 raise DataError(f'{path}:{n}: expected an object with a string "source", got {line.strip()[:80]!r}')
+            if need_target and "target" not in row:
+                raise DataError(f'{path}:{n}: no "target" (training and scoring need one per row), got {line.strip()[:80]!r}')
             target = row.get("target", "")
             if not isinstance(target, str) or (need_target and not target.strip()):
                 raise DataError(f'{path}:{n}: expected a non-empty string "target", got {target!r}')
