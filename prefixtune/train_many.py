@@ -100,8 +100,11 @@ def read_jobs(path: str | Path, prefix: PrefixConfig, train: TrainConfig) -> lis
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from e
         base = path.parent
-        jobs.append(Job(name, read_pairs(base / train_file),
-                        read_pairs(base / dev_file) if dev_file else None, job_prefix, job_train))
+        try:
+            pairs = read_pairs(base / train_file), read_pairs(base / dev_file) if dev_file else None
+        except (ValueError, FileNotFoundError) as e:  # name the job's line too: its files are relative to it
+            raise ValueError(f"{where} (job {name!r}): {e}") from None
+        jobs.append(Job(name, *pairs, job_prefix, job_train))
     if not jobs:
         raise ValueError(f"{path}: no jobs")
     return jobs

@@ -138,6 +138,10 @@ def test_jobs_file_errors_name_the_line(tmp_path):
     check([json.dumps({"name": "a", "train": "a.jsonl", "lenght": 3})], r":1: unknown setting\(s\) \['lenght'\]")
     check([json.dumps({"name": "a", "train": "a.jsonl", "lr": "fast"})], r":1: 'lr' must be int or float")
     check([json.dumps({"name": "a", "train": "a.jsonl", "length": 0})], r":1: PrefixConfig.length must be >= 1")
+    check([ok, json.dumps({"name": "b", "train": "a.jsonl", "dev": "b.jsonl"})],
+          r"jobs.jsonl:2 \(job 'b'\): JSONL file not found: .*b.jsonl")  # a job's file, with the job's line
+    (tmp_path / "bad.jsonl").write_text('{"source": "x"}\n')
+    check([json.dumps({"name": "a", "train": "bad.jsonl"})], r"jobs.jsonl:1 \(job 'a'\): .*bad.jsonl:1: no \"target\"")
     (tmp_path / "jobs.jsonl").write_text(json.dumps({"name": "a", "train": "a.jsonl", "length": 4, "lr": 1}) + "\n")
     jobs = read_jobs(tmp_path / "jobs.jsonl", *defaults)
     assert jobs[0].prefix.length == 4 and jobs[0].train_config.lr == 1 and jobs[0].dev is None
