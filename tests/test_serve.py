@@ -873,6 +873,23 @@ def test_server_settings_that_would_crash_or_refuse_everything_are_refused_at_st
     assert main(["serve", f"--{option.replace('_', '-')}", str(value)]) == 2  # before loading any model
 
 
+def test_an_address_in_use_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import socket
+
+    from prefixtune.cli import main
+
+    monkeypatch.setenv("PREFIXTUNE_API_KEYS", "k1:alice")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # the model path does not exist: a refusal about the port shows that nothing was loaded first
+        assert main(["serve", "--port", str(port), "--model", str(tmp_path / "no-model")]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use (--host, --port)" in capsys.readouterr().err
+    assert main(["serve", "--host", "192.0.2.1", "--model", str(tmp_path / "no-model")]) == 2
+    assert "cannot listen on 192.0.2.1:8000: Cannot assign requested address" in capsys.readouterr().err
+
+
 def test_a_bad_keys_file_is_refused_naming_it(tmp_path):
     from prefixtune.serve.app import load_keys
 

@@ -105,7 +105,9 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     good.write_text('{"source": "a", "target": "b"}\n')
     for flags, message in ((["--batch-size", "0"], "TrainConfig.batch_size must be >= 1, got 0 (--batch-size)"),
                            (["--epochs", "0"], "TrainConfig.epochs must be a positive number, got 0.0 (--epochs)"),
-                           (["--model", str(tmp_path / "no" / "model")], f"model '{tmp_path / 'no' / 'model'}': not a model directory")):
+                           (["--model", str(tmp_path / "no" / "model")], f"model '{tmp_path / 'no' / 'model'}': no such directory"),
+                           (["--model", str(tmp_path)], f"model '{tmp_path}': not a model directory (a Hugging Face"),
+                           (["--model", str(good)], f"model '{good}': not a model directory")):
         assert main(["train", "--train", str(good), "--out", str(tmp_path / "r"), *flags]) == 2
         assert message in capsys.readouterr().err
     for flags, message in ((["--min-new-tokens", "50", "--max-new-tokens", "5"], "--min-new-tokens 50 is more than --max-new-tokens 5"),

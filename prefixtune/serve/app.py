@@ -689,6 +689,22 @@ def create_app(model, tokenizer, config: ServeConfig) -> FastAPI:
     return app
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on (a port in use, a host not of this machine)
+    before the model loads, which can take minutes; uvicorn itself would find out only after it."""
+    import socket
+
+    if port == 0:  # any free port: nothing to check
+        return
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+                s.bind(address)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e} (--host, --port)") from None
+
+
 def serve(config: ServeConfig) -> int:
     """Load the model, build the app and run uvicorn until SIGTERM/SIGINT (then drain and exit)."""
     import torch
@@ -699,6 +715,7 @@ def serve(config: ServeConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not config.keys:
         raise ValueError("no API keys: give --keys FILE or set PREFIXTUNE_API_KEYS='key1:tenantA,...'")
+    check_address(config.host, config.port)
     if config.threads:
         torch.set_num_threads(config.threads)
     model, tokenizer = load_base_model(config.model, dtype=getattr(torch, config.dtype), device=config.device)
