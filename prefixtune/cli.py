@@ -190,8 +190,9 @@ def cmd_generate(args) -> int:
     import torch
     from accelerate.utils import gather_object
 
-    from . import Prefix, generate
+    from . import Prefix
     from .data import group_references
+    from .generate import PartialOutputs, generate_batches
 
     if args.task == "jsonl" and not args.input:
         raise ValueError("give --input FILE (.txt: one source per line; .jsonl: {\"source\": ...})")
@@ -217,23 +218,31 @@ def cmd_generate(args) -> int:
             raise ValueError(f"--run of method {method.method} cannot be combined with --prefix")
         prefixes += [loaded["prefixes"]] if "prefixes" in loaded else []
         soft_prompt = loaded.get("soft_prompt")
-    if args.do_sample:
-        torch.manual_seed(args.seed)
     # every (source, prefix) pair in one mixed-prefix stream of batches
     rows = [(s, p) for s in sources for p in (prefixes or [None])]
     mine = list(range(len(rows)))
     if state.num_processes > 1:  # split over processes; process 0 gathers and writes in the original order
         mine = decode_share(model, tokenizer, [s for s, _ in rows], args.batch_size, state.process_index,
                             state.num_processes)
-    texts = generate(model, tokenizer, [rows[i][0] for i in mine], prefixes=[rows[i][1] for i in mine],
-                     batch_size=args.batch_size, progress=state.is_main_process, soft_prompt=soft_prompt, **kwargs)
+    # finished batches go to a partial file as they come: the same command resumes after an interruption
+    seed = args.seed if args.do_sample else None
+    partial = PartialOutputs(f"{args.out}.partial" + (f"{state.process_index}" if state.num_processes > 1 else ""),
+                             [model, soft_prompt, [rows[i] for i in mine], kwargs, args.batch_size, seed])
+    if partial.done and state.is_main_process:
+        print(f"resuming: {len(partial.done)} finished batches in {partial.path}")
+    for b, batch_rows, texts in generate_batches(model, tokenizer, [rows[i][0] for i in mine],
+                                                 [rows[i][1] for i in mine], args.batch_size, state.is_main_process,
+                                                 soft_prompt, skip=partial.done, seed=seed, **kwargs):
+        partial.add(b, batch_rows, texts)
+    texts = partial.outputs(len(mine))
     outputs = texts
     if state.num_processes > 1:
         outputs = [None] * len(rows)
         for i, text in gather_object(list(zip(mine, texts))):
             outputs[i] = text
         if not state.is_main_process:
-            state.wait_for_everyone()
+            state.wait_for_everyone()  # process 0 has written the output
+            partial.remove()
             return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +256,7 @@ def cmd_generate(args) -> int:
                 group = outputs[i * len(names) : (i + 1) * len(names)]
                 outs = [{"prefix": n, "output": o} for n, o in zip(names, group)]
                 f.write(json.dumps({"source": source, "outputs": outs}, ensure_ascii=False) + "\n")
+    partial.remove()
     print(f"wrote {len(sources)} outputs x {max(1, len(prefixes))} prefix(es) to {out}")
     for source, text in list(zip(sources, outputs[:: max(1, len(prefixes))]))[:3]:
         print(f"  {source[:70]}\n    -> {text}")
@@ -466,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("generate", help="decode with one or more prefixes", formatter_class=_Help,
                        description="Generate an output for each source. With several --prefix, every source is "
-                       "decoded with every prefix, all in the same mixed-prefix batches, and the output is JSONL.")
+                       "decoded with every prefix, all in the same mixed-prefix batches, and the output is JSONL. Finished "
+                       "batches are kept in OUT.partial as they come: rerun the same command after an interruption to "
+                       "decode only the rest.")
     _common(d)
     d.add_argument("--prefix", action="append", default=[], help="exported prefix (.safetensors); repeat for several; none = base model")
     d.add_argument("--run", default=None,
@@ -485,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     d.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     d.add_argument("--top-k", type=int, default=0, help="top-k sampling (0: off)")
-    d.add_argument("--seed", type=int, default=0, help="sampling seed")
+    d.add_argument("--seed", type=int, default=0, help="sampling seed (batch b samples with seed + b, so that a "
+                   "resumed run samples as an uninterrupted one)")
     d.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("evaluate", help="score predictions with the task's official metrics",

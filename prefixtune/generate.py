@@ -7,14 +7,18 @@ max_new_tokens, ...) passes through. Results come back in input order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import attach, beam, cpu_bf16
 from .batch import make_batch
+from .files import write_atomic
 from .loss import decoder_inputs_from_labels, token_logprobs
 from .prefix import Prefix
 from .modes import eval_mode
@@ -69,7 +73,6 @@ def token_logprobs_at(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tup
     return chosen, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
 
 
-@torch.no_grad()
 def generate(
     model,
     tokenizer,
@@ -92,6 +95,36 @@ def generate(
     ``return_tokens``: a :class:`Generation` per source instead of text; ``logprobs=k`` adds the
     token log-probabilities and the top-k alternatives (not with beam search).
     """
+    sources = list(sources)
+    results: list = [None] * len(sources)
+    for _, rows, outputs in generate_batches(model, tokenizer, sources, prefixes, batch_size, progress, soft_prompt,
+                                             return_tokens, logprobs, **generate_kwargs):
+        for i, output in zip(rows, outputs):
+            results[i] = output
+    return results
+
+
+@torch.no_grad()
+def generate_batches(
+    model,
+    tokenizer,
+    sources: Sequence[str | list[int]],
+    prefixes: Prefix | Sequence[Prefix | None] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+    soft_prompt: torch.Tensor | None = None,
+    return_tokens: bool = False,
+    logprobs: int | None = None,
+    skip: Collection[int] = (),
+    seed: int | None = None,
+    **generate_kwargs,
+) -> Iterator[tuple[int, list[int], list]]:
+    """:func:`generate` one batch at a time: yields ``(batch number, source indices, their outputs)``
+    as each batch finishes, leaving out the batches numbered in ``skip``. The batches depend only on
+    the sources and ``batch_size``, so a caller that kept the finished batches resumes an interrupted
+    run with exactly the batches, and so the outputs, of an uninterrupted one (``prefixtune generate``
+    does). ``seed``: seed torch with ``seed`` + the batch number before each batch, so that sampled
+    outputs do not depend on which batches ran before either."""
     sources = list(sources)
     prefixes = _per_row(prefixes, len(sources))
     _prepare(model, prefixes)
@@ -116,11 +149,14 @@ def generate(
         generate_kwargs.setdefault("custom_generate", beam.beam_search)
     device = next(model.parameters()).device
     prompts, batches = prompt_batches(model, tokenizer, sources, batch_size)
-    results: list = [None] * len(sources)
+    todo = [(b, rows) for b, rows in enumerate(batches) if b not in skip]
     head = _contiguous_lm_head_input(model)
     try:
         with eval_mode(model), cpu_bf16.products(model):
-            for rows in tqdm(batches, desc="generate", disable=not progress):
+            for b, rows in tqdm(todo, desc="generate", disable=not progress, initial=len(batches) - len(todo),
+                                total=len(batches)):
+                if seed is not None:
+                    torch.manual_seed(seed + b)
                 batch = {k: v.to(device) for k, v in collate_prompts(model, [prompts[i] for i in rows], pad).items()}
                 # decoder-only prompts are left-padded: every row's separator is the last prompt token
                 width = batch["input_ids"].shape[1] + (0 if soft_prompt is None else soft_prompt.shape[0])
@@ -136,18 +172,84 @@ def generate(
                 if return_tokens:
                     if attach.is_seq2seq(model):
                         out = out[:, 1:]  # the decoder start token
-                    for j, i in enumerate(rows):
-                        results[i] = _generation(out[j], generate_kwargs["eos_token_id"],
-                                                 None if logits is None else logits[j], logprobs)
+                    yield b, rows, [_generation(out[j], generate_kwargs["eos_token_id"],
+                                                None if logits is None else logits[j], logprobs) for j in range(len(rows))]
                     continue
                 texts = [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-                for j, i in enumerate(rows):
-                    group = texts[j * n_return : (j + 1) * n_return]
-                    results[i] = group[0] if n_return == 1 else group
+                yield b, rows, [texts[j] if n_return == 1 else texts[j * n_return : (j + 1) * n_return]
+                                for j in range(len(rows))]
     finally:
         if head is not None:
             head.remove()
-    return results
+
+
+class PartialOutputs:
+    """The finished batches of a :func:`generate_batches` run, kept in a file beside its output so that
+    the same command resumes it after an interruption (``prefixtune generate``).
+
+    Line 1 holds a key of the settings (model weights and dtype, prefixes, soft prompt, sources,
+    decoding options, batch size, seed); then one JSON line per finished batch, flushed as it
+    finishes. A file of other settings is started over; a torn last line (a killed process) is
+    dropped. Resumed outputs equal an uninterrupted run's, since the batches are the same."""
+
+    def __init__(self, path: str | Path, settings):
+        self.path, self.done = Path(path), {}
+        key = {"key": _digest(settings)}
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.is_file() else []
+        if lines and _loads(lines[0]) == key:
+            for line in lines[1:]:
+                row = _loads(line)
+                if isinstance(row, dict) and {"batch", "rows", "outputs"} <= set(row):
+                    self.done[row["batch"]] = (row["rows"], row["outputs"])
+        kept = [json.dumps(key)] + [json.dumps({"batch": b, "rows": r, "outputs": o}, ensure_ascii=False)
+                                     for b, (r, o) in self.done.items()]
+        write_atomic(self.path, "\n".join(kept) + "\n")
+
+    def add(self, batch: int, rows: list[int], outputs: list) -> None:
+        self.done[batch] = (rows, outputs)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"batch": batch, "rows": rows, "outputs": outputs}, ensure_ascii=False) + "\n")
+
+    def outputs(self, n: int) -> list:
+        """Every source's output, in source order (all ``n`` must be done)."""
+        results = [None] * n
+        for rows, outputs in self.done.values():
+            for i, output in zip(rows, outputs):
+                results[i] = output
+        return results
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _loads(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _digest(obj) -> str:
+    """A hash of what decides the outputs: a model by its weights' fingerprint and dtype, tensors and
+    prefixes by their values, anything else by its JSON (or text) form."""
+    h = hashlib.sha256()
+
+    def add(x):
+        if isinstance(x, torch.nn.Module):
+            h.update(f"model {attach.fingerprint(x)} {next(x.parameters()).dtype}".encode())
+        elif isinstance(x, torch.Tensor):
+            h.update(f"tensor {x.dtype} {tuple(x.shape)}".encode() + x.detach().float().cpu().numpy().tobytes())
+        elif isinstance(x, Prefix):
+            add(sorted(x.kv.items()))
+        elif isinstance(x, (list, tuple)):
+            h.update(f"list {len(x)}".encode())
+            for item in x:
+                add(item)
+        else:
+            h.update(json.dumps(x, sort_keys=True, default=str).encode())
+
+    add(obj)
+    return h.hexdigest()[:16]
 
 
 def until_eos(row: torch.Tensor, eos) -> list[int]:

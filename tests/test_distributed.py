@@ -136,6 +136,7 @@ def test_two_processes_decode_like_one(setup, tmp_path):
     launch(*args, "--out", str(tmp_path / "two.jsonl"), module="prefixtune")  # the `prefixtune` command's module
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 10
+    assert not list(tmp_path.glob("*.partial*"))  # each process's partial file goes once the output is written
 
 
 def test_only_process_zero_can_write(tmp_path, tokenizer):

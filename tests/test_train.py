@@ -87,6 +87,52 @@ def test_cli_train_and_generate_on_a_local_model(tmp_path, tokenizer, capsys):
     assert rows[0]["outputs"][0]["output"] == rows[0]["outputs"][1]["output"]
 
 
+def test_cli_generate_resumes_after_an_interruption(tmp_path, tokenizer, monkeypatch):
+    """Finished batches go to OUT.partial as they come; the same command, rerun, decodes only the
+    rest and writes what an uninterrupted run writes (greedy, beam and sampled)."""
+    from prefixtune.generate import PartialOutputs
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama-gqa").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    sources = tmp_path / "sources.txt"
+    sources.write_text("".join(f"name : Place{i} | food : {'Italian ' * (i % 3)}\n" for i in range(7)))  # 4 batches of 2
+    added = []
+    real_add = PartialOutputs.add
+
+    def add(self, *a):
+        real_add(self, *a)
+        added.append(a[0])
+        if len(added) == 2 and interrupt:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PartialOutputs, "add", add)
+    for flags in (["--num-beams", "1"], ["--num-beams", "2"], ["--do-sample", "--top-k", "50", "--seed", "3"]):
+        common = ["generate", "--model", str(model_dir), "--input", str(sources), "--batch-size", "2",
+                  "--max-new-tokens", "6", *flags]
+        interrupt, added[:] = False, []
+        straight = tmp_path / "straight.txt"
+        assert main([*common, "--out", str(straight)]) == 0 and len(added) == 4
+        out = tmp_path / "resumed.txt"
+        out.unlink(missing_ok=True)
+        partial = tmp_path / "resumed.txt.partial"
+        interrupt, added[:] = True, []
+        assert main([*common, "--out", str(out)]) == 130  # Ctrl-C after 2 of 4 batches
+        assert not out.exists() and len(partial.read_text().splitlines()) == 1 + 2
+        with partial.open("a") as f:
+            f.write('{"batch": 3, "rows": [')  # a torn last line, as a killed process leaves
+        interrupt, added[:] = False, []
+        assert main([*common, "--out", str(out)]) == 0
+        assert len(added) == 2, flags  # only the 2 batches left
+        assert out.read_text() == straight.read_text(), flags
+        assert not partial.exists()
+    # a partial file of other settings is started over, not mixed in
+    interrupt, added[:] = True, []
+    assert main([*common, "--out", str(out)]) == 130
+    interrupt, added[:] = False, []
+    assert main([*common[:-2], "--seed", "4", "--out", str(out)]) == 0 and len(added) == 4
+
+
 def test_cli_reports_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"source": "a", "target": "b"}\n{"source": "a"\n')
