@@ -91,10 +91,20 @@ def train_configs(args):
     return from_options(PrefixConfig, args), from_options(TrainConfig, args)
 
 
-def method_config(args):
-    from .methods import MethodConfig
+def method_config(args, prefix_config=None):
+    """The MethodConfig of parsed ``prefixtune train`` arguments; with ``prefix_config``, an option
+    the method does not use (``--method finetune --length 20``) is refused by its flag."""
+    from .config import PrefixConfig
+    from .methods import MethodConfig, unused_settings
+    from .options import flag_of
 
-    return MethodConfig(method=args.method, size=args.size, top_layers=args.top_layers)
+    config = MethodConfig(method=args.method, size=args.size, top_layers=args.top_layers)
+    if prefix_config is not None:
+        flags = {f.name: flag_of(f) for f in dataclasses.fields(PrefixConfig)}
+        unused = [flags.get(name, "--" + name.replace("_", "-")) for name in unused_settings(config, prefix_config)]
+        if unused:
+            raise ValueError(f"--method {config.method} does not use {', '.join(unused)} (it would change nothing)")
+    return config
 
 
 def cmd_train(args) -> int:
@@ -111,7 +121,7 @@ def cmd_train(args) -> int:
     train = _subset(_read_task(args, "train"), args.max_train_examples)
     dev = _subset(_read_task(args, "dev"), args.max_dev_examples)
     prefix_config, train_config = train_configs(args)
-    method = method_config(args)
+    method = method_config(args, prefix_config)
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

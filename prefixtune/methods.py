@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from torch import nn
@@ -90,15 +90,20 @@ class Method:
     """One registered method. ``tuner``: its :class:`Tuner` subclass as ``"module:Class"`` (imported
     when first used). ``lr_grid``: the peak learning rates the experiments' learning-rate grid tries
     for it (see prefixtune/experiments/lr_grid.py). ``options``: the :class:`MethodConfig` fields it
-    uses (recorded in run.json). ``has_length``: sized by ``PrefixConfig.length``. ``help``: one line
-    for ``prefixtune train --help``."""
+    uses (recorded in run.json). ``prefix_options``: the :class:`PrefixConfig` fields it uses (every
+    method trains with its ``loss``). ``help``: one line for ``prefixtune train --help``."""
 
     name: str
     tuner_path: str
     lr_grid: tuple[float, ...]
     options: tuple[str, ...] = ()
-    has_length: bool = False
+    prefix_options: tuple[str, ...] = ("loss",)
     help: str = ""
+
+    @property
+    def has_length(self) -> bool:
+        """Sized by ``PrefixConfig.length`` (the prefix-like methods)."""
+        return "length" in self.prefix_options
 
     @property
     def tuner(self) -> type[Tuner]:
@@ -110,17 +115,20 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, tuner: str, lr_grid: tuple[float, ...], options: tuple[str, ...] = (),
-                    has_length: bool = False, help: str = "") -> Method:
+                    prefix_options: tuple[str, ...] = ("loss",), help: str = "") -> Method:
     """Make method ``name`` known to the trainer, the CLI and the experiments (see :class:`Method`)."""
     if name in METHODS:
         raise ValueError(f"method {name!r} is registered already")
-    METHODS[name] = Method(name, tuner, tuple(lr_grid), tuple(options), has_length, help)
+    METHODS[name] = Method(name, tuner, tuple(lr_grid), tuple(options), tuple(prefix_options), help)
     return METHODS[name]
+
+
+PREFIX_ALL = tuple(f.name for f in fields(PrefixConfig))
 
 
 # Learning-rate grids: 3 values per method, around the rates that 40-step probes had found (prefix
 # 5e-4, fine-tuning 5e-5, adapters/LoRA 1e-3), a factor ~3 apart.
-register_method("prefix", "prefixtune.tuner:PrefixTuner", (1e-4, 3e-4, 1e-3), has_length=True,
+register_method("prefix", "prefixtune.tuner:PrefixTuner", (1e-4, 3e-4, 1e-3), prefix_options=PREFIX_ALL,
                 help="the paper's method")
 register_method("finetune", "prefixtune.baselines.finetune:FineTuneModel", (1e-5, 3e-5, 1e-4), help="all weights")
 register_method("ft-top2", "prefixtune.baselines.finetune:FineTuneModel", (3e-5, 1e-4, 3e-4), ("top_layers",),
@@ -129,11 +137,13 @@ register_method("adapter", "prefixtune.baselines.adapter:AdapterModel", (3e-4, 1
                 help="Houlsby adapters of ~--size of the model's parameters")
 register_method("lora", "prefixtune.baselines.lora:LoraModel", (3e-4, 1e-3, 3e-3), ("size", "rank"),
                 help="LoRA (PEFT) of ~--size of the model's parameters")
-register_method("prompt", "prefixtune.baselines.prompt:PromptModel", (1e-4, 3e-4, 1e-3), has_length=True,
+register_method("prompt", "prefixtune.baselines.prompt:PromptModel", (1e-4, 3e-4, 1e-3),
+                prefix_options=("length", "reparameterize", "mlp_hidden", "embed_dim", "loss"),
                 help="embedding-only ablation")
-register_method("infix", "prefixtune.baselines.infix:InfixTuner", (1e-4, 3e-4, 1e-3), has_length=True,
+register_method("infix", "prefixtune.baselines.infix:InfixTuner", (1e-4, 3e-4, 1e-3), prefix_options=PREFIX_ALL,
                 help="[x; INFIX; y] ablation")
-register_method("peft-prefix", "prefixtune.baselines.peft_prefix:PeftPrefixModel", (1e-4, 3e-4, 1e-3), has_length=True,
+register_method("peft-prefix", "prefixtune.baselines.peft_prefix:PeftPrefixModel", (1e-4, 3e-4, 1e-3),
+                prefix_options=("length", "reparameterize", "mlp_hidden", "loss"),
                 help="PEFT's prefix tuning (converted to our format for decoding)")
 
 
@@ -172,6 +182,16 @@ def load_trained(config: MethodConfig, model, run_dir: str | Path, prefix_config
     keyword arguments of :func:`prefixtune.generate` / :func:`prefixtune.score` that go with it
     (``prefixes=`` or ``soft_prompt=``; none when the weights now live in the model)."""
     return METHODS[config.method].tuner.load_trained(model, Path(run_dir), config, prefix_config or PrefixConfig())
+
+
+def unused_settings(config: MethodConfig, prefix_config: PrefixConfig) -> list[str]:
+    """The fields of ``prefix_config`` and ``config`` set away from their defaults that ``config.method``
+    does not use (``prefixtune train`` refuses them: whoever sets one expects it to change something)."""
+    method = METHODS[config.method]
+    return [f.name for f in fields(PrefixConfig)
+            if f.name not in method.prefix_options and getattr(prefix_config, f.name) != f.default] + \
+           [f.name for f in fields(MethodConfig)
+            if f.name not in ("method", *method.options) and getattr(config, f.name) != f.default]
 
 
 def describe(config: MethodConfig) -> str:

@@ -22,6 +22,11 @@ def option(default, help: str, **meta):
     return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line option of an :func:`option` field: ``--field-name``, or its metadata ``flag``."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
 def add_options(parser, cls, names=None) -> None:
     """Add an option to ``parser`` (or an argument group) for every :func:`option` field of ``cls``
     (those in ``names`` only, when given)."""
@@ -29,7 +34,7 @@ def add_options(parser, cls, names=None) -> None:
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata or (names is not None and f.name not in names):
             continue
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        flag = flag_of(f)
         kw = dict(dest=f.name, help=f.metadata["help"].replace("%", "%%"))
         if "flag" in f.metadata:
             kw["metavar"] = f.name.upper()
@@ -61,7 +66,7 @@ def check_choices(obj) -> None:
 def check_bounds(obj, at_least: dict[str, float] | None = None, positive: tuple[str, ...] = ()) -> None:
     """Raise ValueError naming the field (and its option) when a number of dataclass ``obj`` is below its
     bound in ``at_least``, or one of ``positive`` is not a finite number above 0; None passes (unset)."""
-    flags = {f.name: f.metadata.get("flag", "--" + f.name.replace("_", "-")) for f in dataclasses.fields(obj) if "help" in f.metadata}
+    flags = {f.name: flag_of(f) for f in dataclasses.fields(obj) if "help" in f.metadata}
 
     def refuse(name, expected):
         flag = f" ({flags[name]})" if name in flags else ""

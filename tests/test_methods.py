@@ -176,17 +176,18 @@ def test_peft_prefix_refuses_models_it_cannot_convert():
         PeftPrefixModel(tiny_model("bart"), pt.PrefixConfig(length=2, mlp_hidden=8))
 
 
-def test_cli_trains_every_method_and_records_its_costs(tmp_path, tokenizer):
+def test_cli_trains_every_method_and_records_its_costs(tmp_path, tokenizer, capsys):
     model_dir = tmp_path / "tiny-llama"
     tiny_model("llama-gqa").save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"source": e.source, "target": e.target}) + "\n" for e in PAIRS))
     n_model = sum(p.numel() for p in tiny_model("llama-gqa").parameters())
-    for method in METHODS:
+    for method, spec in METHODS.items():
         run = tmp_path / method
+        own = (["--length", "3"] if spec.has_length else []) + (["--size", "0.03"] if "size" in spec.options else [])
         assert main(["train", "--model", str(model_dir), "--train", str(data), "--dev", str(data), "--out", str(run),
-                     "--method", method, "--max-steps", "2", "--batch-size", "4", "--length", "3", "--size", "0.03"]) == 0
+                     "--method", method, "--max-steps", "2", "--batch-size", "4", *own]) == 0
         summary = json.loads((run / "summary.json").read_text())
         assert summary["method"]["method"] == method
         assert 0 < summary["trainable_parameters"] <= n_model and 0 < summary["stored_parameters"] <= n_model
@@ -195,6 +196,15 @@ def test_cli_trains_every_method_and_records_its_costs(tmp_path, tokenizer):
         assert main(["generate", "--model", str(model_dir), "--run", str(run), "--input", str(data),
                      "--max-new-tokens", "3", "--out", str(out)]) == 0
         assert len(out.read_text().splitlines()) == len(PAIRS)
+    # an option the method does not use is refused by name, before any model loads
+    for method, flags, unused in (("finetune", ["--length", "20"], "--length"),
+                                  ("lora", ["--init", "words", "--init-text", "x"], "--init, --init-text"),
+                                  ("prefix", ["--size", "0.03", "--top-layers", "3"], "--size, --top-layers"),
+                                  ("prompt", ["--prefix-dropout", "0.1"], "--prefix-dropout"),
+                                  ("peft-prefix", ["--embed-dim", "8"], "--embed-dim")):
+        assert main(["train", "--model", str(tmp_path / "no-model"), "--train", str(data), "--out", str(tmp_path / "x"),
+                     "--method", method, *flags]) == 2
+        assert f"--method {method} does not use {unused} (it would change nothing)" in capsys.readouterr().err
     full = json.loads((tmp_path / "finetune" / "summary.json").read_text())
     assert full["trainable_parameters"] == n_model
     adapter = json.loads((tmp_path / "adapter" / "summary.json").read_text())
