@@ -25,9 +25,12 @@ def _read_task(args, split: str, need_target: bool = True):
     """Examples of --task for a split: a named task from --data, or (jsonl) the file given for it."""
     from .data import jsonl, read_task
 
-    if args.task != "jsonl":
-        return read_task(args.task, split, args.data)
     path = {"train": getattr(args, "train", None), "dev": getattr(args, "dev", None)}.get(split, getattr(args, "input", None))
+    if args.task != "jsonl":
+        if path is not None:  # silently training on the task's data instead would be worse
+            raise ValueError(f"--{split} FILE is for --task jsonl; --task {args.task} reads its {split} split from the "
+                             "data directory (--data)")
+        return read_task(args.task, split, args.data)
     return None if path is None else jsonl.read(path, need_target=need_target)
 
 
@@ -201,14 +204,19 @@ def cmd_generate(args) -> int:
     from accelerate.utils import gather_object
 
     from . import Prefix
-    from .data import group_references
+    from .data import group_references, jsonl
     from .generate import PartialOutputs, generate_batches
 
     if args.task == "jsonl" and not args.input:
         raise ValueError("give --input FILE (.txt: one source per line; .jsonl: {\"source\": ...})")
+    if args.input and args.split != "test":
+        raise ValueError(f"--split {args.split} picks a named task's split to decode; with --input the sources come "
+                         "from the file")
     if args.input and args.input.endswith(".txt"):
         lines = Path(args.input).read_text(encoding="utf-8").splitlines()
         sources = [s for s in lines if s.strip()]
+    elif args.input:  # a named --task then sets the decoding defaults only
+        sources = [e.source for e in group_references(jsonl.read(args.input, need_target=False))]
     else:
         sources = [e.source for e in group_references(_read_task(args, args.split, need_target=False))]
     sources = _subset(sources, args.max_examples)
@@ -493,8 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prefix", action="append", default=[], help="exported prefix (.safetensors); repeat for several; none = base model")
     d.add_argument("--run", default=None,
                    help="a `prefixtune train` run directory of any --method: decode with what it trained")
-    d.add_argument("--input", help="sources: .txt (one per line) or .jsonl ({\"source\": ...}) (with --task jsonl)")
-    d.add_argument("--split", default="test", help="split of a named task (unique sources in file order)")
+    d.add_argument("--input", help="sources: .txt (one per line) or .jsonl ({\"source\": ...}); with a named --task, its "
+                   "decoding defaults apply to them")
+    d.add_argument("--split", default="test", help="split of a named task to decode (unique sources in file order) when no --input is given")
     d.add_argument("--out", required=True, help="output file: one line per source (.txt) or JSONL")
     d.add_argument("--max-examples", type=_count, default=None, help="only the first N sources")
     d.add_argument("--batch-size", type=int, default=16, help="rows per generate call (per process)")

@@ -149,6 +149,12 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert "prefixtune train: error: --task jsonl needs --train FILE.jsonl" in capsys.readouterr().err
     good = tmp_path / "good.jsonl"
     good.write_text('{"source": "a", "target": "b"}\n')
+    for flag in ("--train", "--dev"):  # a named task's own data would silently have been used instead
+        assert main(["train", "--task", "e2e", flag, str(good), "--out", str(tmp_path / "r")]) == 2
+        assert f"{flag} FILE is for --task jsonl; --task e2e reads its {flag[2:]} split from the data directory" in \
+            capsys.readouterr().err
+    assert main(["generate", "--input", str(good), "--split", "dev", "--out", str(tmp_path / "o.txt")]) == 2
+    assert "--split dev picks a named task's split to decode; with --input" in capsys.readouterr().err
     for flags, message in ((["--batch-size", "0"], "TrainConfig.batch_size must be >= 1, got 0 (--batch-size)"),
                            (["--epochs", "0"], "TrainConfig.epochs must be a positive number, got 0.0 (--epochs)"),
                            (["--model", str(tmp_path / "no" / "model")], f"model '{tmp_path / 'no' / 'model'}': no such directory"),
@@ -209,6 +215,11 @@ def test_cli_named_tasks(tmp_path, tokenizer):
     assert main(["generate", "--model", str(model_dir), "--task", "dart", "--split", "dev", "--max-examples", "3",
                  "--prefix", str(tmp_path / "webnlg" / "prefix.safetensors"), "--max-new-tokens", "4", "--out", str(out)]) == 0
     assert len(out.read_text().splitlines()) == 3
+    mine = tmp_path / "mine.jsonl"  # --input with a named task: the file's sources (it once decoded E2E test)
+    mine.write_text('{"source": "name : A"}\n{"source": "name : B"}\n')
+    assert main(["generate", "--model", str(model_dir), "--task", "e2e", "--input", str(mine), "--num-beams", "1",
+                 "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 2
     # DART has no training split: a clear error, not a crash
     assert main(["train", "--model", str(model_dir), "--task", "dart", "--out", str(tmp_path / "d")]) == 2
 
