@@ -125,6 +125,8 @@ def cmd_train(args) -> int:
     dev = _subset(_read_task(args, "dev"), args.max_dev_examples)
     prefix_config, train_config = train_configs(args)
     method = method_config(args, prefix_config)
+    if train_config.patience and not dev:
+        raise ValueError("--patience stops on the dev score: give --dev FILE.jsonl (a named --task has its dev split)")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
