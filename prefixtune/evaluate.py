@@ -31,6 +31,14 @@ def evaluate(task: str, predictions: str | Path, split: str = "test", references
 
     if not Path(predictions).is_file():
         raise FileNotFoundError(f"predictions file not found: {predictions}")
+    # settings a task has no use for are refused, not ignored: the scores would not be what was asked
+    if references is not None and task not in ("e2e", "jsonl"):
+        raise ValueError(f"--references is for --task e2e or jsonl; --task {task} scores against its {split} split "
+                         "in the data directory")
+    if variant != "official" and task != "e2e":
+        raise ValueError(f"--variant {variant} is an E2E scorer variant; --task {task} has one scorer")
+    if task == "jsonl" and split != "test":
+        raise ValueError(f"--split {split} picks a named task's references; --task jsonl scores against --references")
     if task == "e2e":
         if references is None and variant == "official":
             official = {"test": "testset_w_refs.csv", "dev": "devset.csv", "valid": "devset.csv"}

@@ -72,3 +72,9 @@ def test_a_missing_predictions_file_or_an_unknown_split_is_refused_by_name(tmp_p
                           ("xsum", "XSUM split must be")):
         with pytest.raises(ValueError, match=f"{message}.*got 'tset'"):
             evaluate(task, short, split="tset")
+    # settings the task has no use for were ignored: the scores were not what was asked for
+    for task, kwargs, message in (("webnlg", {"references": short}, "--references is for --task e2e or jsonl"),
+                                  ("xsum", {"variant": "prefix-tuning"}, "--variant prefix-tuning is an E2E scorer"),
+                                  ("jsonl", {"references": short, "split": "dev"}, "--split dev picks a named task")):
+        with pytest.raises(ValueError, match=message):
+            evaluate(task, short, **kwargs)
