@@ -94,20 +94,28 @@ def train_configs(args):
     return from_options(PrefixConfig, args), from_options(TrainConfig, args)
 
 
-def method_config(args, prefix_config=None):
-    """The MethodConfig of parsed ``prefixtune train`` arguments; with ``prefix_config``, an option
-    the method does not use (``--method finetune --length 20``) is refused by its flag."""
+def method_config(args):
+    from .methods import MethodConfig
+
+    return MethodConfig(method=args.method, size=args.size, top_layers=args.top_layers)
+
+
+def refuse_unused(config, prefix_config) -> None:
+    """Refuse the options set on the command line that the run would not use (``--method finetune
+    --length 20``, ``--init-text`` without ``--init words``; see methods.unused_settings), by flag."""
     from .config import PrefixConfig
-    from .methods import MethodConfig, unused_settings
+    from .methods import unused_settings
     from .options import flag_of
 
-    config = MethodConfig(method=args.method, size=args.size, top_layers=args.top_layers)
-    if prefix_config is not None:
-        flags = {f.name: flag_of(f) for f in dataclasses.fields(PrefixConfig)}
-        unused = [flags.get(name, "--" + name.replace("_", "-")) for name in unused_settings(config, prefix_config)]
-        if unused:
-            raise ValueError(f"--method {config.method} does not use {', '.join(unused)} (it would change nothing)")
-    return config
+    flags = {f.name: flag_of(f) for f in dataclasses.fields(PrefixConfig)}
+    unused = [flags.get(name, "--" + name.replace("_", "-")) for name in unused_settings(config, prefix_config)]
+    if unused:
+        text = f"--method {config.method}"
+        if "init" in METHODS[config.method].prefix_options:
+            text += f" --init {prefix_config.init}"
+        if METHODS[config.method].has_length and not prefix_config.reparameterize:
+            text += " --flat"
+        raise ValueError(f"{', '.join(unused)}: not used by {text} (it would change nothing)")
 
 
 def cmd_train(args) -> int:
@@ -124,7 +132,8 @@ def cmd_train(args) -> int:
     train = _subset(_read_task(args, "train"), args.max_train_examples)
     dev = _subset(_read_task(args, "dev"), args.max_dev_examples)
     prefix_config, train_config = train_configs(args)
-    method = method_config(args, prefix_config)
+    method = method_config(args)
+    refuse_unused(method, prefix_config)
     if train_config.patience and not dev:
         raise ValueError("--patience stops on the dev score: give --dev FILE.jsonl (a named --task has its dev split)")
     if args.threads:
@@ -389,7 +398,10 @@ def cmd_train_many(args) -> int:
 
     from .train_many import ManyTrainer, read_jobs
 
+    from .methods import MethodConfig
+
     prefix_config, train_config = train_configs(args)
+    refuse_unused(MethodConfig(), prefix_config)  # the command line's defaults; read_jobs checks each job's
     jobs = read_jobs(args.jobs, prefix_config, train_config)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -185,13 +185,28 @@ def load_trained(config: MethodConfig, model, run_dir: str | Path, prefix_config
 
 
 def unused_settings(config: MethodConfig, prefix_config: PrefixConfig) -> list[str]:
-    """The fields of ``prefix_config`` and ``config`` set away from their defaults that ``config.method``
-    does not use (``prefixtune train`` refuses them: whoever sets one expects it to change something)."""
+    """The fields of ``prefix_config`` and ``config`` set away from their defaults that this
+    configuration does not use: not the method's, the words-initialisation settings under
+    ``init="random"``, the MLP's without it (``reparameterize=False``). ``prefixtune train`` and
+    ``train-many`` refuse them: whoever sets one expects it to change something."""
     method = METHODS[config.method]
-    return [f.name for f in fields(PrefixConfig)
-            if f.name not in method.prefix_options and getattr(prefix_config, f.name) != f.default] + \
+    uses = set(method.prefix_options)
+    if prefix_config.init != "words":
+        uses -= {"init_text", "init_steps", "init_lr"}
+    if not prefix_config.reparameterize:  # P trained directly (words copied, not fitted)
+        uses -= {"mlp_hidden", "embed_dim", "init_steps", "init_lr"}
+    return [f.name for f in fields(PrefixConfig) if f.name not in uses and getattr(prefix_config, f.name) != f.default] + \
            [f.name for f in fields(MethodConfig)
             if f.name not in ("method", *method.options) and getattr(config, f.name) != f.default]
+
+
+def check_used(config: MethodConfig, prefix_config: PrefixConfig) -> None:
+    """Raise ValueError naming the :func:`unused_settings` of a train-many job or a server training
+    request (by field name, as they are given there)."""
+    unused = unused_settings(config, prefix_config)
+    if unused:
+        raise ValueError(f"{unused} would change nothing with method {config.method!r}, init {prefix_config.init!r}"
+                         f"{'' if prefix_config.reparameterize else ' and reparameterize false'}")
 
 
 def describe(config: MethodConfig) -> str:

@@ -38,6 +38,7 @@ from .data.jsonl import read as read_pairs
 from .batch import stack_prefixes
 from .config import PrefixConfig
 from .loss import lm_forward
+from .methods import MethodConfig, check_used
 from .template import collate_train, special_ids
 from .train import TrainConfig, Trainer, StopAtStepEnd, autocast_context, frozen_casts
 
@@ -97,6 +98,7 @@ def read_jobs(path: str | Path, prefix: PrefixConfig, train: TrainConfig) -> lis
         try:
             job_prefix = replace(prefix, **{k: v for k, v in spec.items() if k in PREFIX_FIELDS})
             job_train = replace(train, **{k: v for k, v in spec.items() if k in TRAIN_FIELDS})
+            check_used(MethodConfig(), job_prefix)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from e
         base = path.parent

@@ -197,14 +197,19 @@ def test_cli_trains_every_method_and_records_its_costs(tmp_path, tokenizer, caps
                      "--max-new-tokens", "3", "--out", str(out)]) == 0
         assert len(out.read_text().splitlines()) == len(PAIRS)
     # an option the method does not use is refused by name, before any model loads
-    for method, flags, unused in (("finetune", ["--length", "20"], "--length"),
-                                  ("lora", ["--init", "words", "--init-text", "x"], "--init, --init-text"),
-                                  ("prefix", ["--size", "0.03", "--top-layers", "3"], "--size, --top-layers"),
-                                  ("prompt", ["--prefix-dropout", "0.1"], "--prefix-dropout"),
-                                  ("peft-prefix", ["--embed-dim", "8"], "--embed-dim")):
+    for method, flags, unused in (("finetune", ["--length", "20"], "--length: not used by --method finetune"),
+                                  ("lora", ["--init", "words", "--init-text", "x"], "--init, --init-text: not used by --method lora"),
+                                  ("prefix", ["--size", "0.03", "--top-layers", "3"], "--size, --top-layers: not used by --method prefix --init random"),
+                                  ("prompt", ["--prefix-dropout", "0.1"], "--prefix-dropout: not used by --method prompt"),
+                                  ("peft-prefix", ["--embed-dim", "8"], "--embed-dim: not used by --method peft-prefix"),
+                                  ("prefix", ["--init-text", "table-to-text:"], "--init-text: not used by --method prefix --init random"),
+                                  ("infix", ["--init-steps", "9"], "--init-steps: not used by --method infix --init random"),
+                                  ("prefix", ["--flat", "--mlp-hidden", "800"], "--mlp-hidden: not used by --method prefix --init random --flat"),
+                                  ("prefix", ["--flat", "--init", "words", "--init-text", "x", "--init-lr", "0.01"],
+                                   "--init-lr: not used by --method prefix --init words --flat")):
         assert main(["train", "--model", str(tmp_path / "no-model"), "--train", str(data), "--out", str(tmp_path / "x"),
                      "--method", method, *flags]) == 2
-        assert f"--method {method} does not use {unused} (it would change nothing)" in capsys.readouterr().err
+        assert f"{unused} (it would change nothing)" in capsys.readouterr().err
     full = json.loads((tmp_path / "finetune" / "summary.json").read_text())
     assert full["trainable_parameters"] == n_model
     adapter = json.loads((tmp_path / "adapter" / "summary.json").read_text())

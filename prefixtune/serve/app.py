@@ -26,6 +26,7 @@ import torch
 
 from .. import __version__
 from ..attach import is_seq2seq
+from ..methods import MethodConfig, check_used
 from ..models import DEFAULT_MODEL
 from ..options import check_bounds, check_choices, option
 from ..data import Example
@@ -342,6 +343,7 @@ class Server:
         try:  # every TrainSettings field is a PrefixConfig or TrainConfig field (as in a train-many jobs file)
             prefix = PrefixConfig(**{k: v for k, v in values.items() if k in PREFIX_FIELDS})
             train = TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_FIELDS})
+            check_used(MethodConfig(), prefix)  # e.g. init_text without init "words": a random start, silently
         except ValueError as e:
             raise HTTPException(422, f"settings: {e}") from None
         return ([Example(e.source, e.target) for e in req.examples], [Example(e.source, e.target) for e in req.dev],
