@@ -396,9 +396,8 @@ def cmd_train_many(args) -> int:
 
     import torch
 
-    from .train_many import ManyTrainer, read_jobs
-
     from .methods import MethodConfig
+    from .train_many import ManyTrainer, read_jobs
 
     prefix_config, train_config = train_configs(args)
     refuse_unused(MethodConfig(), prefix_config)  # the command line's defaults; read_jobs checks each job's

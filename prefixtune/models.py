@@ -65,7 +65,7 @@ def load_base_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torc
     """
     path = _embedded_dir(name_or_path) if name_or_path in EMBEDDED else name_or_path
     local = Path(path).expanduser()
-    if local.is_file() or local.is_dir() and not (local / "config.json").is_file():
+    if local.is_file() or (local.is_dir() and not (local / "config.json").is_file()):
         raise ValueError(f"model {name_or_path!r}: not a model directory (a Hugging Face model directory holds "
                          "config.json, the weights and the tokenizer files)")
     if str(path).startswith(("/", ".", "~")) and not local.exists():
