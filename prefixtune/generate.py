@@ -245,6 +245,8 @@ def _digest(obj) -> str:
             h.update(f"list {len(x)}".encode())
             for item in x:
                 add(item)
+        elif isinstance(x, dict):  # e.g. generate's keywords (a prefix among them)
+            add(sorted(x.items(), key=lambda kv: str(kv[0])))
         else:
             h.update(json.dumps(x, sort_keys=True, default=str).encode())
 

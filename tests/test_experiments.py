@@ -422,28 +422,34 @@ def test_an_interrupted_test_decoding_goes_on_where_it_stopped(tmp_path, tokeniz
     assert whole == [g.tokens for g in prefixtune.generate(model, tokenizer, sources, batch_size=3, return_tokens=True,
                                                            **decoding)]  # as generate decodes them in one call
     assert len(set(map(tuple, whole))) > 1
-    calls, interrupt, original = [], [True], prefixtune.generate
+    from prefixtune.generate import PartialOutputs
 
-    def interrupted(model, tokenizer, batch, **kw):
-        calls.append(len(batch))
+    calls, interrupt, real_add = [], [True], PartialOutputs.add
+
+    def add(self, batch, rows, outputs):
+        calls.append(len(rows))
         if calls == [3, 3] and interrupt:  # Ctrl-C during the second batch
             interrupt.clear()
             raise KeyboardInterrupt
-        return original(model, tokenizer, batch, **kw)
+        real_add(self, batch, rows, outputs)
 
-    monkeypatch.setattr(prefixtune, "generate", interrupted)
+    monkeypatch.setattr(PartialOutputs, "add", add)
     with pytest.raises(KeyboardInterrupt):
         runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)
-    assert len((tmp_path / "parts.jsonl").read_text().splitlines()) == 3  # the first batch's rows
+    assert len((tmp_path / "parts.jsonl").read_text().splitlines()) == 1 + 1  # the key and the first batch
     with open(tmp_path / "parts.jsonl", "a") as f:
-        f.write('{"i": 5, "tok')  # a line cut short: not taken
+        f.write('{"batch": 1, "rows": [3, 4')  # a line cut short: not taken
     calls.clear()
     tokens, seconds, cpu_seconds = runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)
     assert tokens == whole and calls == [3, 1] and seconds > 0 and cpu_seconds > 0
-    assert len((tmp_path / "parts.jsonl").read_text().splitlines()) == 7
+    assert len((tmp_path / "parts.jsonl").read_text().splitlines()) == 1 + 3
     calls.clear()  # all there: nothing decoded again
     assert runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", **decoding)[0] == whole
     assert calls == []
+    # a file of another decoding (other options) is started over, not mixed in
+    other = runs_mod.decode_batches(model, tokenizer, sources, tmp_path / "parts.jsonl", num_beams=2, max_new_tokens=6)[0]
+    assert calls == [3, 3, 1] and other == [g.tokens for g in prefixtune.generate(
+        model, tokenizer, sources, batch_size=3, return_tokens=True, num_beams=2, max_new_tokens=6)]
 
 
 HOLDER = """

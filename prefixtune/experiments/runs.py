@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from .. import cpu_bf16
 from ..data import Example, group_references
 from ..data import read_task as _read_task
-from ..files import write_atomic
 from . import ledger
 
 # where the extrapolation experiment's XSUM topics come from: see xsum_topic()
@@ -469,34 +468,20 @@ def evaluate(run: Run, evals: list[Eval], out: Path, ledger_dir: Path, data, thr
 def decode_batches(model, tokenizer, sources: list[str], done_file: Path, **generate_kwargs
                    ) -> tuple[list[list[int]], float, float]:
     """``generate(..., batch_size=DECODE_BATCH, return_tokens=True)``'s tokens per source, batch by batch,
-    each batch's appended to ``done_file`` as it ends, so that a decoding interrupted (Ctrl-C, the end of
-    a session) goes on where it stopped: the same batches, rows in the same order, so the same outputs.
-    Also returns the wall and CPU seconds of all of it, its earlier attempts' included."""
-    from .. import generate
-    from ..template import prompt_batches
+    each batch's kept in ``done_file`` as it ends (:class:`prefixtune.generate.PartialOutputs`, as
+    ``prefixtune generate`` keeps them), so that a decoding interrupted (Ctrl-C, the end of a session)
+    goes on where it stopped: the same batches, so the same outputs. Also returns the wall and CPU
+    seconds of all of it, its earlier attempts' included."""
+    from ..generate import PartialOutputs, generate_batches
 
-    _, batches = prompt_batches(model, tokenizer, sources, DECODE_BATCH)
-    done: dict[int, dict] = {}
-    if done_file.is_file():  # complete lines only: a batch cut short by the interruption is decoded again
-        for line in done_file.read_text().split("\n")[:-1]:
-            row = json.loads(line)
-            done[row["i"]] = row
-        write_atomic(done_file, "".join(json.dumps(row) + "\n" for row in done.values()))
-    with open(done_file, "a") as f, tqdm(total=len(sources), initial=len(done), desc="generate") as bar:
-        for rows in batches:
-            if all(i in done for i in rows):
-                continue
-            start, cpu = time.perf_counter(), time.process_time()
-            # the batch's rows in their order (by length): generate batches them as one, in that order
-            gens = generate(model, tokenizer, [sources[i] for i in rows], batch_size=len(rows), return_tokens=True,
-                            **generate_kwargs)
-            seconds, cpu_seconds = (time.perf_counter() - start) / len(rows), (time.process_time() - cpu) / len(rows)
-            for i, g in zip(rows, gens):
-                done[i] = {"i": i, "tokens": g.tokens, "seconds": seconds, "cpu_seconds": cpu_seconds}
-                f.write(json.dumps(done[i]) + "\n")
-            f.flush()
-            bar.update(len(rows))
-    rows = [done[i] for i in range(len(sources))]
+    done = PartialOutputs(done_file, [model, sources, generate_kwargs, DECODE_BATCH])
+    start, cpu = time.perf_counter(), time.process_time()
+    for b, rows, gens in generate_batches(model, tokenizer, sources, batch_size=DECODE_BATCH, progress=True,
+                                          return_tokens=True, skip=done.done, **generate_kwargs):
+        seconds, cpu_seconds = (time.perf_counter() - start) / len(rows), (time.process_time() - cpu) / len(rows)
+        done.add(b, rows, [{"tokens": g.tokens, "seconds": seconds, "cpu_seconds": cpu_seconds} for g in gens])
+        start, cpu = time.perf_counter(), time.process_time()
+    rows = done.outputs(len(sources))
     return [r["tokens"] for r in rows], sum(r["seconds"] for r in rows), sum(r["cpu_seconds"] for r in rows)
 
 
