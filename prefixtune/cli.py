@@ -216,6 +216,7 @@ def cmd_generate(args) -> int:
 
     from . import Prefix
     from .data import group_references, jsonl
+    from .files import write_atomic
     from .generate import PartialOutputs, generate_batches
 
     if args.task == "jsonl" and not args.input:
@@ -273,18 +274,14 @@ def cmd_generate(args) -> int:
             state.wait_for_everyone()  # process 0 has written the output
             partial.remove()
             return 0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as f:
-        if len(prefixes) <= 1 and not args.out.endswith(".jsonl"):
-            for text in outputs:
-                f.write(text.replace("\n", " ") + "\n")
-        else:
-            names = (args.prefix + ([args.run] if args.run and len(prefixes) > len(args.prefix) else [])) or ["none"]
-            for i, source in enumerate(sources):
-                group = outputs[i * len(names) : (i + 1) * len(names)]
-                outs = [{"prefix": n, "output": o} for n, o in zip(names, group)]
-                f.write(json.dumps({"source": source, "outputs": outs}, ensure_ascii=False) + "\n")
+    if len(prefixes) <= 1 and not args.out.endswith(".jsonl"):
+        lines = [text.replace("\n", " ") for text in outputs]
+    else:
+        names = (args.prefix + ([args.run] if args.run and len(prefixes) > len(args.prefix) else [])) or ["none"]
+        lines = [json.dumps({"source": source, "outputs": [{"prefix": n, "output": o} for n, o in
+                                                          zip(names, outputs[i * len(names) : (i + 1) * len(names)])]},
+                            ensure_ascii=False) for i, source in enumerate(sources)]
+    out = write_atomic(args.out, "".join(line + "\n" for line in lines))  # the partial file goes only after
     partial.remove()
     print(f"wrote {len(sources)} outputs x {max(1, len(prefixes))} prefix(es) to {out}")
     for source, text in list(zip(sources, outputs[:: max(1, len(prefixes))]))[:3]:
