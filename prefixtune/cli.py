@@ -411,6 +411,10 @@ def cmd_train_many(args) -> int:
     n_rows = sum(len(t.train_set) for t in trainer.trainers.values())
     print(f"{len(jobs)} jobs, {n_rows:,} training pairs in all, up to {args.rows_per_round} rows per round; "
           f"model {args.model}")
+    no_dev = [job.name for job in jobs if job.dev is None]
+    if train_config.patience and no_dev:
+        print(f"--patience {train_config.patience}: {', '.join(no_dev)} {'has' if len(no_dev) == 1 else 'have'} no dev "
+              "file, so no early stopping: trained to the step cap")
     results = trainer.fit()
     for name, r in results.items():
         t = trainer.trainers[name]

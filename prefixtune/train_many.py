@@ -99,6 +99,8 @@ def read_jobs(path: str | Path, prefix: PrefixConfig, train: TrainConfig) -> lis
             job_prefix = replace(prefix, **{k: v for k, v in spec.items() if k in PREFIX_FIELDS})
             job_train = replace(train, **{k: v for k, v in spec.items() if k in TRAIN_FIELDS})
             check_used(MethodConfig(), job_prefix)
+            if spec.get("patience") and not dev_file:  # (the command line's --patience is for the jobs with one)
+                raise ValueError("'patience' stops on the dev loss: give the job a \"dev\" file")
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where}: {e}") from e
         base = path.parent

@@ -138,6 +138,7 @@ def test_jobs_file_errors_name_the_line(tmp_path):
     check([json.dumps({"name": "a", "train": "a.jsonl", "lenght": 3})], r":1: unknown setting\(s\) \['lenght'\]")
     check([json.dumps({"name": "a", "train": "a.jsonl", "lr": "fast"})], r":1: 'lr' must be int or float")
     check([json.dumps({"name": "a", "train": "a.jsonl", "length": 0})], r":1: PrefixConfig.length must be >= 1")
+    check([json.dumps({"name": "a", "train": "a.jsonl", "patience": 3})], r":1: 'patience' stops on the dev loss")
     check([json.dumps({"name": "a", "train": "a.jsonl", "init_text": "x"})],
           r":1: \['init_text'\] would change nothing with method 'prefix', init 'random'")  # was a random start, silently
     check([ok, json.dumps({"name": "b", "train": "a.jsonl", "dev": "b.jsonl"})],
