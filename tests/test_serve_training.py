@@ -118,6 +118,7 @@ def test_bad_training_requests_get_4xx_naming_the_problem(server):
         (post({**ok, "settings": {**settings, "lr": -1}}), 422, "greater than"),
         (post({**ok, "settings": {**settings, "init": "words"}}), 422, "init_text"),
         (post({**ok, "settings": {**settings, "init_text": "x"}}), 422, "['init_text'] would change nothing"),
+        (post({**ok, "dev": [], "settings": {**settings, "patience": 2}}), 422, "settings.patience stops on the dev loss"),
         (post({**ok, "examples": []}), 422, "at least 1"),
         (post({**ok, "examples": [{"source": "x", "target": ""}]}), 422, "at least 1 character"),
         (post(content=json.dumps({**ok, "examples": [{"source": "\ud800x", "target": "y"}]}).encode(),

@@ -324,6 +324,8 @@ class Server:
         if s.length > c.max_train_prefix_length:
             raise HTTPException(422, f"settings.length {s.length} is over the limit of {c.max_train_prefix_length} "
                                 "(--max-train-prefix-length)")
+        if s.patience and not req.dev:
+            raise HTTPException(422, "settings.patience stops on the dev loss: send \"dev\" examples too")
         steps = s.max_steps or math.ceil(s.epochs * math.ceil(len(req.examples) / s.batch_size))
         if steps > c.max_train_steps:
             raise HTTPException(422, f"the job would take {steps} optimizer steps; the limit is {c.max_train_steps} "
