@@ -134,8 +134,9 @@ def cmd_train(args) -> int:
     prefix_config, train_config = train_configs(args)
     method = method_config(args)
     refuse_unused(method, prefix_config)
-    if train_config.patience and not dev:
-        raise ValueError("--patience stops on the dev score: give --dev FILE.jsonl (a named --task has its dev split)")
+    for flag, given in (("--patience", train_config.patience), ("--max-dev-examples", args.max_dev_examples)):
+        if given and not dev:  # it would silently do nothing
+            raise ValueError(f"{flag} is about the dev set: give --dev FILE.jsonl (a named --task has its dev split)")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -153,8 +153,9 @@ def test_cli_reports_bad_input(tmp_path, capsys):
         assert main(["train", "--task", "e2e", flag, str(good), "--out", str(tmp_path / "r")]) == 2
         assert f"{flag} FILE is for --task jsonl; --task e2e reads its {flag[2:]} split from the data directory" in \
             capsys.readouterr().err
-    assert main(["train", "--train", str(good), "--patience", "3", "--out", str(tmp_path / "r")]) == 2
-    assert "--patience stops on the dev score: give --dev FILE.jsonl" in capsys.readouterr().err  # was silently off
+    for flag in ("--patience", "--max-dev-examples"):  # each silently did nothing
+        assert main(["train", "--train", str(good), flag, "3", "--out", str(tmp_path / "r")]) == 2
+        assert f"{flag} is about the dev set: give --dev FILE.jsonl" in capsys.readouterr().err
     assert main(["generate", "--input", str(good), "--split", "dev", "--out", str(tmp_path / "o.txt")]) == 2
     assert "--split dev picks a named task's split to decode; with --input" in capsys.readouterr().err
     for flags, message in ((["--batch-size", "0"], "TrainConfig.batch_size must be >= 1, got 0 (--batch-size)"),
