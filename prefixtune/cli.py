@@ -265,11 +265,10 @@ def cmd_generate(args) -> int:
                                                  [rows[i][1] for i in mine], args.batch_size, state.is_main_process,
                                                  soft_prompt, skip=partial.done, seed=seed, **kwargs):
         partial.add(b, batch_rows, texts)
-    texts = partial.outputs(len(mine))
-    outputs = texts
+    outputs = partial.outputs(len(mine))
     if state.num_processes > 1:
-        outputs = [None] * len(rows)
-        for i, text in gather_object(list(zip(mine, texts))):
+        gathered, outputs = gather_object(list(zip(mine, outputs))), [None] * len(rows)
+        for i, text in gathered:
             outputs[i] = text
         if not state.is_main_process:
             state.wait_for_everyone()  # process 0 has written the output
