@@ -332,6 +332,8 @@ def cmd_experiment(args) -> int:
             deadline = grid.parse_deadline(args.deadline)
         except ValueError as e:
             raise ValueError(f"--{e}") from None
+    if args.carry_over and not deadline:
+        raise ValueError("--carry-over goes with --deadline (prefixtune experiment grid --deadline HH:MM --carry-over)")
     if args.threads:
         torch.set_num_threads(args.threads)
     # the command that trains the runs (a --report-only rewrite reports the same runs)
@@ -361,7 +363,7 @@ def cmd_experiment(args) -> int:
             grid.write_reports(scale, args.results_dir, command=command)
         else:
             n = grid.run_grid(scale, args.runs_dir, args.results_dir, args.data, args.threads, commit=args.commit,
-                              deadline=deadline)
+                              deadline=deadline, carry_over=args.carry_over)
             print(f"grid: this process finished {n} runs")
             grid.write_reports(scale, args.results_dir, commit=args.commit, command=command)
         return 0
@@ -575,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid only: start only runs expected to end before this time (the next HH:MM, or MINUTES from "
                    "now), from the CPU time of finished runs like them, then stop; for a session whose machine, and "
                    "with it the training scratch of an unfinished run, is not kept")
+    x.add_argument("--carry-over", action="store_true",
+                   help="with --deadline, on a machine whose runs directory is kept: once no run to do fits before the "
+                   "deadline, train one anyway and stop it there with an exact checkpoint, for a later session to "
+                   "resume (one already begun here, else the longest), so that runs longer than a session finish "
+                   "over several")
     x.add_argument("--data", default=None, help="data directory (default: $PREFIXTUNE_DATA, else ../shared/data)")
     x.add_argument("--threads", type=_count, default=None, help="torch CPU threads per process (1 per process on a shared machine)")
     x.add_argument("--runs-dir", default="runs/experiments", help="training scratch (checkpoints, weights; git-ignored)")

@@ -216,7 +216,8 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
                           (["low-data", "--lr", "prefix=0"], "--lr wants METHOD=VALUE"),
                           (["low-data", "--lr", "dance=1e-4"], "--lr wants METHOD=VALUE"),
                           (["low-data", "--deadline", "+60"], "--deadline is for running the grid"),
-                          (["grid", "--deadline", "tonight"], "--deadline 'tonight': expected HH:MM")):
+                          (["grid", "--deadline", "tonight"], "--deadline 'tonight': expected HH:MM"),
+                          (["grid", "--carry-over"], "--carry-over goes with --deadline")):
         assert main(["experiment", *argv]) == 2
         assert f"prefixtune experiment: error: {message}" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
@@ -258,7 +259,57 @@ def test_a_deadline_starts_only_runs_expected_to_end_before_it(tmp_path, monkeyp
     assert grid.fits([first, second, third], expected, 1.9) == [first, second, third]
     assert grid.fits([first, second, third], expected, 1.2, threads=2) == [first, second, third]  # 1.875 h / 1.65
     n, done, out = work(0.2)
-    assert (n, done) == (0, []) and "grid: stopping: none of the 3 runs to do" in out and "~0.25 h" in out
+    assert (n, done) == (0, []) and "grid: none of the 3 runs to do" in out and "grid: stopping" in out and "~0.25 h" in out
+
+
+def test_the_run_carried_over_is_one_begun_here_else_the_longest(tmp_path):
+    """Past the last run that fits, a process carries over the run begun on this machine with the least
+    left (a training checkpoint, or trained weights whose test decodings are left); none begun: the
+    longest (the first of equals), since shorter ones fit in a session of their own."""
+    scale = Scale(**TINY)
+    a, b, c = grid.status(scale, tmp_path / "runs", tmp_path / "ledger", names=("lr-grid",))["todo"]
+    expected = {a.key(): 1.0, b.key(): 3.0, c.key(): None}
+    assert grid.to_carry_over([a, b, c], expected, tmp_path / "runs", tmp_path / "ledger") is b
+    assert grid.to_carry_over([a, c], expected, tmp_path / "runs", tmp_path / "ledger") is c  # unknown: 1.5 h
+    (tmp_path / "runs" / a.key() / "checkpoint").mkdir(parents=True)
+    (tmp_path / "runs" / c.key() / "checkpoint").mkdir(parents=True)
+    assert grid.to_carry_over([a, b, c], expected, tmp_path / "runs", tmp_path / "ledger") is a
+
+
+def test_a_carried_over_run_stops_at_the_deadline_with_an_exact_checkpoint_and_resumes(tmp_path, tiny_dir, monkeypatch, capsys):
+    """With carry_over, a process with no run that fits trains one anyway and stops it at the deadline at the
+    end of a step (noted unfinished, with its progress); the next session resumes it, and its dev curve and
+    test outputs are those of a run trained straight through."""
+    scale = Scale(**{**TINY, "min_steps": 300, "eval_epochs": 75, "patience": 0}, model=tiny_dir, lr={"prefix": 1e-2})
+    run = grid.status(scale, tmp_path / "a", tmp_path / "ledger", names=("low-data",))["todo"][0]
+    assert run.method == "prefix" and run.evals  # trained, then decoded
+    monkeypatch.setattr(grid, "CARRY_OVER_MIN_HOURS", 0.0)
+    monkeypatch.setattr(grid, "write_reports", lambda *a, **k: [])
+    monkeypatch.setattr(grid, "expected_hours", lambda state, ledger_dir, runs_dir=None: ({}, {run.key(): 5.0}))
+    monkeypatch.setattr(grid, "status", lambda *a, _status=grid.status, **k: {**(s := _status(*a, **k)),
+                                                                               "todo": [r for r in s["todo"] if r.key() == run.key()]})
+
+    def work(out, deadline=None, carry_over=False):
+        return grid.run_grid(scale, tmp_path / out, tmp_path / out, threads=1, names=("low-data",), readme=None,
+                             deadline=deadline, carry_over=carry_over)
+
+    assert work("a", deadline=time.time() + 5, carry_over=True) == 0
+    out = capsys.readouterr().out
+    assert f"grid: carrying over {run.label()}" in out and "interrupted after step" in out and "grid: deadline:" in out
+    step, _ = grid.training_progress(tmp_path / "a" / run.key())
+    assert 0 < step < 300
+    attempts = json.loads((tmp_path / "a" / "ledger" / run.key() / "unfinished.json").read_text())["attempts"]
+    assert [(a["steps"], a["least_steps"], a["resumed"]) for a in attempts] == [(step, 300, False)]
+    assert work("a") == 1 and work("b") == 1  # resumed here; straight through elsewhere
+    resumed, straight = (ledger.read(tmp_path / d / "ledger", run.key()) for d in "ab")
+    assert resumed["train"]["steps"] == straight["train"]["steps"] == 300
+    curve = [(h["step"], h["dev_loss"], h.get("dev_score")) for h in straight["train"]["dev_curve"]]
+    assert len(curve) == 3 and [(h["step"], h["dev_loss"], h.get("dev_score")) for h in resumed["train"]["dev_curve"]] == curve
+
+    def outputs(d, result):
+        return {k: (tmp_path / d / "ledger" / run.key() / e["outputs_file"]).read_text() for k, e in result["evals"].items()}
+
+    assert resumed["evals"] and outputs("a", resumed) == outputs("b", straight)
 
 
 def test_a_run_stopped_unfinished_is_noted_and_expected_to_need_more(tmp_path, monkeypatch, capsys):
@@ -323,6 +374,8 @@ def test_the_fewest_steps_an_unfinished_training_can_end_at(tmp_path):
     assert progress(750, [40.0, 45.1, 47.7, 53.3, 52.0, 51.0]) == (750, 875)
     assert progress(875, [40.0, 53.3, 47.7, 52.0, 51.0, 50.0, 49.0]) == (875, 875)  # stopped early
     assert progress(900, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]) == (900, 1000)  # the cap
+    (tmp_path / "run.json").write_text(json.dumps({"train": {"patience": 0, "eval_every": 125, "max_steps": 1000}}))
+    assert progress(413, [43.8, 50.9, 52.8]) == (413, 1000)  # no early stopping: only the cap ends it
 
 
 def test_a_run_is_expected_to_take_its_like_runs_training_plus_each_of_its_test_decodings(tmp_path):

@@ -19,7 +19,10 @@ test decoding batch), if the training scratch (``runs/``) is still there. A sess
 when the next one would not, and stops when none fits. A run stopped by Ctrl-C (SIGINT) notes in the
 ledger the CPU hours it had taken (``unfinished.json``), so that it is not expected to fit where it did not.
 A process that stops at its deadline hands its threads to the processes still running (``hand_over_cores``),
-so that their runs end sooner instead of a core idling until the session ends.
+so that their runs end sooner instead of a core idling until the session ends. With ``carry_over`` (for a
+machine whose ``runs/`` is kept) it instead trains one run until the deadline and stops it there with an
+exact checkpoint, for a later session to resume (``to_carry_over``): runs longer than any session
+(WebNLG fine-tuning, ~4 h on one thread) then finish over several sessions.
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def training_progress(out: Path) -> tuple[int, int] | None:
     """(Steps done, the fewest steps it can end at) of the training in ``out``, from its checkpoint: early
     stopping needs ``patience`` evaluations without a better selection score (dev score where the
     evaluations have one, else dev loss) after the best so far, and the cap ends it at ``max_steps``. None
-    without a checkpoint."""
+    without a checkpoint; patience 0 (no early stopping) ends only at the cap."""
     from ..train import selection
 
     try:
@@ -113,6 +116,8 @@ def training_progress(out: Path) -> tuple[int, int] | None:
         return None
     key = "dev_score" if any(h.get("dev_score") is not None for h in state["history"]) else "dev_loss"
     chosen = selection(state["history"], key, train["patience"])
+    if not train["patience"]:
+        return state["step"], train["max_steps"]
     last_evaluation = state["step"] // train["eval_every"] * train["eval_every"]
     still = 0 if chosen["stopped_early"] else train["patience"] - chosen["evaluations_since_best"]
     return state["step"], min(train["max_steps"], max(state["step"], last_evaluation + still * train["eval_every"]))
@@ -213,6 +218,51 @@ def fits(todo: list[Run], expected: dict[str, float | None], hours_left: float, 
     return [r for r in todo if SLACK * (expected.get(r.key()) or UNKNOWN_HOURS) / speedup(threads) <= hours_left]
 
 
+# A carried-over run starts only with this much time left: loading the model and (on a fresh start) the
+# dev loss before training take a few minutes of a one-thread run.
+CARRY_OVER_MIN_HOURS = 0.1
+
+
+def to_carry_over(todo: list[Run], expected: dict[str, float | None], runs_dir: str | Path, ledger_dir: str | Path) -> Run:
+    """The run to train until the deadline when none of ``todo`` fits: one already begun on this machine
+    (a training checkpoint, or trained weights with test decodings left), the one with the least left, so
+    that the hours put in go to as few runs as possible and each finishes sooner; else the one expected to
+    take longest (the first of equals), since shorter runs fit in a session of their own."""
+    def left(r: Run) -> float:
+        return expected.get(r.key()) or UNKNOWN_HOURS
+
+    def begun(r: Run) -> bool:
+        out = Path(runs_dir) / r.key()
+        trained = runs_mod.has_weights(out) and "train" in (ledger_mod.read(ledger_dir, r.key(), items=False) or {})
+        return (out / "checkpoint").is_dir() or trained
+
+    started = [r for r in todo if begun(r)]
+    return min(started, key=left) if started else max(todo, key=left)
+
+
+class StopAtDeadline:
+    """SIGINT to this process at ``deadline`` (a ``time.time()`` value), as Ctrl-C: a training then stops at
+    the end of its step with an exact checkpoint (``train.StopAtStepEnd``), anything else at once (a test
+    decoding keeps its finished batches). ``fired`` tells the deadline's SIGINT from another one."""
+
+    def __init__(self, deadline: float):
+        self.deadline, self.fired, self._previous = deadline, False, None
+
+    def _handle(self, signum, frame):
+        self.fired = True
+        signal.raise_signal(signal.SIGINT)
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGALRM, self._handle)
+        signal.setitimer(signal.ITIMER_REAL, max(0.01, self.deadline - time.time()))
+        return self
+
+    def __exit__(self, *exc):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._previous)
+        return False
+
+
 def parse_deadline(text: str, now: datetime.datetime | None = None) -> float:
     """``HH:MM`` (the next such local time) or ``+MINUTES`` (from now), as a ``time.time()`` value."""
     now = now or datetime.datetime.now()
@@ -293,9 +343,11 @@ def hand_over_cores(running: list[Run], runs_dir: str | Path, threads: int) -> l
 
 def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_dir: str | Path = "results", data=None,
              threads: int | None = None, commit: bool = False, max_runs: int | None = None, poll_seconds: float = 60,
-             names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md", deadline: float | None = None) -> int:
+             names: tuple[str, ...] = NAMES, readme: str | Path | None = "README.md", deadline: float | None = None,
+             carry_over: bool = False) -> int:
     """Work on the grid until nothing is left that this process can do (``deadline``, a ``time.time()``
-    value: nothing that is expected to end before it); returns the number of runs it finished."""
+    value: nothing that is expected to end before it; with ``carry_over``, then train one more run until
+    the deadline, see ``to_carry_over``); returns the number of runs it finished."""
     honour_sigint()
     if threads and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGUSR1, take_a_core)  # cores handed over by a process that stopped
@@ -321,9 +373,21 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
             ready = fits(todo, expected, left, now_threads)
             if not ready:
                 shortest = SLACK * min(expected.get(r.key()) or UNKNOWN_HOURS for r in todo) / speedup(now_threads)
-                print(f"grid: stopping: none of the {len(todo)} runs to do is expected to end before the deadline "
+                print(f"grid: none of the {len(todo)} runs to do is expected to end before the deadline "
                       f"({max(left, 0):.2f} h left; the shortest needs ~{shortest:.2f} h with slack on {now_threads} "
                       "thread(s))", flush=True)
+                if carry_over and left >= CARRY_OVER_MIN_HOURS and threading.current_thread() is threading.main_thread():
+                    run = to_carry_over(todo, expected, runs_dir, ledger_dir)
+                    print(f"grid: carrying over {run.label()} ({run.key()}, ~{expected.get(run.key()) or UNKNOWN_HOURS:.2f} h "
+                          f"left): training it until the deadline, for a later session on this machine to resume", flush=True)
+                    ended = _carry_over(run, runs_dir, ledger_dir, data, threads, commit, deadline)
+                    if ended:
+                        finished += 1
+                        write_reports(scale, results_dir, commit, names=names, readme=readme)
+                    if ended is not False:  # finished before the deadline, or held by another process: go on
+                        continue
+                    break
+                print("grid: stopping", flush=True)
                 if threads:
                     given = hand_over_cores(state["running"], runs_dir, threads + runs_mod.extra_threads)
                     if given:
@@ -336,32 +400,59 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
             run = ready[0]
         print(f"grid: {len(state['done'])} done, {len(state['running'])} running elsewhere, {len(todo)} to do, "
               f"{len(state['waiting'])} waiting; now {run.label()} ({run.key()})", flush=True)
-        before = ledger_mod.read(ledger_dir, run.key(), items=False) or {}
-        resumed = (Path(runs_dir) / run.key() / "checkpoint").is_dir()  # an earlier attempt's, on this machine
-        cpu = time.process_time()
         try:
-            result = run_one(run, Path(runs_dir), ledger_dir, data, threads, commit)
-        except KeyboardInterrupt:
-            hours_taken = (time.process_time() - cpu) / 3600
-            path = ledger_mod.note_unfinished(ledger_dir, run.key(), hours_taken,
-                                              datetime.datetime.now().isoformat(timespec="minutes"), resumed,
-                                              training_progress(Path(runs_dir) / run.key()))
-            print(f"grid: {run.label()} stopped unfinished after {hours_taken:.2f} CPU hours (noted in {path})", flush=True)
-            if commit:
-                ledger_mod.commit([path], f"ledger: {run.label()} ({run.key()}) stopped unfinished after {hours_taken:.2f} CPU-h")
-            raise
-        except Exception as e:
-            failed(run, Path(runs_dir), e)
+            result = work_on(run, runs_dir, ledger_dir, data, threads, commit)
+        except Exception:
             broken.add(run.key())
             continue
         if result is None:  # taken by another process between the status and the lock: next one
             continue
         finished += 1
-        did = "evaluated" if "train" in before and not result.get("retrained") else "trained"
-        print(f"grid: finished {run.key()} {did} {run.label()}", flush=True)
         # reports after every run; committed every 10 runs (and at the end), to keep PNG churn out of the history
         write_reports(scale, results_dir, commit and finished % 10 == 0, names=names, readme=readme)
     return finished
+
+
+def work_on(run: Run, runs_dir: str | Path, ledger_dir: Path, data, threads: int | None, commit: bool) -> dict | None:
+    """Train and score ``run`` (``run_one``); None where another process holds it. Stopped by SIGINT: notes
+    in the ledger the CPU hours it had taken and how far its training got, then raises KeyboardInterrupt.
+    A failure is written to its error.txt and raised."""
+    before = ledger_mod.read(ledger_dir, run.key(), items=False) or {}
+    resumed = (Path(runs_dir) / run.key() / "checkpoint").is_dir()  # an earlier attempt's, on this machine
+    cpu = time.process_time()
+    try:
+        result = run_one(run, Path(runs_dir), ledger_dir, data, threads, commit)
+    except KeyboardInterrupt:
+        hours_taken = (time.process_time() - cpu) / 3600
+        path = ledger_mod.note_unfinished(ledger_dir, run.key(), hours_taken,
+                                          datetime.datetime.now().isoformat(timespec="minutes"), resumed,
+                                          training_progress(Path(runs_dir) / run.key()))
+        print(f"grid: {run.label()} stopped unfinished after {hours_taken:.2f} CPU hours (noted in {path})", flush=True)
+        if commit:
+            ledger_mod.commit([path], f"ledger: {run.label()} ({run.key()}) stopped unfinished after {hours_taken:.2f} CPU-h")
+        raise
+    except Exception as e:
+        failed(run, Path(runs_dir), e)
+        raise
+    if result is not None:
+        did = "evaluated" if "train" in before and not result.get("retrained") else "trained"
+        print(f"grid: finished {run.key()} {did} {run.label()}", flush=True)
+    return result
+
+
+def _carry_over(run: Run, runs_dir, ledger_dir: Path, data, threads, commit: bool, deadline: float) -> bool | None:
+    """Work on ``run`` until ``deadline`` (``StopAtDeadline``): True if it finished before it, None if another
+    process holds it, False if it was stopped there or failed. A SIGINT other than the deadline's is raised."""
+    with StopAtDeadline(deadline) as stop:
+        try:
+            return None if work_on(run, runs_dir, ledger_dir, data, threads, commit) is None else True
+        except KeyboardInterrupt:
+            if not stop.fired:
+                raise
+            print(f"grid: deadline: {run.label()} stopped; a later session on this machine resumes it", flush=True)
+        except Exception:
+            pass  # noted in its error.txt
+    return False
 
 
 def honour_sigint() -> None:
