@@ -242,8 +242,15 @@ def cmd_generate(args) -> int:
     soft_prompt = None
     if args.run:  # any method's training run: its result goes on the model, or becomes a prefix / soft prompt
         from .methods import load_trained, read_run
+        from .train import checkpoint_progress
 
         method, prefix_config = read_run(args.run)
+        progress = checkpoint_progress(args.run)
+        if progress and not progress["finished"]:  # decodable (what it kept so far), but the user should know
+            kept = f" (its best dev evaluation, step {progress['best_step']})" if progress["best_step"] else ""
+            print(f"prefixtune generate: note: {args.run}: its training is unfinished (step {progress['step']} of at "
+                  f"most {progress['max_steps']}); decoding what it has kept so far{kept}; the same train command "
+                  "resumes it", file=sys.stderr)
         loaded = load_trained(method, model, args.run, prefix_config)
         if args.prefix and "prefixes" not in loaded:
             raise ValueError(f"--run of method {method.method} cannot be combined with --prefix")
@@ -356,6 +363,8 @@ def cmd_experiment(args) -> int:
             hours = "     ?" if expected[run.key()] is None else f"~{expected[run.key()]:.2f}h"
             stopped = ledger.unfinished_hours(ledger_dir, run.key())
             note = "" if stopped is None else f"  (stopped unfinished: its training needs at least {stopped:.2f} CPU-h)"
+            begun = grid.training_progress(Path(args.runs_dir) / run.key())
+            note += "" if begun is None or kind == "running" else f"  (checkpoint here: step {begun[0]}, ends at step {begun[1]} or later)"
             print(f"  {kind:8} {run.key()}  {hours}  {run.label()}{note}")
         return 0
     if args.name == "grid":

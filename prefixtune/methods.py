@@ -181,7 +181,11 @@ def load_trained(config: MethodConfig, model, run_dir: str | Path, prefix_config
     """Put the trained result in ``run_dir`` on ``model`` (a fresh base model) for decoding; returns the
     keyword arguments of :func:`prefixtune.generate` / :func:`prefixtune.score` that go with it
     (``prefixes=`` or ``soft_prompt=``; none when the weights now live in the model)."""
-    return METHODS[config.method].tuner.load_trained(model, Path(run_dir), config, prefix_config or PrefixConfig())
+    tuner = METHODS[config.method].tuner
+    if not (Path(run_dir) / tuner.trained_file).is_file():
+        raise FileNotFoundError(f"{run_dir} holds no trained {config.method} result yet ({tuner.trained_file}): the "
+                                "training writes it at its evaluations (the best so far with a dev set)")
+    return tuner.load_trained(model, Path(run_dir), config, prefix_config or PrefixConfig())
 
 
 def unused_settings(config: MethodConfig, prefix_config: PrefixConfig) -> list[str]:

@@ -160,6 +160,22 @@ def selection(history: list[dict], key: str, patience: int) -> dict:
             "stopped_early": bool(patience and since >= patience)}
 
 
+def checkpoint_progress(run_dir: str | Path) -> dict | None:
+    """How far the training in ``run_dir`` got, from its checkpoint: ``step``, and from run.json
+    ``max_steps``, ``eval_every``, ``patience``; its :func:`selection`; ``finished``: at the cap or stopped
+    early. None without a checkpoint (none yet, or removed once the training was done)."""
+    try:
+        state = json.loads((Path(run_dir) / "checkpoint" / "state.json").read_text())
+        train = json.loads((Path(run_dir) / "run.json").read_text())["train"]
+    except (OSError, ValueError, KeyError):
+        return None
+    key = "dev_score" if any(h.get("dev_score") is not None for h in state["history"]) else "dev_loss"
+    chosen = selection(state["history"], key, train["patience"])
+    return {"step": state["step"], "max_steps": train["max_steps"], "eval_every": train["eval_every"],
+            "patience": train["patience"], **chosen,
+            "finished": state["step"] >= train["max_steps"] or chosen["stopped_early"]}
+
+
 def _differences(was: dict, now: dict, path: str = "") -> list[str]:
     """The settings that differ between two run.json contents, as 'section.name: was -> now'."""
     out = []

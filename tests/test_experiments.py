@@ -231,6 +231,13 @@ def test_experiment_cli_validates_and_explains(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out  # each run with the CPU hours it is expected to take (? where unknown: here
     # UNKNOWN_HOURS for the noted run, more than the 0.5 h it took)
     assert f"  todo     {first.key()}  ~{grid.UNKNOWN_HOURS:.2f}h  {first.label()}  (stopped unfinished: its training needs at least 0.50 CPU-h)" in out
+    begun = tmp_path / "runs" / "experiments" / first.key()  # its checkpoint is here (a machine that is kept)
+    (begun / "checkpoint").mkdir(parents=True)
+    (begun / "run.json").write_text(json.dumps({"train": {"patience": 3, "eval_every": 100, "max_steps": 1000},
+                                                "method": {"method": "prefix"}, "prefix": {"length": 10}}))
+    (begun / "checkpoint" / "state.json").write_text(json.dumps({"step": 250, "history": [{"step": 200, "dev_loss": 1.0}]}))
+    assert main(["experiment", "grid", "--status"]) == 0
+    assert "0.50 CPU-h)  (checkpoint here: step 250, ends at step 500 or later)" in capsys.readouterr().out
     assert sum(line.startswith("  todo") and "     ?  e2e/" in line for line in out.splitlines()) == 26
 
 

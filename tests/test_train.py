@@ -61,6 +61,36 @@ def test_resume_is_exact(tmp_path, tokenizer):
     assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "state.safetensors"]
 
 
+def test_generate_from_an_unfinished_run_says_so(tmp_path, tokenizer, capsys):
+    """``generate --run`` on a training that is not done decodes what it kept so far and says so on stderr;
+    a run with nothing kept yet (stopped before its first evaluation) is refused, naming the file."""
+    import shutil
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama-gqa", init_range=0.2).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    half = make_trainer(tmp_path, tokenizer, max_steps=8, name="half")
+    half.total_steps = 4  # stopped after 4 of 8 steps, as if interrupted; it kept its best evaluation
+    half.fit()
+    best = half.selection()["best_step"]
+    assert best in (3, 4)
+    sources = tmp_path / "sources.txt"
+    sources.write_text("name : Place1 | food : Italian\n")
+    common = ["generate", "--model", str(model_dir), "--input", str(sources), "--max-new-tokens", "3"]
+    assert main([*common, "--run", str(tmp_path / "half"), "--out", str(tmp_path / "o.txt")]) == 0
+    err = capsys.readouterr().err
+    assert (f"prefixtune generate: note: {tmp_path / 'half'}: its training is unfinished (step 4 of at most 8); decoding "
+            f"what it has kept so far (its best dev evaluation, step {best})") in err
+    (tmp_path / "early").mkdir()
+    shutil.copy(tmp_path / "half" / "run.json", tmp_path / "early")
+    assert main([*common, "--run", str(tmp_path / "early"), "--out", str(tmp_path / "o2.txt")]) == 2
+    assert f"prefixtune generate: error: {tmp_path / 'early'} holds no trained prefix result yet (prefix.safetensors)" in capsys.readouterr().err
+    done = make_trainer(tmp_path, tokenizer, max_steps=3, name="done")
+    done.fit()
+    assert main([*common, "--run", str(tmp_path / "done"), "--out", str(tmp_path / "o3.txt")]) == 0
+    assert "unfinished" not in capsys.readouterr().err
+
+
 def test_cli_train_and_generate_on_a_local_model(tmp_path, tokenizer, capsys):
     model_dir = tmp_path / "tiny-gpt2"
     tiny_model("gpt2").save_pretrained(model_dir)

@@ -107,20 +107,16 @@ def training_progress(out: Path) -> tuple[int, int] | None:
     stopping needs ``patience`` evaluations without a better selection score (dev score where the
     evaluations have one, else dev loss) after the best so far, and the cap ends it at ``max_steps``. None
     without a checkpoint; patience 0 (no early stopping) ends only at the cap."""
-    from ..train import selection
+    from ..train import checkpoint_progress
 
-    try:
-        state = json.loads((out / "checkpoint" / "state.json").read_text())
-        train = json.loads((out / "run.json").read_text())["train"]
-    except (OSError, ValueError, KeyError):
+    p = checkpoint_progress(out)
+    if p is None:
         return None
-    key = "dev_score" if any(h.get("dev_score") is not None for h in state["history"]) else "dev_loss"
-    chosen = selection(state["history"], key, train["patience"])
-    if not train["patience"]:
-        return state["step"], train["max_steps"]
-    last_evaluation = state["step"] // train["eval_every"] * train["eval_every"]
-    still = 0 if chosen["stopped_early"] else train["patience"] - chosen["evaluations_since_best"]
-    return state["step"], min(train["max_steps"], max(state["step"], last_evaluation + still * train["eval_every"]))
+    if not p["patience"]:
+        return p["step"], p["max_steps"]
+    last_evaluation = p["step"] // p["eval_every"] * p["eval_every"]
+    still = 0 if p["stopped_early"] else p["patience"] - p["evaluations_since_best"]
+    return p["step"], min(p["max_steps"], max(p["step"], last_evaluation + still * p["eval_every"]))
 
 
 def _timed_by_the_clock(train: dict) -> bool:
