@@ -248,9 +248,9 @@ def cmd_generate(args) -> int:
         progress = checkpoint_progress(args.run)
         if progress and not progress["finished"]:  # decodable (what it kept so far), but the user should know
             kept = f" (its best dev evaluation, step {progress['best_step']})" if progress["best_step"] else ""
-            print(f"prefixtune generate: note: {args.run}: its training is unfinished (step {progress['step']} of at "
-                  f"most {progress['max_steps']}); decoding what it has kept so far{kept}; the same train command "
-                  "resumes it", file=sys.stderr)
+            cap = "" if progress["max_steps"] is None else f" of at most {progress['max_steps']}"
+            print(f"prefixtune generate: note: {args.run}: its training is unfinished (step {progress['step']}{cap}); "
+                  f"decoding what it has kept so far{kept}; the same train command resumes it", file=sys.stderr)
         loaded = load_trained(method, model, args.run, prefix_config)
         if args.prefix and "prefixes" not in loaded:
             raise ValueError(f"--run of method {method.method} cannot be combined with --prefix")

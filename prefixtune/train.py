@@ -161,9 +161,10 @@ def selection(history: list[dict], key: str, patience: int) -> dict:
 
 
 def checkpoint_progress(run_dir: str | Path) -> dict | None:
-    """How far the training in ``run_dir`` got, from its checkpoint: ``step``, and from run.json
-    ``max_steps``, ``eval_every``, ``patience``; its :func:`selection`; ``finished``: at the cap or stopped
-    early. None without a checkpoint (none yet, or removed once the training was done)."""
+    """How far the training in ``run_dir`` got, from its checkpoint: ``step`` and ``max_steps`` (its cap:
+    None for a checkpoint from before it was recorded, of a run capped by epochs), from run.json
+    ``eval_every`` and ``patience``; its :func:`selection`; ``finished``: at the cap or stopped early. None
+    without a checkpoint (none yet, or removed once the training was done)."""
     try:
         state = json.loads((Path(run_dir) / "checkpoint" / "state.json").read_text())
         train = json.loads((Path(run_dir) / "run.json").read_text())["train"]
@@ -171,9 +172,9 @@ def checkpoint_progress(run_dir: str | Path) -> dict | None:
         return None
     key = "dev_score" if any(h.get("dev_score") is not None for h in state["history"]) else "dev_loss"
     chosen = selection(state["history"], key, train["patience"])
-    return {"step": state["step"], "max_steps": train["max_steps"], "eval_every": train["eval_every"],
-            "patience": train["patience"], **chosen,
-            "finished": state["step"] >= train["max_steps"] or chosen["stopped_early"]}
+    cap = state.get("total_steps", train["max_steps"])
+    return {"step": state["step"], "max_steps": cap, "eval_every": train["eval_every"], "patience": train["patience"],
+            **chosen, "finished": (cap is not None and state["step"] >= cap) or chosen["stopped_early"]}
 
 
 def _differences(was: dict, now: dict, path: str = "") -> list[str]:
@@ -517,7 +518,7 @@ class Trainer:
         tensors["rng.torch"] = rngs[0]
         for r, rng in enumerate(rngs[1:], 1):
             tensors[f"rng.torch.{r}"] = rng
-        info = {"step": self.step, "best_dev": None if math.isinf(self.best_dev) else self.best_dev,
+        info = {"step": self.step, "total_steps": self.total_steps, "best_dev": None if math.isinf(self.best_dev) else self.best_dev,
                 "param_groups": opt["param_groups"], "scheduler": self.scheduler.state_dict(),
                 "history": self.history, "pending": self.pending}
         tmp, final = self.out / "checkpoint.tmp", self.out / "checkpoint"

@@ -3,6 +3,7 @@
 import argparse
 import json
 import re
+import signal
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_resume_is_exact(tmp_path, tokenizer):
     assert sorted(p.name for p in ckpt.iterdir()) == ["state.json", "state.safetensors"]
 
 
-def test_generate_from_an_unfinished_run_says_so(tmp_path, tokenizer, capsys):
+def test_generate_from_an_unfinished_run_says_so(tmp_path, tokenizer, capsys, monkeypatch):
     """``generate --run`` on a training that is not done decodes what it kept so far and says so on stderr;
     a run with nothing kept yet (stopped before its first evaluation) is refused, naming the file."""
     import shutil
@@ -69,17 +70,26 @@ def test_generate_from_an_unfinished_run_says_so(tmp_path, tokenizer, capsys):
     model_dir = tmp_path / "tiny-llama"
     tiny_model("llama-gqa", init_range=0.2).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    half = make_trainer(tmp_path, tokenizer, max_steps=8, name="half")
-    half.total_steps = 4  # stopped after 4 of 8 steps, as if interrupted; it kept its best evaluation
-    half.fit()
+    half = make_trainer(tmp_path, tokenizer, max_steps=None, name="half")  # 5 epochs: 13 steps
+    real_step = Trainer._train_step
+
+    def step_then_ctrl_c(self):
+        if self.step == 3:  # Ctrl-C during the 4th step: it stops at that step's end
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", step_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        half.fit()
+    monkeypatch.undo()
     best = half.selection()["best_step"]
-    assert best in (3, 4)
+    assert half.step == 4 and best == 3 and half.total_steps == 13
     sources = tmp_path / "sources.txt"
     sources.write_text("name : Place1 | food : Italian\n")
     common = ["generate", "--model", str(model_dir), "--input", str(sources), "--max-new-tokens", "3"]
     assert main([*common, "--run", str(tmp_path / "half"), "--out", str(tmp_path / "o.txt")]) == 0
     err = capsys.readouterr().err
-    assert (f"prefixtune generate: note: {tmp_path / 'half'}: its training is unfinished (step 4 of at most 8); decoding "
+    assert (f"prefixtune generate: note: {tmp_path / 'half'}: its training is unfinished (step 4 of at most 13); decoding "
             f"what it has kept so far (its best dev evaluation, step {best})") in err
     (tmp_path / "early").mkdir()
     shutil.copy(tmp_path / "half" / "run.json", tmp_path / "early")

@@ -112,7 +112,7 @@ def training_progress(out: Path) -> tuple[int, int] | None:
     p = checkpoint_progress(out)
     if p is None:
         return None
-    if not p["patience"]:
+    if not p["patience"] or not p["eval_every"]:  # (the grid's runs evaluate every eval_every steps)
         return p["step"], p["max_steps"]
     last_evaluation = p["step"] // p["eval_every"] * p["eval_every"]
     still = 0 if p["stopped_early"] else p["patience"] - p["evaluations_since_best"]
