@@ -283,6 +283,30 @@ def test_the_run_carried_over_is_one_begun_here_else_the_longest(tmp_path):
     assert grid.to_carry_over([a, b, c], expected, tmp_path / "runs", tmp_path / "ledger") is a
 
 
+def test_a_carried_over_run_that_fails_is_left_for_another(tmp_path, monkeypatch, capsys):
+    """A carried-over run that fails (noted in its error.txt) does not end the process's work: it carries
+    over the next one until the deadline."""
+    scale = Scale(**TINY)
+    monkeypatch.setattr(grid, "CARRY_OVER_MIN_HOURS", 0.0)
+    monkeypatch.setattr(grid, "write_reports", lambda *a, **k: [])
+    monkeypatch.setattr(grid, "expected_hours", lambda state, ledger_dir, runs_dir=None: ({}, {}))  # none fits
+    tried = []
+
+    def run_one(run, *a, **k):
+        tried.append(run.key())
+        if len(tried) == 1:
+            raise RuntimeError("out of memory")
+        time.sleep(30)  # until the deadline's SIGINT
+
+    monkeypatch.setattr(grid, "run_one", run_one)
+    start = time.time()
+    assert grid.run_grid(scale, tmp_path / "runs", tmp_path, names=("lr-grid",), readme=None, deadline=start + 2,
+                         carry_over=True) == 0
+    out = capsys.readouterr().out
+    assert len(set(tried)) == 2 and out.count("grid: carrying over") == 2 and "grid: deadline:" in out
+    assert "out of memory" in (tmp_path / "runs" / tried[0] / "error.txt").read_text() and time.time() - start < 10
+
+
 def test_a_carried_over_run_stops_at_the_deadline_with_an_exact_checkpoint_and_resumes(tmp_path, tiny_dir, monkeypatch, capsys):
     """With carry_over, a process with no run that fits trains one anyway and stops it at the deadline at the
     end of a step (noted unfinished, with its progress); the next session resumes it, and its dev curve and

@@ -376,7 +376,11 @@ def run_grid(scale: Scale, runs_dir: str | Path = "runs/experiments", results_di
                     run = to_carry_over(todo, expected, runs_dir, ledger_dir)
                     print(f"grid: carrying over {run.label()} ({run.key()}, ~{expected.get(run.key()) or UNKNOWN_HOURS:.2f} h "
                           f"left): training it until the deadline, for a later session on this machine to resume", flush=True)
-                    ended = _carry_over(run, runs_dir, ledger_dir, data, threads, commit, deadline)
+                    try:
+                        ended = _carry_over(run, runs_dir, ledger_dir, data, threads, commit, deadline)
+                    except Exception:  # noted in its error.txt: another one
+                        broken.add(run.key())
+                        continue
                     if ended:
                         finished += 1
                         write_reports(scale, results_dir, commit, names=names, readme=readme)
@@ -438,7 +442,7 @@ def work_on(run: Run, runs_dir: str | Path, ledger_dir: Path, data, threads: int
 
 def _carry_over(run: Run, runs_dir, ledger_dir: Path, data, threads, commit: bool, deadline: float) -> bool | None:
     """Work on ``run`` until ``deadline`` (``StopAtDeadline``): True if it finished before it, None if another
-    process holds it, False if it was stopped there or failed. A SIGINT other than the deadline's is raised."""
+    process holds it, False if it was stopped there. A SIGINT other than the deadline's, or a failure, is raised."""
     with StopAtDeadline(deadline) as stop:
         try:
             return None if work_on(run, runs_dir, ledger_dir, data, threads, commit) is None else True
@@ -446,8 +450,6 @@ def _carry_over(run: Run, runs_dir, ledger_dir: Path, data, threads, commit: boo
             if not stop.fired:
                 raise
             print(f"grid: deadline: {run.label()} stopped; a later session on this machine resumes it", flush=True)
-        except Exception:
-            pass  # noted in its error.txt
     return False
 
 
