@@ -120,7 +120,13 @@ def test_report_only_from_a_fresh_clone_is_identical_and_lists_missing_runs(low_
     victim = next(p for p in (fresh / "ledger").iterdir() if json.loads((p / "result.json").read_text())["run"]["autocast"] is False)
     shutil.rmtree(victim)
     md = write_report("low-data", scale, fresh, command).read_text()
-    assert "Runs in the ledger: 3 of 4." in md and f"(`{victim.name}`): not in the ledger yet" in md
+    assert "Runs in the ledger: 3 of 4." in md and f"(`{victim.name}`): not in the ledger yet\n" in md
+    # begun elsewhere: stopped at the end of two sessions, the second going on from the first's checkpoint
+    ledger.note_unfinished(fresh / "ledger", victim.name, 0.25, "2026-12-03T09:25", progress=(40, 120))
+    ledger.note_unfinished(fresh / "ledger", victim.name, 0.5, "2026-12-04T09:25", resumed=True, progress=(120, 200))
+    md = write_report("low-data", scale, fresh, command).read_text()
+    assert (f"(`{victim.name}`): not in the ledger yet; begun: stopped unfinished at step 120 (of 200 or more) after "
+            "0.75 CPU-h (its checkpoint is on the machine that ran it)\n") in md
     state = grid.status(scale, tmp_path / "runs", fresh / "ledger", names=("lr-grid", "low-data"))
     assert [r.key() for r in state["todo"]] == [victim.name] and not state["waiting"] and len(state["done"]) == 4
 

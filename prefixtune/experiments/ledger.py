@@ -117,6 +117,17 @@ def unfinished_hours(ledger: str | Path, key: str) -> float | None:
     return max(hours * max(1.0, last.get("least_steps", 1) / max(1, last.get("steps", 1))) for hours, last in chains)
 
 
+def describe_unfinished(ledger: str | Path, key: str) -> str | None:
+    """One line for a report's list of missing runs: how far run ``key``'s latest chain of unfinished
+    attempts got (its checkpoint stays on the machine that ran it); None if none was recorded."""
+    chains = unfinished_chains(ledger, key)
+    if not chains:
+        return None
+    hours, last = chains[-1]
+    where = f" at step {last['steps']} (of {last['least_steps']} or more)" if "steps" in last else ""
+    return f"begun: stopped unfinished{where} after {hours:.2f} CPU-h (its checkpoint is on the machine that ran it)"
+
+
 def hours_behind(ledger: str | Path, key: str, step: int) -> float:
     """The CPU hours of run ``key`` that a training checkpoint at ``step`` holds: those of the (latest)
     chain of unfinished attempts that stopped there, which a resumed training need not spend again; 0

@@ -578,7 +578,8 @@ def run_all(runs: list[Run], runs_dir: str | Path, ledger_dir: str | Path, data=
         elif complete(run, cached):
             results[run.key()] = cached
         elif cached_only:
-            results[run.key()] = {"run": run.training(), "error": "not in the ledger yet"}
+            begun = ledger.describe_unfinished(ledger_dir, run.key())
+            results[run.key()] = {"run": run.training(), "error": "not in the ledger yet" + (f"; {begun}" if begun else "")}
         else:
             bar.set_postfix_str(run.label())
             try:
