@@ -119,6 +119,13 @@ def training_progress(out: Path) -> tuple[int, int] | None:
     return p["step"], min(p["max_steps"], max(p["step"], last_evaluation + still * p["eval_every"]))
 
 
+def trained_here(key: str, runs_dir: str | Path, ledger_dir: str | Path) -> dict | None:
+    """The ledger's result of run ``key`` if its training is done and its weights are in ``runs_dir`` (this
+    machine): only test decodings can be left of it. None otherwise."""
+    result = runs_mod.has_weights(Path(runs_dir) / key) and ledger_mod.read(ledger_dir, key, items=False)
+    return result if result and "train" in result else None
+
+
 def _timed_by_the_clock(train: dict) -> bool:
     """Whether a run's training hours come from wall-clock intervals: a run resumed before its CPU time
     was counted. Those include any pause (a grid stopped with SIGSTOP while CI ran) and the load of other
@@ -173,8 +180,8 @@ def expected_hours(state: dict[str, list[Run]], ledger_dir: str | Path, runs_dir
         if stopped is not None and train is not None:  # at least what it was seen to need; not more (a larger
             train = max(train, stopped)  # guess could keep a run that fits in a session from ever starting)
         out = None if runs_dir is None else Path(runs_dir) / r.key()
-        trained = out is not None and runs_mod.has_weights(out) and ledger_mod.read(ledger_dir, r.key(), items=False)
-        if trained and "train" in trained:  # trained here: its missing decodings are left
+        trained = None if runs_dir is None else trained_here(r.key(), runs_dir, ledger_dir)
+        if trained:  # its missing decodings are left
             train, decodings = 0.0, {k: h for k, h in decodings.items() if k not in trained["evals"]}
         elif out is not None and train is not None and (progress := training_progress(out)) is not None:
             train = max(0.0, train - ledger_mod.hours_behind(ledger_dir, r.key(), progress[0]))
@@ -228,9 +235,7 @@ def to_carry_over(todo: list[Run], expected: dict[str, float | None], runs_dir: 
         return expected.get(r.key()) or UNKNOWN_HOURS
 
     def begun(r: Run) -> bool:
-        out = Path(runs_dir) / r.key()
-        trained = runs_mod.has_weights(out) and "train" in (ledger_mod.read(ledger_dir, r.key(), items=False) or {})
-        return (out / "checkpoint").is_dir() or trained
+        return (Path(runs_dir) / r.key() / "checkpoint").is_dir() or trained_here(r.key(), runs_dir, ledger_dir) is not None
 
     started = [r for r in todo if begun(r)]
     return min(started, key=left) if started else max(todo, key=left)
