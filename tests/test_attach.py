@@ -206,7 +206,7 @@ def test_low_precision_training_attention_runs_in_float32_on_cpu(arch, monkeypat
         out = lm_forward(model, "token_mean", batch["input_ids"], batch["attention_mask"], labels,
                          prefix_batch=tuner.prefix_batch())
         out.loss.backward()
-        return float(out.loss), torch.cat([p.grad.flatten() for p in tuner.parameters()])
+        return out.loss.item(), torch.cat([p.grad.flatten() for p in tuner.parameters()])
 
     reference = grads(tiny_model(arch, init_range=0.2), True)
     model = tiny_model(arch, init_range=0.2).to(torch.bfloat16)

@@ -7,12 +7,22 @@ from __future__ import annotations
 from . import Tuned, trainable
 
 
+def lora_config(model, rank: int, alpha: float | None = None, dropout: float = 0.0):
+    """PEFT's LoraConfig for ``model``: GPT-2's attention is a Conv1D (weight stored [in, out]), which
+    LoRA must know (``fan_in_fan_out``), or PEFT fixes it with a warning on every build."""
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    return LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=dropout,
+                      fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()))
+
+
 def _lora_size(model, rank: int) -> int:
     import copy
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    probe = get_peft_model(copy.deepcopy(model), LoraConfig(r=rank, lora_alpha=2 * rank))
+    probe = get_peft_model(copy.deepcopy(model), lora_config(model, rank))
     return sum(p.numel() for n, p in probe.named_parameters() if "lora_" in n)
 
 
@@ -30,13 +40,12 @@ class LoraModel(Tuned):
 
     def __init__(self, model, rank: int, alpha: float | None = None, dropout: float = 0.0,
                  reduction: str = "token_mean"):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         super().__init__(model, reduction)  # the same object gets LoRA layers inside
         self.rank = rank
         model.requires_grad_(False)
-        self.__dict__["peft_model"] = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank,
-                                                                       lora_dropout=dropout))
+        self.__dict__["peft_model"] = get_peft_model(model, lora_config(model, rank, alpha, dropout))
 
     @classmethod
     def build(cls, model, config, prefix_config, tokenizer=None):
